@@ -1,1 +1,42 @@
+//! kube-relay: one TLS-terminating relay in front of many private Kubernetes API servers.
+//!
+//! # Request lifecycle
+//!
+//! ```text
+//!  accept (connection permit) ─► TLS (one deadline; SNI kept) ─► HTTP/1.1 or h2 (hyper-util auto)
+//!        │
+//!        ▼  proxy::handle — one named phase each, errors rendered in one place (error.rs)
+//!  route (route.rs: SNI / Host / path must agree)
+//!    ─► header checks ─► authenticate (auth.rs → Principal)
+//!    ─► cluster lookup ─► authorize (authz.rs, default deny; exec/attach/portforward = create)
+//!    ─► prepare upstream headers (proxy/headers.rs: strip, then add credential + identity)
+//!    ─► forward over the cluster's pool (upstream.rs, h2 or http/1.1), streaming the body back
+//!       or upgrade (proxy/upgrade.rs: own connection, tunnel only after a real 101)
+//!    ─► access log + metrics (metrics.rs)
+//! ```
+//!
+//! # Modules
+//! - [`config`]: file schema → validated [`config::Config`]; every error reported at once.
+//! - [`app`]: wiring, listeners, admin endpoints.
+//! - [`tls`]: serving TLS and the process's one crypto provider.
+//! - [`route`], [`auth`], [`authz`], [`proxy`], [`upstream`]: the request path.
+//! - [`error`]: the one place errors become `metav1.Status` responses.
+//! - [`dev`]: the embedded default (`kube-relay dev`).
 
+pub mod app;
+pub mod auth;
+pub mod authz;
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod route;
+pub mod tls;
+pub mod upstream;
+
+/// Installs the process-wide crypto providers (rustls and jsonwebtoken) explicitly. Call once at
+/// start-up, before any TLS or JWT work.
+pub fn install_crypto_provider() {
+    kube_sim::install_crypto_provider();
+}

@@ -1,1 +1,196 @@
-fn main() {}
+//! The `kube-relay` command line: a thin shell over the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "kube-relay",
+    version,
+    about = "One TLS-terminating, OIDC-authenticating relay in front of many private Kubernetes API servers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the relay.
+    Serve {
+        /// The configuration file (YAML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Parse and validate a configuration file; print every problem with its key path.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the embedded default: two simulated clusters, a dev OIDC issuer and the relay.
+    Dev(DevArgs),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct DevArgs {
+    #[command(subcommand)]
+    cmd: Option<DevCmd>,
+    /// Where to write kubeconfig, relay.yaml and certificates.
+    #[arg(long, default_value = "kube-relay-dev")]
+    dir: PathBuf,
+    /// The relay's listen address.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    listen: SocketAddr,
+    /// The admin listener (/healthz, /readyz, /metrics).
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin_listen: SocketAddr,
+}
+
+#[derive(Subcommand)]
+enum DevCmd {
+    /// Exec credential plugin for dev users (used by the dev kubeconfig).
+    Token {
+        #[arg(long, default_value = "kube-relay-dev")]
+        dir: PathBuf,
+        /// `alice` (everything on alpha and beta) or `bob` (read-only on beta).
+        #[arg(long)]
+        user: String,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::CheckConfig { config } => match kube_relay::config::load(&config) {
+            Ok(cfg) => match kube_relay::tls::server_config(&cfg.tls) {
+                Ok(_) => {
+                    println!(
+                        "{}: ok ({} clusters, {} issuers)",
+                        config.display(),
+                        cfg.clusters.len(),
+                        cfg.issuers.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{}: {e}", config.display());
+                    ExitCode::FAILURE
+                }
+            },
+            Err(errs) => {
+                for e in &errs.0 {
+                    eprintln!("{}: {e}", config.display());
+                }
+                eprintln!("{} problem(s) found", errs.0.len());
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Serve { config } => {
+            kube_relay::install_crypto_provider();
+            init_tracing();
+            let cfg = match kube_relay::config::load(&config) {
+                Ok(c) => c,
+                Err(errs) => {
+                    for e in &errs.0 {
+                        eprintln!("{}: {e}", config.display());
+                    }
+                    eprintln!(
+                        "refusing to start: {} problem(s) in the configuration",
+                        errs.0.len()
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
+            run(async move {
+                let app = kube_relay::app::App::bind(cfg).await?;
+                tracing::info!(listen = %app.local_addr()?, admin = ?app.admin_addr(), "kube-relay serving");
+                let shutdown = CancellationToken::new();
+                tokio::spawn(shutdown_on_signal(shutdown.clone()));
+                app.run(shutdown).await
+            })
+        }
+        Cmd::Dev(args) => match args.cmd {
+            Some(DevCmd::Token { dir, user }) => {
+                let info = std::env::var("KUBERNETES_EXEC_INFO").ok();
+                match kube_relay::dev::token_credential(&dir, &user, info.as_deref()) {
+                    Ok(s) => {
+                        println!("{s}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("kube-relay dev token: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            None => {
+                init_tracing();
+                run(async move {
+                    let exe = std::env::current_exe()?;
+                    let env = kube_relay::dev::start(kube_relay::dev::DevOptions {
+                        dir: args.dir,
+                        listen: args.listen,
+                        admin_listen: args.admin_listen,
+                        exe,
+                    })
+                    .await?;
+                    println!("{}", kube_relay::dev::banner(&env));
+                    env.wait().await
+                })
+            }
+        },
+    }
+}
+
+fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kube-relay: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kube-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_on_signal(token: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutting down");
+    token.cancel();
+}

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Installs the real-client test dependencies (idempotent; cheap when nothing changed):
+#   - .venv/ at the repo root with tests/clients/python/requirements.txt (the Python `kubernetes`
+#     client), reinstalled only when requirements.txt or the interpreter changes;
+#   - tests/clients/node/node_modules via `npm ci` (@kubernetes/client-node), only when
+#     node_modules is missing or package-lock.json changed.
+# Needs python3 (3.11) and node 20 + npm; on Debian without the venv module it installs
+# python3-venv with apt-get (root only). Only the package registries are contacted.
+# Environment: PYTHON (default python3).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+VENV="$ROOT/.venv"
+PY_REQS="$ROOT/tests/clients/python/requirements.txt"
+PY_STAMP="$VENV/.kube-relay-requirements.sha256"
+NODE_DIR="$ROOT/tests/clients/node"
+NODE_STAMP="$NODE_DIR/node_modules/.kube-relay-package-lock.sha256"
+
+log() { printf 'install-test-deps: %s\n' "$*"; }
+die() { printf 'install-test-deps: error: %s\n' "$*" >&2; exit 1; }
+
+# Contents hash of the inputs that decide an install, plus the tool version (a new interpreter or
+# npm needs a reinstall even with the same lock file).
+fingerprint() { { cat "$1"; printf '%s\n' "$2"; } | sha256sum | cut -d' ' -f1; }
+
+# --- Python ---
+command -v "$PYTHON" >/dev/null || die "$PYTHON not found"
+py_version="$("$PYTHON" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
+
+# Debian splits ensurepip (needed by `python3 -m venv`) into python3-venv.
+if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        log "python venv support missing: apt-get install python3-venv"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq python3-venv >/dev/null
+    else
+        die "$PYTHON cannot create virtual environments (install python3-venv)"
+    fi
+fi
+
+# A venv whose interpreter is missing or broken (interrupted creation, python upgraded under it)
+# is rebuilt from scratch.
+if [ -d "$VENV" ] && ! "$VENV/bin/python" -c 'import pip' >/dev/null 2>&1; then
+    log "$VENV is broken: recreating it"
+    rm -rf "$VENV"
+fi
+if [ ! -d "$VENV" ]; then
+    log "creating $VENV with $PYTHON $py_version"
+    "$PYTHON" -m venv "$VENV"
+fi
+
+venv_version="$("$VENV/bin/python" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
+py_want="$(fingerprint "$PY_REQS" "python $venv_version")"
+if [ -f "$PY_STAMP" ] && [ "$(cat "$PY_STAMP")" = "$py_want" ]; then
+    log "python client deps up to date ($VENV)"
+else
+    log "pip install -r ${PY_REQS#"$ROOT"/} into $VENV"
+    # Remove the stamp first so an interrupted install is retried next time.
+    rm -f "$PY_STAMP"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$PY_REQS"
+    printf '%s\n' "$py_want" >"$PY_STAMP"
+    log "python client deps installed: $("$VENV/bin/python" -m pip show kubernetes 2>/dev/null | sed -n 's/^Version: /kubernetes /p')"
+fi
+
+# --- Node ---
+command -v node >/dev/null || die "node not found"
+command -v npm >/dev/null || die "npm not found"
+node_want="$(fingerprint "$NODE_DIR/package-lock.json" "node $(node --version) npm $(npm --version 2>/dev/null)")"
+if [ -d "$NODE_DIR/node_modules" ] && [ -f "$NODE_STAMP" ] && [ "$(cat "$NODE_STAMP")" = "$node_want" ]; then
+    log "node client deps up to date (${NODE_DIR#"$ROOT"/}/node_modules)"
+else
+    log "npm ci in ${NODE_DIR#"$ROOT"/}"
+    # npm ci wipes node_modules (and so the stamp) before installing exactly the lock file.
+    (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+    printf '%s\n' "$node_want" >"$NODE_STAMP"
+    log "node client deps installed: @kubernetes/client-node $(node -p 'require("'"$NODE_DIR"'/node_modules/@kubernetes/client-node/package.json").version')"
+fi

@@ -1,0 +1,279 @@
+//! Authorization: which callers may use which cluster, and with which verbs (default deny).
+//!
+//! The verb is derived the way kube-apiserver derives it, with one deliberate difference taken
+//! from KEP-4006: exec, attach and portforward are `create` whatever the HTTP method, because
+//! kubectl ≥ 1.30 opens them with a WebSocket GET (security.md A4).
+
+use crate::auth::Principal;
+use crate::config::{AccessRule, ClusterConfig};
+
+/// What a request does, parsed from its method, path and query.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RequestInfo {
+    /// Lower-case Kubernetes verb (`get`, `list`, `watch`, `create`, …) or, for non-resource
+    /// URLs, the lower-case HTTP method.
+    pub verb: String,
+    pub is_resource: bool,
+    pub api_group: String,
+    pub namespace: Option<String>,
+    pub resource: Option<String>,
+    pub name: Option<String>,
+    pub subresource: Option<String>,
+}
+
+impl RequestInfo {
+    /// Parses `/api/v1/...` and `/apis/<group>/<version>/...` like kube-apiserver's
+    /// RequestInfoFactory; anything else is a non-resource URL.
+    pub fn parse(method: &http::Method, path_and_query: &str) -> Self {
+        let (path, query) = path_and_query
+            .split_once('?')
+            .map_or((path_and_query, ""), |(p, q)| (p, q));
+        let method_verb = method.as_str().to_ascii_lowercase();
+        let segs: Vec<&str> = path
+            .trim_matches('/')
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .collect();
+        let (group, rest) = match segs.as_slice() {
+            ["api", _version, rest @ ..] => ("", rest),
+            ["apis", group, _version, rest @ ..] => (*group, rest),
+            _ => {
+                return Self {
+                    verb: method_verb,
+                    ..Self::default()
+                }
+            }
+        };
+        if rest.is_empty() {
+            // Discovery of a group version is a non-resource read.
+            return Self {
+                verb: method_verb,
+                ..Self::default()
+            };
+        }
+        let mut parts = rest;
+        let mut legacy_watch = false;
+        if parts.first() == Some(&"watch") {
+            legacy_watch = true;
+            parts = &parts[1..];
+        }
+        let mut namespace = None;
+        if parts.first() == Some(&"namespaces") && parts.len() > 1 {
+            namespace = Some(parts[1].to_owned());
+            // `namespaces/<ns>/status|finalize` are subresources of the namespace itself.
+            if parts.len() > 2 && !matches!(parts[2], "status" | "finalize") {
+                parts = &parts[2..];
+            }
+        }
+        let resource = parts.first().map(|s| (*s).to_owned());
+        let name = parts.get(1).map(|s| (*s).to_owned());
+        let subresource = parts.get(2).map(|s| (*s).to_owned());
+        // `/api/v1/namespaces/x` names the namespace object itself, not a scope.
+        if resource.as_deref() == Some("namespaces") && name.is_some() && parts.len() <= 3 {
+            namespace = None;
+        }
+        let watch_param = query
+            .split('&')
+            .any(|kv| kv == "watch=true" || kv == "watch=1");
+        let streaming_sub = matches!(
+            subresource.as_deref(),
+            Some("exec" | "attach" | "portforward")
+        );
+        let verb = if streaming_sub {
+            "create".to_owned()
+        } else {
+            match method.as_str() {
+                "GET" | "HEAD" => {
+                    if legacy_watch || watch_param {
+                        "watch".to_owned()
+                    } else if name.is_some() {
+                        "get".to_owned()
+                    } else {
+                        "list".to_owned()
+                    }
+                }
+                "POST" => "create".to_owned(),
+                "PUT" => "update".to_owned(),
+                "PATCH" => "patch".to_owned(),
+                "DELETE" => {
+                    if name.is_some() {
+                        "delete".to_owned()
+                    } else {
+                        "deletecollection".to_owned()
+                    }
+                }
+                _ => method_verb,
+            }
+        };
+        Self {
+            verb,
+            is_resource: true,
+            api_group: group.to_owned(),
+            namespace,
+            resource,
+            name,
+            subresource,
+        }
+    }
+
+    /// Reviews about the caller itself (`kubectl auth whoami`, `auth can-i`) are open to anyone
+    /// admitted to the cluster, like Kubernetes' `system:basic-user`.
+    fn is_self_review(&self) -> bool {
+        self.verb == "create"
+            && matches!(
+                (self.api_group.as_str(), self.resource.as_deref()),
+                ("authentication.k8s.io", Some("selfsubjectreviews"))
+                    | (
+                        "authorization.k8s.io",
+                        Some("selfsubjectaccessreviews" | "selfsubjectrulesreviews")
+                    )
+            )
+    }
+
+    /// True for requests that stream for a long time: watches and followed logs.
+    pub fn is_long_running_read(&self, query: &str) -> bool {
+        self.verb == "watch"
+            || (self.subresource.as_deref() == Some("log")
+                && query
+                    .split('&')
+                    .any(|kv| kv == "follow=true" || kv == "follow=1"))
+    }
+}
+
+/// The outcome of an authorization check.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny(String),
+}
+
+/// Default deny: admitted only when some rule matches both the caller and the verb.
+pub fn authorize(p: &Principal, cluster: &ClusterConfig, info: &RequestInfo) -> Decision {
+    let mut subject_matched = false;
+    for rule in &cluster.access {
+        if !subject_matches(rule, p) {
+            continue;
+        }
+        subject_matched = true;
+        match &rule.verbs {
+            None => return Decision::Allow,
+            Some(verbs) if verbs.contains(&info.verb) || info.is_self_review() => {
+                return Decision::Allow
+            }
+            Some(_) => {}
+        }
+    }
+    let what = match (&info.resource, &info.subresource) {
+        (Some(r), Some(s)) => format!("{r}/{s}"),
+        (Some(r), None) => r.clone(),
+        _ => "this path".to_owned(),
+    };
+    if subject_matched {
+        Decision::Deny(format!(
+            "user \"{}\" may not {} {} on cluster {} through kube-relay",
+            p.username, info.verb, what, cluster.name
+        ))
+    } else {
+        Decision::Deny(format!(
+            "user \"{}\" has no access to cluster {} through kube-relay",
+            p.username, cluster.name
+        ))
+    }
+}
+
+fn subject_matches(rule: &AccessRule, p: &Principal) -> bool {
+    if let Some(iss) = &rule.issuer {
+        if **iss != *p.issuer {
+            return false;
+        }
+    }
+    if !rule.groups.is_empty() && !p.groups.iter().any(|g| rule.groups.contains(g)) {
+        return false;
+    }
+    if !rule.users.is_empty() {
+        let key = p.user_key();
+        if !rule.users.contains(&key) {
+            return false;
+        }
+    }
+    rule.claims.iter().all(|(k, v)| {
+        p.claims
+            .get(k)
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|c| c == v)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+
+    fn info(m: Method, p: &str) -> RequestInfo {
+        RequestInfo::parse(&m, p)
+    }
+
+    #[test]
+    fn verbs_like_the_apiserver() {
+        assert_eq!(
+            info(Method::GET, "/api/v1/namespaces/default/pods?limit=500").verb,
+            "list"
+        );
+        assert_eq!(
+            info(Method::GET, "/api/v1/namespaces/default/pods?watch=true").verb,
+            "watch"
+        );
+        assert_eq!(
+            info(Method::GET, "/api/v1/watch/namespaces/default/pods").verb,
+            "watch"
+        );
+        assert_eq!(
+            info(Method::GET, "/api/v1/namespaces/default/pods/web-0").verb,
+            "get"
+        );
+        assert_eq!(
+            info(Method::POST, "/api/v1/namespaces/default/configmaps").verb,
+            "create"
+        );
+        assert_eq!(
+            info(Method::PATCH, "/api/v1/namespaces/default/configmaps/x").verb,
+            "patch"
+        );
+        assert_eq!(
+            info(Method::DELETE, "/api/v1/namespaces/default/configmaps").verb,
+            "deletecollection"
+        );
+        assert_eq!(
+            info(Method::DELETE, "/api/v1/namespaces/default/configmaps/x").verb,
+            "delete"
+        );
+        assert_eq!(info(Method::GET, "/version").verb, "get");
+        assert!(!info(Method::GET, "/apis").is_resource);
+        assert!(!info(Method::GET, "/apis/apps/v1").is_resource);
+        let ns = info(Method::GET, "/api/v1/namespaces/kube-system");
+        assert_eq!(
+            (ns.resource.as_deref(), ns.name.as_deref(), ns.namespace),
+            (Some("namespaces"), Some("kube-system"), None)
+        );
+        let log = info(
+            Method::GET,
+            "/api/v1/namespaces/default/pods/web-0/log?follow=true",
+        );
+        assert_eq!(log.subresource.as_deref(), Some("log"));
+        assert!(log.is_long_running_read("follow=true"));
+    }
+
+    #[test]
+    fn exec_attach_portforward_are_create_over_any_method() {
+        for sub in ["exec", "attach", "portforward"] {
+            for m in [Method::GET, Method::POST] {
+                let i = info(
+                    m,
+                    &format!("/api/v1/namespaces/default/pods/web-0/{sub}?command=ls"),
+                );
+                assert_eq!(i.verb, "create", "{sub}");
+                assert_eq!(i.subresource.as_deref(), Some(sub));
+            }
+        }
+    }
+}

@@ -1,0 +1,403 @@
+//! `kube-relay dev`: the embedded default. A throwaway CA and certificates, the dev OIDC issuer,
+//! two simulated clusters (`alpha`, `beta`) and the relay in front, all in one process, with a
+//! kubeconfig that works with plain kubectl.
+//!
+//! The relay runs on the very configuration file it writes (`relay.yaml`), parsed by the same
+//! loader `serve` uses, so dev mode exercises the real configuration path.
+//!
+//! - `alpha`: upstream mode `impersonate` (the relay's token + `Impersonate-*`), reached by path
+//!   (`/clusters/alpha`) or SNI (`alpha.relay.localhost`); its API server is dialed via
+//!   `connect: 127.0.0.1:<port>` and verified as `alpha.kube-sim.localhost` against its own CA.
+//! - `beta`: upstream mode `passthrough` (the caller's own token reaches the cluster).
+//! - users: `alice` may do everything on both; `bob` may only read `beta`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use kube_sim::issuer::{DevIssuer, IssuerHandle, KeyAlg};
+use kube_sim::pki::TestCa;
+use kube_sim::record::UserInfo;
+use kube_sim::server::{JwtIssuer, SimAuth, SimConfig, SimHandle, StaticToken};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The audience dev tokens carry and the relay requires.
+pub const DEV_AUDIENCE: &str = "kube-relay";
+/// `<cluster>.<HOST_SUFFIX>` names a cluster by SNI in dev mode.
+pub const HOST_SUFFIX: &str = "relay.localhost";
+/// The dev issuer's name in `relay.yaml` (so users are `dev/alice`, `dev/bob`).
+pub const ISSUER_NAME: &str = "dev";
+
+/// Options for [`start`].
+pub struct DevOptions {
+    pub dir: PathBuf,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// The `kube-relay` executable the kubeconfig's exec plugin runs.
+    pub exe: PathBuf,
+}
+
+/// A running dev environment.
+pub struct DevEnv {
+    pub relay_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub issuer: DevIssuer,
+    pub issuer_handle: IssuerHandle,
+    pub alpha: SimHandle,
+    pub beta: SimHandle,
+    /// The relay's CA certificate (PEM), for clients that talk to it directly.
+    pub relay_ca_pem: String,
+    shutdown: CancellationToken,
+    relay: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl DevEnv {
+    /// Mints a dev token for `user` (what `kube-relay dev token` prints).
+    pub fn token(&self, user: &str) -> String {
+        mint_for(&self.issuer, user, Duration::from_secs(3600))
+    }
+
+    /// Stops the relay, the simulated clusters and the issuer.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.relay.await;
+        self.alpha.shutdown();
+        self.beta.shutdown();
+        self.issuer_handle.shutdown();
+    }
+
+    /// Runs until Ctrl-C or `shutdown` from elsewhere.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => { r?; }
+            () = self.shutdown.cancelled() => {}
+        }
+        self.stop().await;
+        Ok(())
+    }
+}
+
+fn groups_of(user: &str) -> Vec<&'static str> {
+    match user {
+        "alice" => vec!["dev:admins"],
+        "bob" => vec!["dev:viewers"],
+        _ => vec![],
+    }
+}
+
+fn mint_for(issuer: &DevIssuer, user: &str, ttl: Duration) -> String {
+    let now = unix_now();
+    issuer.mint(json!({
+        "sub": user,
+        "aud": DEV_AUDIENCE,
+        "name": user,
+        "groups": groups_of(user),
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl.as_secs(),
+    }))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    opts.mode(0o600);
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+async fn start_sim(
+    name: &str,
+    issuer: &DevIssuer,
+    relay_token: &str,
+) -> anyhow::Result<(SimHandle, String, String)> {
+    let ca = TestCa::new(&format!("kube-sim {name} cluster CA"))?;
+    let host = format!("{name}.kube-sim.localhost");
+    let leaf = ca.issue(&[host.as_str(), "127.0.0.1"])?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let tls = kube_sim::server::tls_config(&leaf)?;
+    let handle = kube_sim::server::start(
+        listener,
+        Some(tls),
+        SimConfig {
+            name: name.to_owned(),
+            git_version: "v1.31.2".to_owned(),
+            auth: SimAuth {
+                static_tokens: vec![StaticToken {
+                    token: relay_token.to_owned(),
+                    user: UserInfo {
+                        username: "system:serviceaccount:kube-system:kube-relay".to_owned(),
+                        groups: vec![
+                            "system:serviceaccounts".to_owned(),
+                            "system:authenticated".to_owned(),
+                        ],
+                        ..UserInfo::default()
+                    },
+                    can_impersonate: true,
+                }],
+                jwt: vec![JwtIssuer {
+                    issuer: issuer.issuer_url(),
+                    audiences: vec![DEV_AUDIENCE.to_owned()],
+                    jwks: issuer.jwks(),
+                }],
+            },
+        },
+    )
+    .await?;
+    Ok((handle, host, ca.cert_pem().to_owned()))
+}
+
+/// Starts everything and writes `kubeconfig`, `relay.yaml` and the certificates into `dir`.
+pub async fn start(opts: DevOptions) -> anyhow::Result<DevEnv> {
+    crate::install_crypto_provider();
+    let dir = &opts.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+
+    // The relay's CA signs the relay's serving certificate and the dev issuer's.
+    let relay_ca = TestCa::new("kube-relay dev CA")?;
+    let wildcard = format!("*.{HOST_SUFFIX}");
+    let relay_leaf = relay_ca.issue(&["localhost", HOST_SUFFIX, wildcard.as_str(), "127.0.0.1"])?;
+    std::fs::write(dir.join("ca.crt"), relay_ca.cert_pem())?;
+    std::fs::write(dir.join("relay.crt"), &relay_leaf.cert_pem)?;
+    write_private(&dir.join("relay.key"), &relay_leaf.key_pem)?;
+
+    let issuer_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let issuer_url = format!("https://127.0.0.1:{}", issuer_listener.local_addr()?.port());
+    let issuer = DevIssuer::generate(&issuer_url, KeyAlg::Es256)?;
+    let issuer_leaf = relay_ca.issue(&["127.0.0.1", "localhost"])?;
+    let issuer_handle = kube_sim::issuer::serve(
+        issuer_listener,
+        Some(kube_sim::server::tls_config(&issuer_leaf)?),
+        issuer.clone(),
+    )
+    .await?;
+    write_private(&dir.join("issuer.key"), &issuer.signing_key_pem())?;
+    std::fs::write(
+        dir.join("issuer.json"),
+        serde_json::to_string_pretty(&json!({ "issuer": issuer_url, "alg": "ES256" }))?,
+    )?;
+
+    let relay_token = uuid::Uuid::new_v4().simple().to_string();
+    write_private(&dir.join("relay-token"), &relay_token)?;
+    let (alpha, alpha_host, alpha_ca) = start_sim("alpha", &issuer, &relay_token).await?;
+    let (beta, beta_host, beta_ca) = start_sim("beta", &issuer, &relay_token).await?;
+    std::fs::write(dir.join("alpha-ca.crt"), &alpha_ca)?;
+    std::fs::write(dir.join("beta-ca.crt"), &beta_ca)?;
+
+    let listener = TcpListener::bind(opts.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (is another kube-relay dev running? use --listen)",
+            opts.listen
+        )
+    })?;
+    let relay_addr = listener.local_addr()?;
+    let admin_listener = TcpListener::bind(opts.admin_listen).await?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let relay_yaml = format!(
+        r#"# Written by `kube-relay dev`: a working example of every part of the configuration.
+listen: {relay_addr}
+public_url: https://localhost:{port}
+tls:
+  cert_file: relay.crt
+  key_file: relay.key
+admin:
+  listen: {admin_addr}
+routing:
+  host_suffix: {HOST_SUFFIX}
+  path_prefix: /clusters
+identity:
+  issuers:
+    - name: {ISSUER_NAME}
+      kind: oidc
+      issuer: {issuer_url}
+      audiences: [{DEV_AUDIENCE}]
+      username_claim: sub
+      ca_file: ca.crt
+clusters:
+  - name: alpha
+    server: https://{alpha_host}:{alpha_port}
+    connect: 127.0.0.1:{alpha_port}
+    ca_file: alpha-ca.crt
+    upstream_auth:
+      mode: impersonate
+      token_file: relay-token
+    access:
+      - users: [{ISSUER_NAME}/alice]
+  - name: beta
+    server: https://{beta_host}:{beta_port}
+    connect: 127.0.0.1:{beta_port}
+    ca_file: beta-ca.crt
+    upstream_auth:
+      mode: passthrough
+    access:
+      - users: [{ISSUER_NAME}/alice]
+      - users: [{ISSUER_NAME}/bob]
+        verbs: [get, list, watch]
+"#,
+        port = relay_addr.port(),
+        alpha_port = alpha.addr.port(),
+        beta_port = beta.addr.port(),
+    );
+    let config_path = dir.join("relay.yaml");
+    std::fs::write(&config_path, relay_yaml)?;
+    let cfg = crate::config::load(&config_path).map_err(|e| anyhow::anyhow!("dev config: {e}"))?;
+
+    let kubeconfig = dir.join("kubeconfig");
+    write_private(
+        &kubeconfig,
+        &render_kubeconfig(relay_addr, relay_ca.cert_pem(), &opts.exe, &dir)?,
+    )?;
+
+    let app = crate::app::App::with_listeners(cfg, listener, Some(admin_listener))?;
+    let shutdown = CancellationToken::new();
+    let relay = tokio::spawn(app.run(shutdown.clone()));
+
+    Ok(DevEnv {
+        relay_addr,
+        admin_addr: Some(admin_addr),
+        dir: dir.clone(),
+        kubeconfig,
+        issuer,
+        issuer_handle,
+        alpha,
+        beta,
+        relay_ca_pem: relay_ca.cert_pem().to_owned(),
+        shutdown,
+        relay,
+    })
+}
+
+/// The kubeconfig: path-routed contexts `alpha`/`beta` (with `tls-server-name` too, because
+/// `kubectl get --raw` drops a server URL's path), SNI contexts `alpha-sni`/`beta-sni`, and
+/// `bob@beta`. Tokens come from `kube-relay dev token`.
+fn render_kubeconfig(
+    relay: SocketAddr,
+    ca_pem: &str,
+    exe: &Path,
+    dir: &Path,
+) -> anyhow::Result<String> {
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    let base = format!("https://127.0.0.1:{}", relay.port());
+    let cluster = |name: &str, server: String, c: &str| {
+        json!({"name": name, "cluster": {
+            "server": server,
+            "tls-server-name": format!("{c}.{HOST_SUFFIX}"),
+            "certificate-authority-data": ca,
+        }})
+    };
+    let user = |name: &str| {
+        json!({"name": name, "user": {"exec": {
+            "apiVersion": "client.authentication.k8s.io/v1",
+            "command": exe.display().to_string(),
+            "args": ["dev", "token", "--dir", dir.display().to_string(), "--user", name],
+            "interactiveMode": "Never",
+            "provideClusterInfo": false,
+            "installHint": "kube-relay dev token mints dev tokens; run `cargo run -- dev` first",
+        }}})
+    };
+    let context = |name: &str, cluster: &str, user: &str| json!({"name": name, "context": {"cluster": cluster, "user": user, "namespace": "default"}});
+    let doc = json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "alpha",
+        "clusters": [
+            cluster("alpha", format!("{base}/clusters/alpha"), "alpha"),
+            cluster("beta", format!("{base}/clusters/beta"), "beta"),
+            cluster("alpha-sni", base.clone(), "alpha"),
+            cluster("beta-sni", base.clone(), "beta"),
+        ],
+        "users": [user("alice"), user("bob")],
+        "contexts": [
+            context("alpha", "alpha", "alice"),
+            context("beta", "beta", "alice"),
+            context("alpha-sni", "alpha-sni", "alice"),
+            context("beta-sni", "beta-sni", "alice"),
+            context("bob@beta", "beta", "bob"),
+        ],
+    });
+    Ok(serde_yaml_ng::to_string(&doc)?)
+}
+
+/// `kube-relay dev token`: prints an ExecCredential for `user` signed with the dev issuer's key
+/// from `dir`, in the apiVersion client-go asked for.
+pub fn token_credential(dir: &Path, user: &str, exec_info: Option<&str>) -> anyhow::Result<String> {
+    crate::install_crypto_provider();
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("issuer.json")).with_context(|| {
+            format!(
+                "no dev issuer in {} (is `kube-relay dev` running there?)",
+                dir.display()
+            )
+        })?,
+    )?;
+    let url = meta["issuer"]
+        .as_str()
+        .context("issuer.json has no issuer")?;
+    let pem = std::fs::read_to_string(dir.join("issuer.key"))?;
+    let issuer = DevIssuer::from_pkcs8_pem(url, KeyAlg::Es256, &pem)?;
+    let ttl = Duration::from_secs(3600);
+    let token = mint_for(&issuer, user, ttl);
+    let api_version = exec_info
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+        .and_then(|v| v["apiVersion"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "client.authentication.k8s.io/v1".to_owned());
+    // Expire the cached credential a little early so client-go never sends a stale token.
+    let expiry = SystemTime::now() + ttl - Duration::from_secs(300);
+    Ok(serde_json::to_string(&json!({
+        "apiVersion": api_version,
+        "kind": "ExecCredential",
+        "status": {
+            "token": token,
+            "expirationTimestamp": humantime::format_rfc3339_seconds(expiry).to_string(),
+        }
+    }))?)
+}
+
+/// The text `kube-relay dev` prints once ready.
+pub fn banner(env: &DevEnv) -> String {
+    let k = env.kubeconfig.display();
+    let admin = env.admin_addr.map_or_else(String::new, |a| {
+        format!("\n  admin:      http://{a}/metrics  (/healthz, /readyz)")
+    });
+    format!(
+        r#"kube-relay dev: ready
+  relay:      https://{relay}  (SNI *.{HOST_SUFFIX}, path /clusters/<cluster>){admin}
+  kubeconfig: {k}
+  config:     {cfg}
+
+Try:
+  export KUBECONFIG={k}
+  kubectl get pods                            # alice on alpha, via /clusters/alpha (impersonated upstream)
+  kubectl --context beta auth whoami          # passthrough: the token's own identity reaches beta
+  kubectl --context alpha-sni get pods -w     # SNI routing; watch
+  kubectl exec -it web-0 -- cat               # exec (SPDY or WebSocket, by kubectl version)
+  kubectl logs -f web-0
+  kubectl port-forward pod/web-0 8080:8080    # the simulated pod echoes what you send
+  kubectl --context bob@beta get pods         # bob may read beta ...
+  kubectl --context bob@beta delete pod web-0 # ... and nothing else (403)
+Ctrl-C stops everything."#,
+        relay = env.relay_addr,
+        cfg = env.dir.join("relay.yaml").display(),
+    )
+}

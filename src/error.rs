@@ -1,0 +1,304 @@
+//! The one place errors become responses.
+//!
+//! Every phase of the request path returns `Result<_, ProxyError>`; [`ProxyError::into_response`]
+//! is the only function that turns an error into bytes on the wire, always as a `metav1.Status`
+//! JSON body so kubectl prints it properly (protocols.md §3.2). Messages are written for the
+//! person at the terminal; authentication failures say only "Unauthorized" on the wire and keep
+//! the detail for the log, so a probing client learns nothing about why its token failed.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde::Serialize;
+
+use crate::proxy::body::RelayBody;
+
+/// Who is at fault: decides the log level and the metric label, never the wire format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Upstream,
+    Internal,
+}
+
+/// Why an upstream exchange failed; the names are the `reason` label of
+/// `relay_upstream_errors_total` (protocols.md §5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    ConnectRefused,
+    ConnectTimeout,
+    Tls,
+    ResponseTimeout,
+    Protocol,
+    UpgradeRejected,
+}
+
+impl UpstreamFailure {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Self::ConnectRefused => "connect_refused",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::Tls => "tls",
+            Self::ResponseTimeout => "response_timeout",
+            Self::Protocol => "protocol",
+            Self::UpgradeRejected => "upgrade_rejected",
+        }
+    }
+}
+
+/// Every way a request can fail inside the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The detail is logged, never sent: a client learns only that its credential was refused.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("misdirected request: {0}")]
+    Misdirected(String),
+    #[error("request header fields too large")]
+    HeaderTooLarge,
+    #[error("cluster {cluster}: upstream {}: {detail}", .failure.as_label())]
+    Upstream {
+        cluster: String,
+        failure: UpstreamFailure,
+        detail: String,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    pub fn fault(&self) -> Fault {
+        match self {
+            Self::Upstream { .. } => Fault::Upstream,
+            Self::Internal(_) => Fault::Internal,
+            _ => Fault::Client,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
+            Self::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::Upstream { failure, .. } => match failure {
+                UpstreamFailure::ConnectRefused | UpstreamFailure::Tls => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                UpstreamFailure::ConnectTimeout | UpstreamFailure::ResponseTimeout => {
+                    StatusCode::GATEWAY_TIMEOUT
+                }
+                UpstreamFailure::Protocol | UpstreamFailure::UpgradeRejected => {
+                    StatusCode::BAD_GATEWAY
+                }
+            },
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The `metav1.Status` reason kubectl shows in `Error from server (<Reason>)`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "BadRequest",
+            Self::Unauthorized(_) => "Unauthorized",
+            Self::Forbidden(_) => "Forbidden",
+            Self::NotFound(_) => "NotFound",
+            // Kubernetes has no reason for 421; a distinct word tells users what to fix.
+            Self::Misdirected(_) => "Misdirected",
+            Self::HeaderTooLarge => "RequestHeaderFieldsTooLarge",
+            Self::Upstream { failure, .. } => match failure {
+                UpstreamFailure::ConnectRefused | UpstreamFailure::Tls => "ServiceUnavailable",
+                UpstreamFailure::ConnectTimeout | UpstreamFailure::ResponseTimeout => "Timeout",
+                UpstreamFailure::Protocol | UpstreamFailure::UpgradeRejected => "InternalError",
+            },
+            Self::Internal(_) => "InternalError",
+        }
+    }
+
+    /// The message sent to the client. Unauthorized and internal errors hide their detail.
+    fn public_message(&self) -> String {
+        match self {
+            Self::Unauthorized(_) => "Unauthorized".to_owned(),
+            Self::Internal(_) => "internal error in kube-relay".to_owned(),
+            Self::Upstream {
+                cluster, failure, ..
+            } => match failure {
+                UpstreamFailure::ConnectRefused => {
+                    format!("cluster {cluster} is unavailable: kube-relay cannot connect to its API server")
+                }
+                UpstreamFailure::Tls => format!(
+                    "cluster {cluster} is unavailable: TLS with its API server failed (check the cluster CA and server name)"
+                ),
+                UpstreamFailure::ConnectTimeout => {
+                    format!("cluster {cluster}: timed out connecting to its API server")
+                }
+                UpstreamFailure::ResponseTimeout => {
+                    format!("cluster {cluster}: its API server did not answer in time")
+                }
+                UpstreamFailure::Protocol => {
+                    format!("cluster {cluster}: its API server sent an invalid response")
+                }
+                UpstreamFailure::UpgradeRejected => format!(
+                    "cluster {cluster}: its API server answered the stream upgrade with a redirect or an invalid handshake"
+                ),
+            },
+            other => other.to_string(),
+        }
+    }
+
+    /// Renders the error as a Status response. Called from exactly one place on the request path.
+    pub fn into_response(self) -> Response<RelayBody> {
+        let status = self.status();
+        let body = StatusBody {
+            kind: "Status",
+            api_version: "v1",
+            metadata: EmptyObject {},
+            status: "Failure",
+            message: self.public_message(),
+            reason: self.reason(),
+            details: match &self {
+                Self::Upstream { cluster, .. } => Some(Details {
+                    name: cluster.clone(),
+                    kind: "clusters",
+                }),
+                _ => None,
+            },
+            code: status.as_u16(),
+        };
+        // Serialising a struct of strings cannot fail; fall back to a fixed body anyway so this
+        // function has no panic path.
+        let json = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+        let mut resp = Response::new(
+            Full::new(Bytes::from(json))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *resp.status_mut() = status;
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if status == StatusCode::UNAUTHORIZED {
+            // client-go re-runs its credential plugin on a 401; the challenge names the scheme.
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"kube-relay\""),
+            );
+        }
+        resp
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusBody {
+    kind: &'static str,
+    api_version: &'static str,
+    metadata: EmptyObject,
+    status: &'static str,
+    message: String,
+    reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    details: Option<Details>,
+    code: u16,
+}
+
+#[derive(Serialize)]
+struct EmptyObject {}
+
+#[derive(Serialize)]
+struct Details {
+    name: String,
+    kind: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body_json(resp: Response<RelayBody>) -> serde_json::Value {
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn unauthorized_is_status_with_challenge_and_no_detail() {
+        let resp =
+            ProxyError::Unauthorized("signature mismatch for kid abc".into()).into_response();
+        assert_eq!(resp.status(), 401);
+        assert!(resp.headers()[header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer"));
+        let v = body_json(resp).await;
+        assert_eq!(v["kind"], "Status");
+        assert_eq!(v["apiVersion"], "v1");
+        assert_eq!(v["status"], "Failure");
+        assert_eq!(v["reason"], "Unauthorized");
+        assert_eq!(v["code"], 401);
+        assert_eq!(v["message"], "Unauthorized");
+        assert!(!v.to_string().contains("kid abc"));
+    }
+
+    #[tokio::test]
+    async fn upstream_errors_name_the_cluster() {
+        let resp = ProxyError::Upstream {
+            cluster: "prod".into(),
+            failure: UpstreamFailure::ConnectRefused,
+            detail: "connection refused".into(),
+        }
+        .into_response();
+        assert_eq!(resp.status(), 503);
+        let v = body_json(resp).await;
+        assert_eq!(v["reason"], "ServiceUnavailable");
+        assert_eq!(v["details"]["name"], "prod");
+        assert!(v["message"].as_str().unwrap().contains("prod"));
+    }
+
+    #[test]
+    fn codes_match_reasons() {
+        let cases = [
+            (ProxyError::BadRequest("x".into()), 400, "BadRequest"),
+            (ProxyError::Forbidden("x".into()), 403, "Forbidden"),
+            (ProxyError::NotFound("x".into()), 404, "NotFound"),
+            (ProxyError::Misdirected("x".into()), 421, "Misdirected"),
+            (
+                ProxyError::HeaderTooLarge,
+                431,
+                "RequestHeaderFieldsTooLarge",
+            ),
+            (
+                ProxyError::Upstream {
+                    cluster: "c".into(),
+                    failure: UpstreamFailure::ResponseTimeout,
+                    detail: String::new(),
+                },
+                504,
+                "Timeout",
+            ),
+            (
+                ProxyError::Upstream {
+                    cluster: "c".into(),
+                    failure: UpstreamFailure::Protocol,
+                    detail: String::new(),
+                },
+                502,
+                "InternalError",
+            ),
+        ];
+        for (err, code, reason) in cases {
+            assert_eq!(err.status().as_u16(), code);
+            assert_eq!(err.reason(), reason);
+        }
+    }
+}

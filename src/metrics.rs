@@ -1,0 +1,134 @@
+//! Prometheus metrics (protocols.md §5.1 names). Labels never carry user ids, tokens or raw
+//! paths: cluster names come from config, verbs and reasons from fixed sets.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub cluster: String,
+    pub verb: String,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DurationLabels {
+    pub cluster: String,
+    pub verb: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LongRunningLabels {
+    pub cluster: String,
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub cluster: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthnLabels {
+    pub result: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub cluster: String,
+    pub direction: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ])
+}
+
+/// All relay metrics, registered once.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<DurationLabels, Histogram, fn() -> Histogram>,
+    pub longrunning: Family<LongRunningLabels, Gauge>,
+    pub upstream_errors: Family<ReasonLabels, Counter>,
+    pub authn: Family<AuthnLabels, Counter>,
+    pub stream_bytes: Family<DirectionLabels, Counter>,
+    pub ws_fallback: Family<DurationLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("relay");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by cluster, verb and response code",
+            requests.clone(),
+        );
+        let duration = Family::<DurationLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            duration_histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Duration of requests that are not long-running (watch, follow and upgrades excluded)",
+            duration.clone(),
+        );
+        let longrunning = Family::<LongRunningLabels, Gauge>::default();
+        registry.register(
+            "longrunning_requests",
+            "Active long-running requests by protocol (watch, spdy, websocket, ws-spdy-tunnel)",
+            longrunning.clone(),
+        );
+        let upstream_errors = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Upstream failures by cluster and reason",
+            upstream_errors.clone(),
+        );
+        let authn = Family::<AuthnLabels, Counter>::default();
+        registry.register("authn", "Authentication results by reason", authn.clone());
+        let stream_bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "stream_bytes",
+            "Bytes relayed through upgraded streams, by direction",
+            stream_bytes.clone(),
+        );
+        let ws_fallback = Family::<DurationLabels, Counter>::default();
+        registry.register(
+            "ws_fallback",
+            "Non-101 answers to WebSocket upgrades (kubectl then retries with SPDY)",
+            ws_fallback.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            duration,
+            longrunning,
+            upstream_errors,
+            authn,
+            stream_bytes,
+            ws_fallback,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

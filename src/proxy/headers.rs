@@ -1,0 +1,357 @@
+//! Header hygiene: what may cross the relay, and what the relay adds.
+//!
+//! Order matters (security.md B1, B4, B5, B7, D4):
+//! 1. Read the client's `Connection` tokens first, then drop hop-by-hop headers and every header
+//!    they name, so a client can never use `Connection:` to delete what the relay adds later.
+//! 2. Drop identity-bearing headers the client must not control: `Authorization`, any
+//!    `Impersonate-*`, any `X-Remote-*`, forwarding headers (`X-Forwarded-*`, `Forwarded`,
+//!    `X-Original-URL`, `X-Real-IP`…), the bearer entry of `Sec-WebSocket-Protocol`.
+//! 3. Only then add the relay's own: the upstream credential, `Impersonate-*` for the caller,
+//!    `X-Forwarded-For`, `Audit-ID`.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::auth::Principal;
+use crate::config::{RelayCredential, UpstreamAuth};
+use crate::error::ProxyError;
+
+/// Prefix of the WebSocket subprotocol entry that carries a bearer token (browsers cannot set
+/// `Authorization` on a WebSocket).
+pub const WS_BEARER_PREFIX: &str = "base64url.bearer.authorization.k8s.io.";
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "http2-settings",
+];
+
+/// Headers a client could use to steer decisions downstream; the relay overwrites or drops them.
+const FORWARDING: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-uri",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-real-ip",
+];
+
+/// Request headers larger than this (names and values, all together) are refused with a 431
+/// Status before any token parsing. hyper's own buffer limit (64 KiB) sits above it and answers
+/// anything larger with a bare 431.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// The size of a header block as sent on the wire (roughly: name, value and separators).
+pub fn total_size(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum()
+}
+
+/// Refuses header names that only differ from identity headers by `_` (`Impersonate_Group`):
+/// some servers fold `_` into `-`, so such a header could be read as one we strip.
+pub fn reject_underscore_identity_headers(headers: &HeaderMap) -> Result<(), ProxyError> {
+    for name in headers.keys() {
+        let n = name.as_str();
+        if n.contains('_') {
+            let folded = n.replace('_', "-");
+            if folded.starts_with("impersonate-") || folded.starts_with("x-remote-") {
+                return Err(ProxyError::BadRequest(format!(
+                    "header {n} is not allowed (identity headers with `_` are refused)"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// True when the client asks for impersonation itself (`kubectl --as`).
+pub fn has_client_impersonation(headers: &HeaderMap) -> bool {
+    headers
+        .keys()
+        .any(|n| n.as_str().starts_with("impersonate-"))
+}
+
+/// The `Connection` tokens, lower-cased.
+fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// The bearer token carried in `Sec-WebSocket-Protocol`, if any.
+pub fn ws_bearer_token(headers: &HeaderMap) -> Option<String> {
+    use base64::Engine as _;
+    let entry =
+        ws_protocols(headers).find_map(|p| p.strip_prefix(WS_BEARER_PREFIX).map(str::to_owned))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(entry.trim_end_matches('='))
+        .ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+/// Every entry of every `Sec-WebSocket-Protocol` header, trimmed.
+pub fn ws_protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+}
+
+/// Copies the client's headers minus everything the relay must not forward.
+pub fn sanitize_request(headers: &HeaderMap) -> HeaderMap {
+    let named = connection_tokens(headers);
+    let mut out = HeaderMap::with_capacity(headers.len() + 6);
+    for (name, value) in headers {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n)
+            || FORWARDING.contains(&n)
+            || named.iter().any(|t| t == n)
+            || n == "authorization"
+            || n == "host"
+            || n == "audit-id"
+            || n.starts_with("impersonate-")
+            || n.starts_with("x-remote-")
+            || n == header::SEC_WEBSOCKET_PROTOCOL.as_str()
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    // Keep the real subprotocol offer, without the bearer entry.
+    let protocols: Vec<&str> = ws_protocols(headers)
+        .filter(|p| !p.starts_with(WS_BEARER_PREFIX))
+        .collect();
+    if !protocols.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&protocols.join(", ")) {
+            out.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+        }
+    }
+    out
+}
+
+/// A header value from identity data: CR, LF and other control characters are refused rather
+/// than stripped, so an identity is never silently changed into another (security.md B3).
+fn identity_value(s: &str) -> Result<HeaderValue, ProxyError> {
+    if s.bytes().any(|b| b.is_ascii_control()) {
+        return Err(ProxyError::Forbidden(
+            "the token's identity contains control characters and cannot be forwarded".into(),
+        ));
+    }
+    HeaderValue::from_bytes(s.as_bytes()).map_err(|_| {
+        ProxyError::Forbidden("the token's identity cannot be sent in a header".into())
+    })
+}
+
+/// Adds the relay's upstream credential and identity headers for `p` on a cluster.
+pub fn add_identity(
+    out: &mut HeaderMap,
+    auth: &UpstreamAuth,
+    p: &Principal,
+) -> Result<(), ProxyError> {
+    match auth {
+        UpstreamAuth::Passthrough => {
+            let v = HeaderValue::from_str(&format!("Bearer {}", p.bearer_token()))
+                .map_err(|_| ProxyError::Unauthorized("token not header-safe".into()))?;
+            out.insert(header::AUTHORIZATION, v);
+        }
+        UpstreamAuth::Impersonate(cred) => {
+            if let RelayCredential::TokenFile { token, .. } = cred {
+                let mut v = HeaderValue::from_str(&format!("Bearer {token}"))
+                    .map_err(|_| ProxyError::Internal("relay token is not header-safe".into()))?;
+                v.set_sensitive(true);
+                out.insert(header::AUTHORIZATION, v);
+            }
+            out.insert(
+                HeaderName::from_static("impersonate-user"),
+                identity_value(&p.username)?,
+            );
+            for g in &p.groups {
+                out.append(
+                    HeaderName::from_static("impersonate-group"),
+                    identity_value(g)?,
+                );
+            }
+            if let Some(oid) = &p.oid {
+                // AKS Azure RBAC only evaluates impersonated users that carry extra.oid.
+                out.insert(
+                    HeaderName::from_static("impersonate-extra-oid"),
+                    identity_value(oid)?,
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Appends the peer to `X-Forwarded-For` (after any value the client sent, which stays
+/// informational) and sets `Audit-ID`.
+pub fn add_forwarding(
+    out: &mut HeaderMap,
+    client: &HeaderMap,
+    peer: std::net::IpAddr,
+    audit_id: &HeaderValue,
+) {
+    let prior: Vec<&str> = client
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let xff = if prior.is_empty() {
+        peer.to_string()
+    } else {
+        format!("{}, {peer}", prior.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        out.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    out.insert(HeaderName::from_static("audit-id"), audit_id.clone());
+}
+
+/// Strips hop-by-hop headers (and those named in `Connection`) from an upstream response.
+pub fn sanitize_response(headers: &mut HeaderMap) {
+    let named = connection_tokens(headers);
+    for n in HOP_BY_HOP
+        .iter()
+        .copied()
+        .chain(named.iter().map(String::as_str))
+    {
+        headers.remove(n);
+    }
+}
+
+/// The client's `Audit-ID` when it is a sane token, else a fresh UUID.
+pub fn audit_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get("audit-id") {
+        let b = v.as_bytes();
+        if !b.is_empty()
+            && b.len() <= 128
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        {
+            return v.clone();
+        }
+    }
+    // A UUID is always a valid header value.
+    HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+        .unwrap_or(HeaderValue::from_static("invalid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn strips_identity_and_hop_by_hop_headers() {
+        let h = map(&[
+            ("Impersonate-User", "admin"),
+            ("impersonate-group", "system:masters"),
+            ("IMPERSONATE-EXTRA-scopes", "x"),
+            ("Impersonate-Uid", "1"),
+            ("X-Remote-User", "admin"),
+            ("x-remote-group", "system:masters"),
+            ("x-remote-extra-foo", "bar"),
+            ("Authorization", "Bearer client"),
+            ("Connection", "keep-alive, X-Custom"),
+            ("X-Custom", "drop me"),
+            ("Keep-Alive", "5"),
+            ("TE", "trailers"),
+            ("Transfer-Encoding", "chunked"),
+            ("X-Forwarded-Host", "evil"),
+            ("X-Original-URL", "/clusters/b"),
+            ("Accept", "application/json"),
+            ("Kubectl-Command", "kubectl get"),
+        ]);
+        let out = sanitize_request(&h);
+        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["accept", "kubectl-command"]);
+    }
+
+    #[test]
+    fn connection_cannot_remove_relay_headers() {
+        let h = map(&[(
+            "Connection",
+            "keep-alive, Authorization, Impersonate-Group, Audit-Id",
+        )]);
+        let mut out = sanitize_request(&h);
+        out.insert("impersonate-group", HeaderValue::from_static("team"));
+        add_forwarding(
+            &mut out,
+            &h,
+            "10.0.0.1".parse().unwrap(),
+            &HeaderValue::from_static("abc"),
+        );
+        assert_eq!(out["impersonate-group"], "team");
+        assert_eq!(out["audit-id"], "abc");
+    }
+
+    #[test]
+    fn ws_bearer_entry_removed_real_protocol_kept() {
+        use base64::Engine as _;
+        let tok = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("secret-token");
+        let h = map(&[(
+            "Sec-WebSocket-Protocol",
+            &format!("{WS_BEARER_PREFIX}{tok}, v4.channel.k8s.io"),
+        )]);
+        assert_eq!(ws_bearer_token(&h).as_deref(), Some("secret-token"));
+        let out = sanitize_request(&h);
+        assert_eq!(out["sec-websocket-protocol"], "v4.channel.k8s.io");
+    }
+
+    #[test]
+    fn underscore_identity_headers_rejected() {
+        assert!(reject_underscore_identity_headers(&map(&[("Impersonate_Group", "x")])).is_err());
+        assert!(reject_underscore_identity_headers(&map(&[("X_Remote_User", "x")])).is_err());
+        assert!(reject_underscore_identity_headers(&map(&[("X_Custom", "x")])).is_ok());
+    }
+
+    #[test]
+    fn xff_appended_and_audit_id_kept_or_minted() {
+        let h = map(&[("X-Forwarded-For", "1.2.3.4"), ("Audit-ID", "abc-123")]);
+        let id = audit_id(&h);
+        assert_eq!(id, "abc-123");
+        let mut out = HeaderMap::new();
+        add_forwarding(&mut out, &h, "10.0.0.9".parse().unwrap(), &id);
+        assert_eq!(out["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        let bad = map(&[("Audit-ID", "has space\there")]);
+        assert_ne!(audit_id(&bad), "has space\there");
+        assert_eq!(audit_id(&HeaderMap::new()).len(), 36);
+    }
+
+    #[test]
+    fn control_characters_in_identity_refused() {
+        assert!(identity_value("alice\r\nImpersonate-Group: system:masters").is_err());
+        assert!(identity_value("alice").is_ok());
+    }
+}

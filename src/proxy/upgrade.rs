@@ -1,0 +1,426 @@
+//! exec / attach / port-forward: HTTP/1.1 upgrades to SPDY/3.1 or WebSocket, relayed as a byte
+//! tunnel.
+//!
+//! Invariants (security.md A1–A3, A5, C5):
+//! - Only `websocket` and `SPDY/3.1`, only on `pods/{exec,attach,portforward}`; anything else is
+//!   refused before any upstream connection is made.
+//! - Each upgrade dials its own upstream HTTP/1.1 connection, never pooled before or after.
+//! - The tunnel opens only after the upstream answers 101 with the same `Upgrade` token and, for
+//!   WebSocket, a valid `Sec-WebSocket-Accept` and a subprotocol the client offered. Any other
+//!   answer goes back to the client as it came (a 3xx becomes a 502: redirects are never passed
+//!   on for upgrades) and both connections close, so bytes the client sent after its request
+//!   are never read as another request.
+//! - Bytes the client sent before the 101 are held by hyper and enter the tunnel only after it.
+//! - The tunnel has an idle timeout (no bytes either way), never a total one; kubectl's
+//!   WebSocket pings every 5 s and SPDY pings every 10 s count as activity.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use super::body::{OnDrop, RelayBody, StreamBody};
+use super::headers;
+use crate::app::State;
+use crate::authz::RequestInfo;
+use crate::error::{ProxyError, UpstreamFailure};
+use crate::metrics::{DirectionLabels, DurationLabels, LongRunningLabels};
+use crate::upstream::Upstream;
+
+/// The upgrade protocols the relay tunnels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpgradeKind {
+    WebSocket,
+    Spdy,
+}
+
+impl UpgradeKind {
+    fn token(self) -> &'static str {
+        match self {
+            Self::WebSocket => "websocket",
+            Self::Spdy => "SPDY/3.1",
+        }
+    }
+}
+
+/// Whether `req` asks for an upgrade, refusing every upgrade the relay does not tunnel.
+pub fn requested(
+    req: &Request<Incoming>,
+    info: &RequestInfo,
+) -> Result<Option<UpgradeKind>, ProxyError> {
+    let Some(value) = req.headers().get(header::UPGRADE) else {
+        return Ok(None);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| ProxyError::BadRequest("malformed Upgrade header".into()))?
+        .trim();
+    let kind = if value.eq_ignore_ascii_case("websocket") {
+        UpgradeKind::WebSocket
+    } else if value.eq_ignore_ascii_case("SPDY/3.1") {
+        UpgradeKind::Spdy
+    } else {
+        return Err(ProxyError::BadRequest(format!(
+            "Upgrade: {value} is not allowed (only websocket and SPDY/3.1, for exec, attach and port-forward)"
+        )));
+    };
+    let streaming = info.resource.as_deref() == Some("pods")
+        && info.api_group.is_empty()
+        && matches!(
+            info.subresource.as_deref(),
+            Some("exec" | "attach" | "portforward")
+        );
+    if !streaming {
+        return Err(ProxyError::BadRequest(
+            "upgrades are only allowed on pods/exec, pods/attach and pods/portforward".into(),
+        ));
+    }
+    if req.version() != http::Version::HTTP_11 {
+        return Err(ProxyError::BadRequest("upgrades need HTTP/1.1".into()));
+    }
+    let connection_upgrade = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !connection_upgrade {
+        return Err(ProxyError::BadRequest(
+            "Upgrade without Connection: upgrade".into(),
+        ));
+    }
+    if kind == UpgradeKind::WebSocket && !req.headers().contains_key(header::SEC_WEBSOCKET_KEY) {
+        return Err(ProxyError::BadRequest(
+            "WebSocket upgrade without Sec-WebSocket-Key".into(),
+        ));
+    }
+    Ok(Some(kind))
+}
+
+/// `Sec-WebSocket-Accept` for a key (RFC 6455 §4.2.2).
+fn websocket_accept(key: &[u8]) -> String {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key);
+    ctx.update(GUID);
+    base64::engine::general_purpose::STANDARD.encode(ctx.finish().as_ref())
+}
+
+fn upstream_err(cluster: &str, failure: UpstreamFailure, detail: impl Into<String>) -> ProxyError {
+    ProxyError::Upstream {
+        cluster: cluster.to_owned(),
+        failure,
+        detail: detail.into(),
+    }
+}
+
+/// Performs the upgrade upstream, and on a valid 101 answers 101 and starts the tunnel.
+pub async fn relay(
+    state: &State,
+    upstream: &Upstream,
+    req: Request<Incoming>,
+    mut up_headers: HeaderMap,
+    target: &str,
+    kind: UpgradeKind,
+    client_upgrade: OnUpgrade,
+) -> Result<Response<RelayBody>, ProxyError> {
+    let cluster = upstream.cluster.name.to_string();
+    let uri = upstream
+        .uri(target)
+        .map_err(|e| ProxyError::BadRequest(format!("cannot forward this request-target: {e}")))?;
+    let client_key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
+    let offered: Vec<String> = headers::ws_protocols(req.headers())
+        .filter(|p| !p.starts_with(headers::WS_BEARER_PREFIX))
+        .map(str::to_owned)
+        .collect();
+
+    let io = upstream
+        .upgrade_dialer
+        .dial(&uri)
+        .await
+        .map_err(|e| upstream_err(&cluster, e.failure, e.detail))?;
+    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Empty<Bytes>>(io)
+        .await
+        .map_err(|e| upstream_err(&cluster, UpstreamFailure::Protocol, e.to_string()))?;
+    tokio::spawn(async move {
+        // Drives the connection; with upgrades it hands the socket over after a 101.
+        let _ = connection.with_upgrades().await;
+    });
+
+    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut up_req = Request::new(Empty::<Bytes>::new());
+    *up_req.method_mut() = req.method().clone();
+    *up_req.uri_mut() = path
+        .parse()
+        .map_err(|_| ProxyError::BadRequest("invalid request-target".into()))?;
+    up_headers.insert(
+        header::HOST,
+        HeaderValue::from_str(upstream.authority.as_str())
+            .map_err(|_| ProxyError::Internal("invalid upstream authority".into()))?,
+    );
+    up_headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    up_headers.insert(header::UPGRADE, HeaderValue::from_static(kind.token()));
+    *up_req.headers_mut() = up_headers;
+
+    let mut resp = tokio::time::timeout(
+        state.cfg.timeouts.response_header,
+        sender.send_request(up_req),
+    )
+    .await
+    .map_err(|_| {
+        upstream_err(
+            &cluster,
+            UpstreamFailure::ResponseTimeout,
+            "no answer to the upgrade",
+        )
+    })?
+    .map_err(|e| upstream_err(&cluster, UpstreamFailure::Protocol, e.to_string()))?;
+
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        if kind == UpgradeKind::WebSocket {
+            state
+                .metrics
+                .ws_fallback
+                .get_or_create(&DurationLabels {
+                    cluster: cluster.clone(),
+                    verb: "CREATE".into(),
+                })
+                .inc();
+        }
+        if resp.status().is_redirection() {
+            return Err(upstream_err(
+                &cluster,
+                UpstreamFailure::UpgradeRejected,
+                format!("upstream answered the upgrade with {}", resp.status()),
+            ));
+        }
+        // Relay the refusal as it came (kubectl falls back to SPDY on any non-101); `handle`
+        // adds `Connection: close`. This upstream connection is dropped with the response.
+        let (mut parts, body) = resp.into_parts();
+        headers::sanitize_response(&mut parts.headers);
+        return Ok(Response::from_parts(
+            parts,
+            StreamBody::new(body, None, None).boxed(),
+        ));
+    }
+
+    // A 101: check it really is the protocol we asked for before trusting the socket.
+    let token_ok = resp
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(kind.token()));
+    if !token_ok {
+        return Err(upstream_err(
+            &cluster,
+            UpstreamFailure::UpgradeRejected,
+            "101 with a different Upgrade token",
+        ));
+    }
+    let mut protocol = match kind {
+        UpgradeKind::Spdy => "spdy",
+        UpgradeKind::WebSocket => "websocket",
+    };
+    if kind == UpgradeKind::WebSocket {
+        let expected = client_key.as_ref().map(|k| websocket_accept(k.as_bytes()));
+        let got = resp
+            .headers()
+            .get(header::SEC_WEBSOCKET_ACCEPT)
+            .and_then(|v| v.to_str().ok());
+        if expected.as_deref() != got {
+            return Err(upstream_err(
+                &cluster,
+                UpstreamFailure::UpgradeRejected,
+                "invalid Sec-WebSocket-Accept",
+            ));
+        }
+        if let Some(chosen) = resp.headers().get(header::SEC_WEBSOCKET_PROTOCOL) {
+            let chosen = chosen.to_str().unwrap_or_default().trim();
+            if !offered.iter().any(|o| o == chosen) {
+                return Err(upstream_err(
+                    &cluster,
+                    UpstreamFailure::UpgradeRejected,
+                    "101 with a subprotocol the client did not offer",
+                ));
+            }
+            if chosen.starts_with("SPDY/3.1+portforward") {
+                protocol = "ws-spdy-tunnel";
+            }
+        }
+    }
+
+    let upstream_upgrade = hyper::upgrade::on(&mut resp);
+    let mut client_resp = Response::new(
+        Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *client_resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let mut h = resp.headers().clone();
+    headers::sanitize_response(&mut h);
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static(kind.token()));
+    *client_resp.headers_mut() = h;
+
+    let idle = state.cfg.timeouts.stream_idle;
+    let gauge = state
+        .metrics
+        .longrunning
+        .get_or_create(&LongRunningLabels {
+            cluster: cluster.clone(),
+            protocol,
+        })
+        .clone();
+    let to_up = state
+        .metrics
+        .stream_bytes
+        .get_or_create(&DirectionLabels {
+            cluster: cluster.clone(),
+            direction: "to_upstream",
+        })
+        .clone();
+    let to_client = state
+        .metrics
+        .stream_bytes
+        .get_or_create(&DirectionLabels {
+            cluster: cluster.clone(),
+            direction: "to_client",
+        })
+        .clone();
+    gauge.inc();
+    let guard = OnDrop::new(move || {
+        gauge.dec();
+    });
+    tokio::spawn(async move {
+        let _guard = guard;
+        let (client_io, upstream_io) = match tokio::join!(client_upgrade, upstream_upgrade) {
+            (Ok(c), Ok(u)) => (c, u),
+            (c, u) => {
+                tracing::info!(client_ok = c.is_ok(), upstream_ok = u.is_ok(), cluster = %cluster, "upgrade did not complete");
+                return;
+            }
+        };
+        let (up, down, reason) =
+            tunnel(TokioIo::new(client_io), TokioIo::new(upstream_io), idle).await;
+        to_up.inc_by(up);
+        to_client.inc_by(down);
+        tracing::info!(cluster = %cluster, protocol, bytes_to_upstream = up, bytes_to_client = down, close = reason, "stream closed");
+    });
+    Ok(client_resp)
+}
+
+/// Copies both ways until either side closes, an error, or `idle` passes with no bytes.
+/// Returns bytes client→upstream, upstream→client, and why it closed.
+async fn tunnel<A, B>(client: A, upstream: B, idle: Duration) -> (u64, u64, &'static str)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let base = Instant::now();
+    let activity = Arc::new(AtomicU64::new(0));
+    let mut client = Activity {
+        io: client,
+        base,
+        last: activity.clone(),
+        bytes: 0,
+    };
+    let mut upstream = Activity {
+        io: upstream,
+        base,
+        last: activity.clone(),
+        bytes: 0,
+    };
+    let result = {
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        tokio::pin!(copy);
+        let check = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                r = &mut copy => break match r { Ok(_) => "closed", Err(_) => "error" },
+                () = tokio::time::sleep(check) => {
+                    let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                    if base.elapsed().saturating_sub(last) >= idle {
+                        break "idle_timeout";
+                    }
+                }
+            }
+        }
+    };
+    (client.bytes, upstream.bytes, result)
+}
+
+/// Wraps a tunnel leg: records the time of the last byte read and counts bytes read.
+struct Activity<T> {
+    io: T,
+    base: Instant,
+    last: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.bytes += n as u64;
+            let now = self.base.elapsed().as_millis() as u64;
+            self.last.store(now, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_accept_matches_rfc_example() {
+        assert_eq!(
+            websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tunnel_closes_when_idle() {
+        let (a, _a_peer) = tokio::io::duplex(64);
+        let (b, _b_peer) = tokio::io::duplex(64);
+        let (_, _, reason) = tunnel(a, b, Duration::from_secs(60)).await;
+        assert_eq!(reason, "idle_timeout");
+    }
+}

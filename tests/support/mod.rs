@@ -1,0 +1,367 @@
+//! Test harness: the dev environment in-process, real kubectl binaries, raw TLS clients with a
+//! chosen SNI, and scriptable fake upstreams. Every wait is bounded.
+#![allow(dead_code)]
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube_relay::dev::{DevEnv, DevOptions};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::pem::PemObject;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const KUBECTL_VERSIONS: &[&str] = &["1.27", "1.29", "1.30", "1.31", "1.33"];
+
+/// A dev environment in a temporary directory, on ephemeral ports.
+pub struct Env {
+    pub dev: DevEnv,
+    pub tmp: tempfile::TempDir,
+    pub home: PathBuf,
+}
+
+pub async fn dev_env() -> Env {
+    kube_relay::install_crypto_provider();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dev = kube_relay::dev::start(DevOptions {
+        dir: tmp.path().join("dev"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: "127.0.0.1:0".parse().unwrap(),
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_kube-relay")),
+    })
+    .await
+    .expect("dev environment starts");
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    wait_ready(dev.admin_addr.unwrap()).await;
+    Env { dev, tmp, home }
+}
+
+/// Waits (bounded) until the relay's /readyz answers 200.
+pub async fn wait_ready(admin: std::net::SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = TcpStream::connect(admin).await {
+            let _ = s
+                .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
+            if buf.starts_with(b"HTTP/1.1 200") {
+                return;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relay not ready within 20s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Path of `kubectl.<version>`: beside the `kubectl` on PATH (google-cloud-sdk ships them there).
+pub fn kubectl(version: &str) -> PathBuf {
+    let name = format!("kubectl.{version}");
+    if let Ok(p) = which(&name) {
+        return p;
+    }
+    let base = which("kubectl").expect("kubectl on PATH");
+    let real = std::fs::canonicalize(&base).unwrap_or(base);
+    let p = real.parent().unwrap().join(&name);
+    assert!(p.exists(), "{name} not found beside {}", real.display());
+    p
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    let path = std::env::var_os("PATH").ok_or(())?;
+    for dir in std::env::split_paths(&path) {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(())
+}
+
+impl Env {
+    pub fn kubeconfig(&self) -> &Path {
+        &self.dev.kubeconfig
+    }
+
+    /// A kubectl command for a version and context, with caches in this test's HOME.
+    pub fn kubectl(&self, version: &str, context: &str) -> Command {
+        let mut c = Command::new(kubectl(version));
+        c.arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .arg("--context")
+            .arg(context)
+            .arg("--request-timeout=30s")
+            .env("HOME", &self.home)
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn relay_ca(&self) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_slice_iter(self.dev.relay_ca_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap()
+    }
+}
+
+/// Runs a command to completion with a deadline, feeding `stdin`. Kills it on timeout.
+pub fn run(mut cmd: Command, stdin: Option<&[u8]>, timeout: Duration) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
+    let mut child = cmd.spawn().expect("spawn");
+    if let Some(input) = stdin {
+        let mut si = child.stdin.take().unwrap();
+        let input = input.to_vec();
+        std::thread::spawn(move || {
+            let _ = si.write_all(&input);
+        });
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pid = child.id();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("command timed out after {timeout:?}: {cmd:?}");
+        }
+    }
+}
+
+pub fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A TLS client to the relay with a chosen SNI and ALPN.
+pub async fn tls_connect(
+    addr: std::net::SocketAddr,
+    ca: &[CertificateDer<'static>],
+    sni: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in ca {
+        roots.add(c.clone()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(sni.to_owned()).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Sends raw bytes over TLS and reads until the server closes (or 10 s pass).
+pub async fn raw_exchange(env: &Env, sni: &str, request: &[u8]) -> String {
+    let mut s = tls_connect(env.dev.relay_addr, &env.relay_ca(), sni, &[b"http/1.1"]).await;
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns (status, headers, body).
+pub async fn request(
+    env: &Env,
+    sni: &str,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let raw = raw_exchange(env, sni, req.as_bytes()).await;
+    parse_response(&raw)
+}
+
+pub fn parse_response(raw: &str) -> (u16, String, String) {
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {raw:?}"));
+    (code, head.to_owned(), body.to_owned())
+}
+
+/// A TLS server that records every byte it receives and answers each connection with a canned
+/// response, keeping the connection open for more bytes afterwards.
+pub struct FakeUpstream {
+    pub addr: std::net::SocketAddr,
+    pub ca_pem: String,
+    pub received: Arc<Mutex<Vec<u8>>>,
+    pub connections: Arc<Mutex<usize>>,
+}
+
+impl FakeUpstream {
+    pub async fn start(response: &'static [u8]) -> Self {
+        let ca = kube_sim::pki::TestCa::new("fake upstream CA").unwrap();
+        let leaf = ca.issue(&["fake.upstream.test", "127.0.0.1"]).unwrap();
+        let tls = kube_sim::server::tls_config(&leaf).unwrap();
+        let mut cfg = (*tls).clone();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(Mutex::new(0));
+        let (rec, conns) = (received.clone(), connections.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                *conns.lock().unwrap() += 1;
+                let acceptor = acceptor.clone();
+                let rec = rec.clone();
+                tokio::spawn(async move {
+                    let Ok(mut s) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut answered = false;
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        match tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await
+                        {
+                            Ok(Ok(n)) if n > 0 => {
+                                rec.lock().unwrap().extend_from_slice(&buf[..n]);
+                                let seen = rec.lock().unwrap().windows(4).any(|w| w == b"\r\n\r\n");
+                                if seen && !answered {
+                                    answered = true;
+                                    let _ = s.write_all(response).await;
+                                    let _ = s.flush().await;
+                                }
+                            }
+                            _ => return,
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            ca_pem: ca.cert_pem().to_owned(),
+            received,
+            connections,
+        }
+    }
+
+    pub fn received_text(&self) -> String {
+        String::from_utf8_lossy(&self.received.lock().unwrap()).into_owned()
+    }
+}
+
+/// A relay (no simulators) in front of fake upstreams, with the dev issuer for tokens.
+pub struct CustomRelay {
+    pub addr: std::net::SocketAddr,
+    pub ca: Vec<CertificateDer<'static>>,
+    pub issuer: kube_sim::issuer::DevIssuer,
+    _issuer_handle: kube_sim::issuer::IssuerHandle,
+    _dir: tempfile::TempDir,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl CustomRelay {
+    /// `clusters`: (name, fake upstream) pairs, each in passthrough mode, open to dev/alice.
+    pub async fn start(clusters: &[(&str, &FakeUpstream)]) -> Self {
+        kube_relay::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = kube_sim::pki::TestCa::new("relay test CA").unwrap();
+        let leaf = ca
+            .issue(&["localhost", "*.relay.test", "127.0.0.1"])
+            .unwrap();
+        std::fs::write(dir.path().join("relay.crt"), &leaf.cert_pem).unwrap();
+        std::fs::write(dir.path().join("relay.key"), &leaf.key_pem).unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+        let il = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let issuer_url = format!("https://127.0.0.1:{}", il.local_addr().unwrap().port());
+        let issuer =
+            kube_sim::issuer::DevIssuer::generate(&issuer_url, kube_sim::issuer::KeyAlg::Rs256)
+                .unwrap();
+        let handle = kube_sim::issuer::serve(
+            il,
+            Some(kube_sim::server::tls_config(&ca.issue(&["127.0.0.1"]).unwrap()).unwrap()),
+            issuer.clone(),
+        )
+        .await
+        .unwrap();
+        let mut yaml = format!(
+            "listen: 127.0.0.1:0\npublic_url: https://localhost\ntls: {{cert_file: relay.crt, key_file: relay.key}}\n\
+             routing: {{host_suffix: relay.test}}\nidentity:\n  issuers:\n    - {{name: dev, kind: oidc, issuer: \"{issuer_url}\", audiences: [kube-relay], ca_file: ca.crt}}\nclusters:\n"
+        );
+        for (name, up) in clusters {
+            std::fs::write(dir.path().join(format!("{name}-ca.crt")), &up.ca_pem).unwrap();
+            yaml.push_str(&format!(
+                "  - {{name: {name}, server: \"https://fake.upstream.test:{port}\", connect: \"127.0.0.1:{port}\", ca_file: {name}-ca.crt, upstream_auth: {{mode: passthrough}}, access: [{{users: [dev/alice]}}]}}\n",
+                port = up.addr.port()
+            ));
+        }
+        let path = dir.path().join("relay.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let cfg = kube_relay::config::load(&path).unwrap();
+        let app = kube_relay::app::App::bind(cfg).await.unwrap();
+        let addr = app.local_addr().unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(app.run(shutdown.clone()));
+        let ca = CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        Self {
+            addr,
+            ca,
+            issuer,
+            _issuer_handle: handle,
+            _dir: dir,
+            shutdown,
+        }
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        self.issuer
+            .mint(serde_json::json!({"sub": user, "aud": "kube-relay"}))
+    }
+
+    pub async fn exchange(&self, sni: &str, request: &[u8]) -> String {
+        let mut s = tls_connect(self.addr, &self.ca, sni, &[b"http/1.1"]).await;
+        s.write_all(request).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+impl Drop for CustomRelay {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
