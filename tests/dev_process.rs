@@ -120,3 +120,53 @@ fn kube_relay_dev_works_with_plain_kubectl() {
         .unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn check_config_and_serve_report_every_problem_and_exit_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("relay.yaml");
+    std::fs::write(
+        &cfg,
+        "listen: 0.0.0.0:8443\npublic_url: https://relay.example.com\ntls: {cert_file: nope.crt, key_file: nope.key}\n\
+         identity:\n  issuers:\n    - {name: gh, kind: oidc, issuer: https://token.actions.githubusercontent.com, audiences: [x]}\n\
+         clusters:\n  - {name: Bad_Name, server: https://a.example, ca_file: missing-ca.crt, upstream_auth: {mode: passthrough}, acess: []}\n\
+         typo_key: 1\n",
+    )
+    .unwrap();
+    for verb in ["check-config", "serve"] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kube-relay"));
+        c.args([verb, "--config"]).arg(&cfg);
+        let out = run(c, None, Duration::from_secs(30));
+        assert_eq!(out.status.code(), Some(1), "{verb}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for expected in [
+            "tls.cert_file: cannot read",
+            "tls.key_file: cannot read",
+            "clusters[0].acess: unknown field `acess`",
+            "typo_key: unknown key",
+        ] {
+            assert!(
+                err.contains(expected),
+                "{verb}: missing {expected:?} in:\n{err}"
+            );
+        }
+    }
+    // The valid parts of a file do not hide the invalid ones in other clusters.
+    std::fs::write(
+        &cfg,
+        "listen: 0.0.0.0:8443\npublic_url: https://relay.example.com\ntls: {cert_file: nope.crt, key_file: nope.key}\n\
+         identity:\n  issuers:\n    - {name: gh, kind: oidc, issuer: https://token.actions.githubusercontent.com, audiences: [x]}\n\
+         clusters:\n  - {name: Bad_Name, server: https://a.example, ca_file: missing-ca.crt, upstream_auth: {mode: passthrough}}\n",
+    )
+    .unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kube-relay"));
+    c.args(["check-config", "--config"]).arg(&cfg);
+    let out = run(c, None, Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("clusters[0].name: `Bad_Name` is not a valid cluster name"),
+        "{err}"
+    );
+    assert!(err.contains("clusters[0].ca_file: cannot read"), "{err}");
+    assert!(err.contains("problem(s) found"), "{err}");
+}

@@ -689,10 +689,8 @@ async fn mismatched_101_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_cluster_is_503_naming_it() {
+    // A cluster whose API server address refuses connections: a port that was free a moment ago.
     let up = FakeUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
-    let relay = CustomRelay::start(&[("gone", &up)]).await;
-    // Point at a port nothing listens on by stopping nothing: use a fresh closed port instead.
-    drop(relay);
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
@@ -763,5 +761,81 @@ async fn metrics_and_health_on_the_admin_listener() {
         "{m}"
     );
     assert!(!m.contains(&tok[7..]), "tokens never reach metrics");
+    env.dev.stop().await;
+}
+
+/// A response hyper cannot parse fails that exchange with a 502 naming the cluster, and the
+/// connection it came on is never used again (security.md C5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_upstream_response_is_502_and_its_connection_is_dropped() {
+    let up = FakeUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nhello").await;
+    let relay = CustomRelay::start(&[("fake", &up)]).await;
+    for _ in 0..2 {
+        let raw = format!(
+            "GET /clusters/fake/api HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+            relay.token("alice")
+        );
+        let (c, h, b) = parse_response(&relay.exchange("localhost", raw.as_bytes()).await);
+        assert_status(c, &h, &b, 502, "InternalError");
+        assert_eq!(status_of(&b)["details"]["name"], "fake");
+    }
+    assert_eq!(
+        *up.connections.lock().unwrap(),
+        2,
+        "a connection that sent garbage is never reused"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_running_gauge_follows_a_live_watch() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = dev_env().await;
+    let tok = bearer(&env.dev.token("alice"));
+    let mut s = tls_connect(env.dev.relay_addr, &env.relay_ca(), PUBLIC, &[b"http/1.1"]).await;
+    let req = format!("GET /clusters/alpha/api/v1/namespaces/default/pods?watch=true HTTP/1.1\r\nHost: localhost\r\nAuthorization: {tok}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    // The initial ADDED events arrive as chunks, flushed at once.
+    let mut buf = vec![0u8; 65536];
+    let mut got = String::new();
+    while !got.contains("\"ADDED\"") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("watch events arrive")
+            .unwrap();
+        assert!(n > 0, "watch closed early: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(
+        got.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{got}"
+    );
+    let admin = env.dev.admin_addr.unwrap();
+    let gauge = |want: &'static str| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut c = tokio::net::TcpStream::connect(admin).await.unwrap();
+            c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut m = String::new();
+            let _ = c.read_to_string(&mut m).await;
+            let line = format!(
+                "relay_longrunning_requests{{cluster=\"alpha\",protocol=\"watch\"}} {want}"
+            );
+            if m.contains(&line) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never saw {line} in:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    gauge("1").await;
+    drop(s);
+    gauge("0").await;
     env.dev.stop().await;
 }
