@@ -3,7 +3,12 @@
 #   - .venv/ at the repo root with tests/clients/python/requirements.txt (the Python `kubernetes`
 #     client), reinstalled only when requirements.txt or the interpreter changes;
 #   - tests/clients/node/node_modules via `npm ci` (@kubernetes/client-node), only when
-#     node_modules is missing or package-lock.json changed.
+#     node_modules is missing or package-lock.json changed;
+#   - tests/idp/node_modules via `npm ci` (oidc-provider, the real IdP of tests/oidc_provider.rs),
+#     on the same terms;
+#   - .venv-deploy/ with tests/deploy/requirements.txt (checkov, for tests/deploy.rs), a venv of
+#     its own because checkov's pins conflict with the kubernetes client's; reinstalled only
+#     when that file or the interpreter changes.
 # Needs python3 (3.11) and node 20 + npm; on Debian without the venv module it installs
 # python3-venv with apt-get (root only). Only the package registries are contacted.
 # Environment: PYTHON (default python3).
@@ -76,4 +81,41 @@ else
     (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error)
     printf '%s\n' "$node_want" >"$NODE_STAMP"
     log "node client deps installed: @kubernetes/client-node $(node -p 'require("'"$NODE_DIR"'/node_modules/@kubernetes/client-node/package.json").version')"
+fi
+
+# --- Test IdP (oidc-provider) ---
+IDP_DIR="$ROOT/tests/idp"
+IDP_STAMP="$IDP_DIR/node_modules/.kube-relay-package-lock.sha256"
+idp_want="$(fingerprint "$IDP_DIR/package-lock.json" "node $(node --version) npm $(npm --version 2>/dev/null)")"
+if [ -d "$IDP_DIR/node_modules" ] && [ -f "$IDP_STAMP" ] && [ "$(cat "$IDP_STAMP")" = "$idp_want" ]; then
+    log "test IdP deps up to date (${IDP_DIR#"$ROOT"/}/node_modules)"
+else
+    log "npm ci in ${IDP_DIR#"$ROOT"/}"
+    (cd "$IDP_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+    printf '%s\n' "$idp_want" >"$IDP_STAMP"
+    log "test IdP deps installed: oidc-provider $(node -p 'require("'"$IDP_DIR"'/node_modules/oidc-provider/package.json").version')"
+fi
+
+# --- Deploy checks (checkov) ---
+DEPLOY_VENV="$ROOT/.venv-deploy"
+DEPLOY_REQS="$ROOT/tests/deploy/requirements.txt"
+DEPLOY_STAMP="$DEPLOY_VENV/.kube-relay-requirements.sha256"
+if [ -d "$DEPLOY_VENV" ] && ! "$DEPLOY_VENV/bin/python" -c 'import pip' >/dev/null 2>&1; then
+    log "$DEPLOY_VENV is broken: recreating it"
+    rm -rf "$DEPLOY_VENV"
+fi
+if [ ! -d "$DEPLOY_VENV" ]; then
+    log "creating $DEPLOY_VENV with $PYTHON $py_version"
+    "$PYTHON" -m venv "$DEPLOY_VENV"
+fi
+deploy_version="$("$DEPLOY_VENV/bin/python" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
+deploy_want="$(fingerprint "$DEPLOY_REQS" "python $deploy_version")"
+if [ -f "$DEPLOY_STAMP" ] && [ "$(cat "$DEPLOY_STAMP")" = "$deploy_want" ]; then
+    log "deploy check deps up to date ($DEPLOY_VENV)"
+else
+    log "pip install -r ${DEPLOY_REQS#"$ROOT"/} into $DEPLOY_VENV"
+    rm -f "$DEPLOY_STAMP"
+    "$DEPLOY_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$DEPLOY_REQS"
+    printf '%s\n' "$deploy_want" >"$DEPLOY_STAMP"
+    log "deploy check deps installed: $("$DEPLOY_VENV/bin/python" -m pip show checkov 2>/dev/null | sed -n 's/^Version: /checkov /p')"
 fi

@@ -7,10 +7,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -30,19 +31,177 @@ use crate::metrics::Metrics;
 use crate::proxy::{self, ConnCtx};
 use crate::upstream::Upstream;
 
-/// Everything a request needs, shared by all connections.
+/// Everything a request needs, for one configuration generation. A reload builds a new one and
+/// swaps it in; requests in flight keep the generation they started with.
 pub struct State {
     pub cfg: Config,
     pub upstreams: HashMap<String, Upstream>,
-    pub auth: Authenticator,
-    pub metrics: Metrics,
-    ready: AtomicBool,
+    pub auth: Arc<Authenticator>,
+    pub audit: crate::audit::AuditLog,
+    tls: TlsAcceptor,
+    /// Stops this generation's background tasks (key refresh) when it is replaced.
+    generation: CancellationToken,
+    // Shared by every generation:
+    pub metrics: Arc<Metrics>,
+    pub auth_failures: Arc<crate::limits::FailureLimiter>,
+    pub identity_rate: Arc<crate::limits::IdentityRate>,
+    pub streams: Arc<crate::streams::StreamRegistry>,
+}
+
+/// The relay across generations: the current [`State`], and what outlives reloads.
+pub struct Relay {
+    current: ArcSwap<State>,
+    config_path: Option<PathBuf>,
+    draining: std::sync::atomic::AtomicBool,
+    /// Serialises reloads (SIGHUP and file changes may race).
+    reloading: tokio::sync::Mutex<()>,
+}
+
+impl Relay {
+    /// The generation requests should use now.
+    pub fn state(&self) -> Arc<State> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the configuration file and swaps in a new generation: certificates, issuers,
+    /// clusters and credentials together, or nothing. An invalid file is rejected whole (logged,
+    /// counted) and the running configuration keeps serving. Live streams survive unless the new
+    /// rules no longer admit them.
+    pub async fn reload(&self) -> Result<(), String> {
+        let _serial = self.reloading.lock().await;
+        let old = self.state();
+        let result = self.try_reload(&old).await;
+        let outcome = if result.is_ok() { "success" } else { "failure" };
+        old.metrics
+            .reloads
+            .get_or_create(&crate::metrics::ResultLabels { result: outcome })
+            .inc();
+        match &result {
+            Ok(()) => tracing::info!("configuration reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "configuration reload rejected; the previous configuration keeps serving")
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&self, old: &Arc<State>) -> Result<(), String> {
+        let path = self
+            .config_path
+            .as_ref()
+            .ok_or("this relay was not started from a configuration file")?;
+        let cfg = crate::config::load(path).map_err(|e| e.to_string().replace('\n', "; "))?;
+        if cfg.listen != old.cfg.listen || cfg.admin_listen != old.cfg.admin_listen {
+            tracing::warn!("listen and admin.listen changes take effect only after a restart");
+        }
+        let new = Arc::new(build_state(cfg, Some(old)).map_err(|e| format!("{e:#}"))?);
+        new.auth.adopt_keys(&old.auth);
+        new.auth.spawn_refresh(new.generation.clone());
+        spawn_probes(&new);
+        self.current.store(new.clone());
+        old.generation.cancel();
+        revoke_streams(&new);
+        Ok(())
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Starts the health probes of a generation; they stop with it.
+fn spawn_probes(state: &State) {
+    for u in state.upstreams.values() {
+        crate::health::spawn_probe(
+            u,
+            state.cfg.timeouts.health_interval,
+            state.cfg.timeouts.connect,
+            state.generation.clone(),
+        );
+    }
+}
+
+/// Closes live streams the (new) rules no longer admit (security.md A6).
+fn revoke_streams(state: &State) {
+    for s in state.streams.snapshot() {
+        let allowed = match state.upstreams.get(&s.cluster) {
+            Some(u) => matches!(
+                crate::authz::authorize(&s.principal, &u.cluster, &s.info, s.impersonating),
+                crate::authz::Decision::Allow
+            ),
+            None => false,
+        };
+        if !allowed {
+            tracing::info!(cluster = %s.cluster, user = %s.principal.user_key(), "closing a stream whose access was revoked");
+            s.close("access_revoked");
+        }
+    }
+}
+
+/// Builds one generation. `previous` supplies what must persist (metrics, limits, live
+/// streams, the audit writer when its sink is unchanged).
+fn build_state(cfg: Config, previous: Option<&State>) -> anyhow::Result<State> {
+    let tls = TlsAcceptor::from(crate::tls::server_config(&cfg.tls)?);
+    let mut upstreams = HashMap::new();
+    for c in &cfg.clusters {
+        upstreams.insert(
+            c.name.to_string(),
+            Upstream::new(c.clone(), cfg.timeouts.connect)?,
+        );
+    }
+    let metrics = previous.map_or_else(|| Arc::new(Metrics::new()), |p| p.metrics.clone());
+    let audit = match previous {
+        Some(p) if p.cfg.audit == cfg.audit => p.audit.clone(),
+        _ => crate::audit::AuditLog::start(&cfg.audit, metrics.clone())?,
+    };
+    let auth_failures = previous.map_or_else(
+        || {
+            Arc::new(crate::limits::FailureLimiter::new(
+                cfg.limits.auth_failures_per_minute,
+                Duration::from_secs(60),
+            ))
+        },
+        |p| p.auth_failures.clone(),
+    );
+    let streams = previous.map_or_else(Default::default, |p| p.streams.clone());
+    // Buckets persist across reloads unless the limits themselves change.
+    let identity_rate = match previous {
+        Some(p)
+            if p.cfg.limits.per_identity_requests_per_second
+                == cfg.limits.per_identity_requests_per_second
+                && p.cfg.limits.per_identity_burst == cfg.limits.per_identity_burst =>
+        {
+            p.identity_rate.clone()
+        }
+        _ => Arc::new(crate::limits::IdentityRate::new(
+            cfg.limits.per_identity_requests_per_second,
+            cfg.limits.per_identity_burst,
+        )),
+    };
+    let auth = Arc::new(Authenticator::new(&cfg.issuers, metrics.clone())?);
+    metrics.credentials.set(
+        upstreams
+            .iter()
+            .map(|(name, u): (&String, &Upstream)| (name.clone(), u.credentials.clone()))
+            .collect(),
+    );
+    Ok(State {
+        cfg,
+        upstreams,
+        auth,
+        audit,
+        tls,
+        generation: CancellationToken::new(),
+        metrics,
+        auth_failures,
+        identity_rate,
+        streams,
+    })
 }
 
 /// A relay with its listeners bound, ready to [`App::run`].
 pub struct App {
-    state: Arc<State>,
-    tls: TlsAcceptor,
+    relay: Arc<Relay>,
     listener: TcpListener,
     admin: Option<TcpListener>,
 }
@@ -71,28 +230,25 @@ impl App {
         listener: TcpListener,
         admin: Option<TcpListener>,
     ) -> anyhow::Result<Self> {
-        let tls = TlsAcceptor::from(crate::tls::server_config(&cfg.tls)?);
-        let mut upstreams = HashMap::new();
-        for c in &cfg.clusters {
-            upstreams.insert(
-                c.name.to_string(),
-                Upstream::new(c.clone(), cfg.timeouts.connect)?,
-            );
-        }
-        let auth = Authenticator::new(&cfg.issuers)?;
-        let state = Arc::new(State {
-            cfg,
-            upstreams,
-            auth,
-            metrics: Metrics::new(),
-            ready: AtomicBool::new(false),
-        });
+        let state = Arc::new(build_state(cfg, None)?);
         Ok(Self {
-            state,
-            tls,
+            relay: Arc::new(Relay {
+                current: ArcSwap::new(state),
+                config_path: None,
+                draining: std::sync::atomic::AtomicBool::new(false),
+                reloading: tokio::sync::Mutex::new(()),
+            }),
             listener,
             admin,
         })
+    }
+
+    /// Reloads from `path` on SIGHUP and when the file changes (checked every two seconds).
+    pub fn reload_from(mut self, path: PathBuf) -> Self {
+        if let Some(r) = Arc::get_mut(&mut self.relay) {
+            r.config_path = Some(path);
+        }
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -104,35 +260,55 @@ impl App {
     }
 
     pub fn state(&self) -> Arc<State> {
-        self.state.clone()
+        self.relay.state()
     }
 
-    /// Serves until `shutdown` is cancelled, then stops accepting and waits (bounded) for open
-    /// connections to finish.
+    /// A handle for reloads and readiness (tests, signals).
+    pub fn relay(&self) -> Arc<Relay> {
+        self.relay.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains (design notes in [`drain`]).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tracker = TaskTracker::new();
+        let relay = self.relay.clone();
+        let stop_accepting = CancellationToken::new();
+        let close_connections = CancellationToken::new();
         if let Some(admin) = self.admin {
-            tracker.spawn(serve_admin(admin, self.state.clone(), shutdown.clone()));
+            tracker.spawn(serve_admin(admin, relay.clone(), stop_accepting.clone()));
         }
-        // Load issuer keys in the background: readiness waits for them, traffic does not block
-        // start-up (a token arriving first triggers its own fetch).
+        // Issuer keys load in the background: readiness waits for them, start-up does not (a
+        // token arriving first triggers its own, rate-limited fetch).
         {
-            let state = self.state.clone();
-            tracker.spawn(async move {
-                state.auth.warm_up().await;
-                state.ready.store(true, Ordering::SeqCst);
+            let st = relay.state();
+            st.auth.spawn_refresh(st.generation.clone());
+            spawn_probes(&st);
+        }
+        if relay.config_path.is_some() {
+            tokio::spawn(watch_config(relay.clone(), shutdown.clone()));
+        }
+        {
+            let (relay, shutdown, stop, close) = (
+                relay.clone(),
+                shutdown.clone(),
+                stop_accepting.clone(),
+                close_connections.clone(),
+            );
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                drain(&relay, &stop, &close).await;
             });
         }
         let permits = Arc::new(Semaphore::new(
-            self.state.cfg.limits.max_connections as usize,
+            relay.state().cfg.limits.max_connections as usize,
         ));
         loop {
             let permit = tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = stop_accepting.cancelled() => break,
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             };
             let (tcp, peer) = tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = stop_accepting.cancelled() => break,
                 r = self.listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
@@ -144,30 +320,119 @@ impl App {
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let state = self.state.clone();
-            let tls = self.tls.clone();
-            let shutdown = shutdown.clone();
+            let relay = relay.clone();
+            let close = close_connections.clone();
             tracker.spawn(async move {
                 let _permit = permit;
-                serve_connection(state, tls, tcp, peer, shutdown).await;
+                serve_connection(relay, tcp, peer, close).await;
             });
         }
+        drop(self.listener);
         tracker.close();
-        // Issue-5 territory (jittered watch drain, exec grace) builds on this bounded wait.
-        let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
+        let deadline = relay.state().cfg.timeouts.drain_timeout;
+        if tokio::time::timeout(deadline, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?deadline,
+                "drain deadline reached with connections still open"
+            );
+        }
         Ok(())
     }
 }
 
+/// Graceful drain (security.md scenario 7): readiness fails at once so load balancers stop
+/// sending; new connections are still accepted for `drain_delay` (they may already be on their
+/// way); HTTP/2 connections get GOAWAY and HTTP/1.1 ones lose keep-alive, so in-flight REST
+/// completes; watches are closed at random moments spread over `drain_window` so clients do not
+/// relist all at once; exec and port-forward tunnels get the whole window, then close. `run`
+/// then waits for the remaining connections up to `drain_timeout`.
+async fn drain(
+    relay: &Relay,
+    stop_accepting: &CancellationToken,
+    close_connections: &CancellationToken,
+) {
+    relay
+        .draining
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let st = relay.state();
+    let t = st.cfg.timeouts.clone();
+    tracing::info!(delay = ?t.drain_delay, window = ?t.drain_window, "draining");
+    close_connections.cancel();
+    let window_ms = t.drain_window.as_millis().max(1) as u64;
+    for s in st.streams.snapshot() {
+        let at = match s.kind {
+            crate::streams::StreamKind::Watch => Duration::from_millis(
+                (uuid::Uuid::new_v4().as_u128() % u128::from(window_ms)) as u64,
+            ),
+            crate::streams::StreamKind::Tunnel => t.drain_window,
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep(at).await;
+            s.close("draining");
+        });
+    }
+    tokio::time::sleep(t.drain_delay).await;
+    stop_accepting.cancel();
+}
+
+/// Reloads on SIGHUP and when the configuration file's modification time or size changes.
+async fn watch_config(relay: Arc<Relay>, shutdown: CancellationToken) {
+    let Some(path) = relay.config_path.clone() else {
+        return;
+    };
+    let stamp = |p: &PathBuf| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut last = stamp(&path);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hup_fired = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup_fired = std::future::pending::<()>();
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = hup_fired => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                let _ = relay.reload().await;
+                last = stamp(&path);
+            }
+            () = tokio::time::sleep(Duration::from_secs(2)) => {
+                let now = stamp(&path);
+                if now != last {
+                    last = now;
+                    tracing::info!(path = %path.display(), "configuration file changed: reloading");
+                    let _ = relay.reload().await;
+                }
+            }
+        }
+    }
+}
+
 async fn serve_connection(
-    state: Arc<State>,
-    tls: TlsAcceptor,
+    relay: Arc<Relay>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    shutdown: CancellationToken,
+    close: CancellationToken,
 ) {
+    // The generation at accept time chooses the certificate; each request then uses the
+    // generation current when it arrives.
+    let state = relay.state();
     let handshake = state.cfg.timeouts.handshake;
-    let stream = match tokio::time::timeout(handshake, tls.accept(tcp)).await {
+    let stream = match tokio::time::timeout(handshake, state.tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
@@ -178,17 +443,22 @@ async fn serve_connection(
             return;
         }
     };
+    drop(state);
     let sni = stream
         .get_ref()
         .1
         .server_name()
         .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
     let conn = Arc::new(ConnCtx { peer, sni });
+    // A connection accepted while draining (during `drain_delay`) is served, one request per
+    // HTTP/1.1 connection; asking it to shut down at once would drop its first request unread.
+    let late = relay.is_draining();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(handshake)
+        .keep_alive(!late)
         .max_buf_size(64 * 1024);
     builder
         .http2()
@@ -199,7 +469,7 @@ async fn serve_connection(
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let svc =
-        service_fn(move |req: Request<Incoming>| proxy::handle(state.clone(), conn.clone(), req));
+        service_fn(move |req: Request<Incoming>| proxy::handle(relay.state(), conn.clone(), req));
     let serving = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     tokio::pin!(serving);
     tokio::select! {
@@ -208,26 +478,28 @@ async fn serve_connection(
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
         }
-        () = shutdown.cancelled() => {
+        () = close.cancelled(), if !late => {
+            // GOAWAY on h2, no more keep-alive on h1; in-flight requests finish. Long-running
+            // ones are closed by the drain schedule.
             serving.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(10), serving).await;
+            let _ = serving.await;
         }
     }
 }
 
 /// `/healthz`, `/readyz` and `/metrics`, plain HTTP on a private address.
-async fn serve_admin(listener: TcpListener, state: Arc<State>, shutdown: CancellationToken) {
+async fn serve_admin(listener: TcpListener, relay: Arc<Relay>, shutdown: CancellationToken) {
     loop {
         let (tcp, _) = tokio::select! {
             () = shutdown.cancelled() => return,
             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
         };
-        let state = state.clone();
+        let relay = relay.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
+                let relay = relay.clone();
                 async move {
-                    Ok::<_, std::convert::Infallible>(admin_response(&state, req.uri().path()))
+                    Ok::<_, std::convert::Infallible>(admin_response(&relay, req.uri().path()))
                 }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -240,23 +512,39 @@ async fn serve_admin(listener: TcpListener, state: Arc<State>, shutdown: Cancell
 }
 
 fn admin_response(
-    state: &State,
+    relay: &Relay,
     path: &str,
 ) -> Response<http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>> {
     let (code, ctype, body) = match path {
         "/healthz" | "/livez" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         "/readyz" => {
+            let state = relay.state();
             let mut lines = String::new();
-            let mut ok = state.ready.load(Ordering::SeqCst);
-            if !ok {
-                lines.push_str("[-] startup: loading issuer keys\n");
+            let mut ok = true;
+            if relay.is_draining() {
+                ok = false;
+                lines.push_str("[-] draining: shutting down\n");
             }
-            for (name, n) in state.auth.key_counts() {
+            for (name, iss, n) in state.auth.key_status() {
                 if n == 0 {
                     ok = false;
-                    lines.push_str(&format!("[-] issuer {name}: no signing keys loaded\n"));
+                    lines.push_str(&format!(
+                        "[-] issuer {name} ({iss}): no usable signing keys (loading, IdP unreachable, or older than max_key_staleness)\n"
+                    ));
                 } else {
-                    lines.push_str(&format!("[+] issuer {name}: {n} keys\n"));
+                    lines.push_str(&format!("[+] issuer {name} ({iss}): {n} keys\n"));
+                }
+            }
+            // A down cluster does not make the relay unready (the others still work): it is
+            // listed for operators.
+            let mut clusters: Vec<_> = state.upstreams.iter().collect();
+            clusters.sort_by(|a, b| a.0.cmp(b.0));
+            for (name, u) in clusters {
+                match u.health.last_error() {
+                    Some(e) if !u.health.is_up() => {
+                        lines.push_str(&format!("[-] cluster {name}: down ({e})\n"))
+                    }
+                    _ => lines.push_str(&format!("[+] cluster {name}: reachable\n")),
                 }
             }
             lines.push_str(if ok { "ok\n" } else { "not ready\n" });
@@ -270,7 +558,7 @@ fn admin_response(
         "/metrics" => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.metrics.encode(),
+            relay.state().metrics.encode(),
         ),
         _ => (
             StatusCode::NOT_FOUND,

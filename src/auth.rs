@@ -1,20 +1,29 @@
 //! Authentication: bearer tokens from the configured OIDC / Entra issuers become a [`Principal`].
 //!
 //! Order of checks, cheapest first, so junk never costs a signature verification (security.md
-//! E1–E4, F5): size → JWT shape and header (`alg` allowlist RS256/ES256, `kid` present and short)
-//! → `iss` names a configured issuer → `kid` is in that issuer's cached JWKS (one rate-limited,
-//! single-flight refresh on a miss) → the key's type matches `alg` → signature and `iss`, `aud`,
-//! `exp`, `nbf` (all required; leeway [`LEEWAY_SECS`]) → issuer-specific rules.
+//! E1–E4, F5): size → JWT shape and header (`alg` in the issuer's allowlist, `kid` present and
+//! short) → the verified-token cache → `iss` names a configured key source → `kid` is in that
+//! source's cached keys (one rate-limited, single-flight refresh on a miss) → the key's type
+//! matches `alg` → signature and `iss`, `aud`, `exp`, `nbf` (all required; leeway
+//! [`LEEWAY_SECS`]) → issuer rules (Entra tenant, scopes or roles).
 //!
 //! Header-supplied keys (`jwk`, `jku`, `x5u`) are never used: the `kid` is only a lookup key into
-//! keys fetched from the issuer's own discovery document.
+//! keys fetched from the issuer's own discovery document, and an Entra issuer's v1 and v2 tokens
+//! are each checked against the keys of their own metadata document.
+//!
+//! Key freshness (protocols.md §2.3, security.md E8 and scenario 3): a background task refreshes
+//! every source on `key_refresh_interval` (retrying with backoff while the IdP is down); an
+//! unknown `kid` triggers at most one fetch per `key_refresh_cooldown`; failed fetches keep the
+//! last good keys, for at most `max_key_staleness`. No request waits on a refresh when its key is
+//! cached. At start-up the relay serves immediately and reports not-ready until every source has
+//! keys (`/readyz`); a token arriving first triggers its own (rate-limited) fetch.
 //!
 //! A [`Principal`] can only be made here, and forwarding needs one, so no request can reach a
 //! cluster unauthenticated.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
@@ -24,9 +33,11 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use url::Url;
 
-use crate::config::{IssuerConfig, IssuerKind};
+use crate::config::{is_guid, IssuerConfig, IssuerKind};
+use crate::metrics::{IssuerResultLabels, Metrics};
 use crate::upstream::{client_tls, pooled_client, TlsDialer};
 
 /// Clock-skew allowance on `exp` and `nbf`, in seconds.
@@ -35,10 +46,10 @@ pub const LEEWAY_SECS: u64 = 60;
 /// well under it).
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 const MAX_KID_BYTES: usize = 256;
-/// At most one JWKS refresh per issuer in this window, however many unknown `kid`s arrive.
-const REFRESH_COOLDOWN: Duration = Duration::from_secs(30);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+/// Verified tokens remembered; each entry is a few hundred bytes.
+const TOKEN_CACHE_ENTRIES: usize = 50_000;
 
 /// An authenticated caller. Only [`Authenticator::authenticate`] makes one.
 #[derive(Clone)]
@@ -50,10 +61,17 @@ pub struct Principal {
     /// The name shown upstream: `upn`, else `oid` (Entra); the subject (OIDC).
     pub username: String,
     pub groups: Vec<String>,
+    /// The token says its group list is incomplete (Entra overage): group rules cannot be
+    /// evaluated and fail closed.
+    pub groups_overage: bool,
     /// Entra object id, sent as `Impersonate-Extra-oid` (AKS Azure RBAC needs it).
     pub oid: Option<String>,
+    /// The client application (`appid` v1 / `azp` v2), for `apps` rules.
+    pub app_id: Option<String>,
+    /// `exp`, seconds since the epoch: long-running requests end when it passes (plus grace).
+    pub expires_at: u64,
     pub claims: serde_json::Map<String, Value>,
-    /// The verified bearer token, for passthrough clusters only.
+    /// The verified bearer token, for passthrough and on-behalf-of only.
     token: Arc<str>,
 }
 
@@ -78,6 +96,11 @@ impl Principal {
     pub fn bearer_token(&self) -> &str {
         &self.token
     }
+
+    /// A string claim, if present.
+    pub fn claim(&self, name: &str) -> Option<&str> {
+        claim_str(&self.claims, name)
+    }
 }
 
 /// Why a token was refused; the label of `relay_authn_total{reason}`. Never sent to clients.
@@ -89,6 +112,7 @@ pub enum AuthFailure {
     Algorithm,
     UnknownIssuer,
     UnknownKey,
+    StaleKeys,
     Signature,
     Claims,
     Tenant,
@@ -104,6 +128,7 @@ impl AuthFailure {
             Self::Algorithm => "algorithm",
             Self::UnknownIssuer => "unknown_issuer",
             Self::UnknownKey => "unknown_key",
+            Self::StaleKeys => "stale_keys",
             Self::Signature => "signature",
             Self::Claims => "claims",
             Self::Tenant => "tenant",
@@ -125,6 +150,13 @@ fn fail(failure: AuthFailure, detail: impl Into<String>) -> AuthError {
     }
 }
 
+/// How a successful authentication was reached, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    Cached,
+    Verified,
+}
+
 struct CachedKey {
     key: DecodingKey,
     alg: Algorithm,
@@ -132,22 +164,26 @@ struct CachedKey {
 
 type KeyMap = HashMap<String, Arc<CachedKey>>;
 
-/// One configured issuer with its key cache.
-struct IssuerState {
-    cfg: Arc<IssuerConfig>,
+/// One metadata document and its keys: an OIDC issuer has one, an Entra tenant two (v1, v2).
+struct KeySource {
+    issuer: Arc<IssuerConfig>,
     name: Arc<str>,
-    /// Exact `iss` values accepted.
-    accepted_iss: Vec<String>,
+    /// The exact `iss` tokens verified with these keys carry.
+    iss: String,
     discovery_url: Url,
     keys: RwLock<Arc<KeyMap>>,
-    /// Serialises refreshes (single flight) and remembers when the last one started.
+    /// When keys were last fetched successfully.
+    fetched_at: Mutex<Option<Instant>>,
+    /// Serialises fetches (single flight) and remembers when the last unknown-kid fetch began.
     refresh: AsyncMutex<Option<Instant>>,
     client: crate::upstream::PooledClient,
 }
 
 /// Validates bearer tokens against the configured issuers.
 pub struct Authenticator {
-    issuers: Vec<Arc<IssuerState>>,
+    sources: Vec<Arc<KeySource>>,
+    cache: quick_cache::sync::Cache<[u8; 32], Arc<Principal>>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Deserialize)]
@@ -156,36 +192,9 @@ struct IssPeek {
 }
 
 impl Authenticator {
-    pub fn new(issuers: &[Arc<IssuerConfig>]) -> anyhow::Result<Self> {
-        let mut out = Vec::new();
+    pub fn new(issuers: &[Arc<IssuerConfig>], metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let mut sources = Vec::new();
         for cfg in issuers {
-            let (accepted_iss, discovery_url) = match &cfg.kind {
-                IssuerKind::Oidc {
-                    issuer, issuer_str, ..
-                } => {
-                    let base = issuer.as_str().trim_end_matches('/');
-                    (
-                        vec![issuer_str.clone()],
-                        Url::parse(&format!("{base}/.well-known/openid-configuration"))?,
-                    )
-                }
-                IssuerKind::Entra {
-                    tenant_id,
-                    authority_host,
-                    ..
-                } => {
-                    let host = authority_host.as_str().trim_end_matches('/');
-                    (
-                        vec![
-                            format!("{host}/{tenant_id}/v2.0"),
-                            format!("https://sts.windows.net/{tenant_id}/"),
-                        ],
-                        Url::parse(&format!(
-                            "{host}/{tenant_id}/v2.0/.well-known/openid-configuration"
-                        ))?,
-                    )
-                }
-            };
             // Public issuers (Entra, GitHub) are trusted through the Mozilla roots compiled in;
             // an issuer on a private CA (tests, on-prem IdPs) trusts exactly its `ca_file`.
             let tls = if cfg.ca.is_empty() {
@@ -201,42 +210,140 @@ impl Authenticator {
                 client_tls(&cfg.ca, None, &[b"http/1.1"])?
             };
             let client = pooled_client(TlsDialer::new(tls, None, None, FETCH_TIMEOUT));
-            out.push(Arc::new(IssuerState {
-                name: Arc::from(cfg.name.as_str()),
-                cfg: cfg.clone(),
-                accepted_iss,
-                discovery_url,
-                keys: RwLock::new(Arc::new(HashMap::new())),
-                refresh: AsyncMutex::new(None),
-                client,
-            }));
+            let docs: Vec<(String, Url)> = match &cfg.kind {
+                IssuerKind::Oidc {
+                    issuer, issuer_str, ..
+                } => {
+                    let base = issuer.as_str().trim_end_matches('/');
+                    vec![(
+                        issuer_str.clone(),
+                        Url::parse(&format!("{base}/.well-known/openid-configuration"))?,
+                    )]
+                }
+                IssuerKind::Entra {
+                    tenant_id,
+                    authority_host,
+                    ..
+                } => {
+                    let host = authority_host.as_str().trim_end_matches('/');
+                    vec![
+                        // v1 tokens (the AKS server app gets these) against v1 metadata.
+                        (
+                            format!("https://sts.windows.net/{tenant_id}/"),
+                            Url::parse(&format!(
+                                "{host}/{tenant_id}/.well-known/openid-configuration"
+                            ))?,
+                        ),
+                        // v2 tokens against v2 metadata.
+                        (
+                            format!("{host}/{tenant_id}/v2.0"),
+                            Url::parse(&format!(
+                                "{host}/{tenant_id}/v2.0/.well-known/openid-configuration"
+                            ))?,
+                        ),
+                    ]
+                }
+            };
+            for (iss, discovery_url) in docs {
+                sources.push(Arc::new(KeySource {
+                    issuer: cfg.clone(),
+                    name: Arc::from(cfg.name.as_str()),
+                    iss,
+                    discovery_url,
+                    keys: RwLock::new(Arc::new(HashMap::new())),
+                    fetched_at: Mutex::new(None),
+                    refresh: AsyncMutex::new(None),
+                    client: client.clone(),
+                }));
+            }
         }
-        Ok(Self { issuers: out })
+        Ok(Self {
+            sources,
+            cache: quick_cache::sync::Cache::new(TOKEN_CACHE_ENTRIES),
+            metrics,
+        })
     }
 
-    /// Fetches every issuer's keys once; failures are logged and retried on demand.
-    pub async fn warm_up(&self) -> Vec<(String, Result<usize, String>)> {
-        let mut out = Vec::new();
-        for st in &self.issuers {
-            let r = st.refresh_keys(true).await.map(|()| st.key_count());
-            if let Err(e) = &r {
-                tracing::warn!(issuer = %st.name, error = %e, "could not load the issuer's signing keys; will retry when a token arrives");
+    /// Keeps every source's keys fresh until `shutdown`: fetch now, then every
+    /// `key_refresh_interval`; while the IdP fails, retry with backoff (1 s doubling, capped).
+    pub fn spawn_refresh(self: &Arc<Self>, shutdown: CancellationToken) {
+        for src in &self.sources {
+            let src = src.clone();
+            let metrics = self.metrics.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut backoff = Duration::from_secs(1);
+                loop {
+                    let wait = match src.fetch(&metrics).await {
+                        Ok(()) => {
+                            backoff = Duration::from_secs(1);
+                            src.issuer.keys.refresh_interval
+                        }
+                        Err(e) => {
+                            tracing::warn!(issuer = %src.name, iss = %src.iss, error = %e, retry_in = ?backoff, "cannot load the issuer's signing keys");
+                            let w = backoff;
+                            backoff = (backoff * 2)
+                                .min(Duration::from_secs(60))
+                                .min(src.issuer.keys.refresh_interval);
+                            w
+                        }
+                    };
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                }
+            });
+        }
+    }
+
+    /// Takes over the keys `old` holds for sources that are configured identically, so a
+    /// reload during an IdP outage keeps validating tokens.
+    pub fn adopt_keys(&self, old: &Authenticator) {
+        for src in &self.sources {
+            if let Some(o) = old
+                .sources
+                .iter()
+                .find(|o| o.iss == src.iss && o.discovery_url == src.discovery_url)
+            {
+                let keys = o.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
+                let at = *o.fetched_at.lock().unwrap_or_else(|e| e.into_inner());
+                *src.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+                *src.fetched_at.lock().unwrap_or_else(|e| e.into_inner()) = at;
             }
-            out.push((st.cfg.name.clone(), r));
+        }
+    }
+
+    /// Fetches every source's keys once, now (tools and benchmarks; the relay itself uses
+    /// [`Authenticator::spawn_refresh`]). Returns per source `iss` and the key count or error.
+    pub async fn load_keys(&self) -> Vec<(String, Result<usize, String>)> {
+        let mut out = Vec::new();
+        for src in &self.sources {
+            let r = src
+                .fetch(&self.metrics)
+                .await
+                .map(|()| src.usable_keys().len());
+            out.push((src.iss.clone(), r));
         }
         out
     }
 
-    /// Number of cached keys per issuer, for readiness.
-    pub fn key_counts(&self) -> Vec<(String, usize)> {
-        self.issuers
+    /// Per key source: issuer name, `iss`, number of usable keys (0 when none or stale).
+    pub fn key_status(&self) -> Vec<(String, String, usize)> {
+        self.sources
             .iter()
-            .map(|s| (s.cfg.name.clone(), s.key_count()))
+            .map(|s| (s.name.to_string(), s.iss.clone(), s.usable_keys().len()))
             .collect()
     }
 
+    /// A previously verified, unexpired token, without any signature work.
+    pub fn cached(&self, token: &str) -> Option<Arc<Principal>> {
+        let p = self.cache.get(&token_hash(token))?;
+        (now_secs() < p.expires_at + LEEWAY_SECS).then_some(p)
+    }
+
     /// Validates a bearer token.
-    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+    pub async fn authenticate(&self, token: &str) -> Result<(Arc<Principal>, Verified), AuthError> {
         if token.is_empty() {
             return Err(fail(AuthFailure::Missing, "empty bearer token"));
         }
@@ -248,6 +355,13 @@ impl Authenticator {
         }
         if token.split('.').count() != 3 {
             return Err(fail(AuthFailure::Malformed, "not a compact JWS"));
+        }
+        let hash = token_hash(token);
+        if let Some(p) = self.cache.get(&hash) {
+            if now_secs() < p.expires_at + LEEWAY_SECS {
+                return Ok((p, Verified::Cached));
+            }
+            self.cache.remove(&hash);
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| fail(AuthFailure::Malformed, format!("header: {e}")))?;
@@ -267,28 +381,33 @@ impl Authenticator {
         let iss = peek
             .iss
             .ok_or_else(|| fail(AuthFailure::Claims, "no iss claim"))?;
-        let st = self
-            .issuers
-            .iter()
-            .find(|s| s.accepted_iss.contains(&iss))
-            .ok_or_else(|| {
-                fail(
-                    AuthFailure::UnknownIssuer,
-                    format!("iss {iss:?} is not configured"),
-                )
-            })?;
-
-        let key = match st.key(kid) {
+        let src = self.sources.iter().find(|s| s.iss == iss).ok_or_else(|| {
+            fail(
+                AuthFailure::UnknownIssuer,
+                format!("iss {iss:?} is not configured"),
+            )
+        })?;
+        if !src.issuer.algorithms.contains(&header.alg) {
+            return Err(fail(
+                AuthFailure::Algorithm,
+                format!("alg {:?} not allowed for issuer {}", header.alg, src.name),
+            ));
+        }
+        let key = match src.usable_keys().get(kid).cloned() {
             Some(k) => k,
             None => {
-                // Unknown kid: maybe the IdP rolled its keys. At most one refresh per cooldown.
-                if let Err(e) = st.refresh_keys(false).await {
-                    tracing::warn!(issuer = %st.name, error = %e, "JWKS refresh failed");
+                src.refresh_for_unknown_kid(&self.metrics).await;
+                let keys = src.usable_keys();
+                if keys.is_empty() && src.has_stale_keys() {
+                    return Err(fail(
+                        AuthFailure::StaleKeys,
+                        format!("keys of {} are older than max_key_staleness", src.name),
+                    ));
                 }
-                st.key(kid).ok_or_else(|| {
+                keys.get(kid).cloned().ok_or_else(|| {
                     fail(
                         AuthFailure::UnknownKey,
-                        format!("kid {kid:?} not in the JWKS of {}", st.name),
+                        format!("kid {kid:?} not in the keys of {}", src.name),
                     )
                 })?
             }
@@ -302,7 +421,7 @@ impl Authenticator {
         let mut v = Validation::new(key.alg);
         v.algorithms = vec![key.alg];
         v.set_issuer(&[iss.as_str()]);
-        v.set_audience(&st.cfg.audiences);
+        v.set_audience(&src.issuer.audiences);
         v.set_required_spec_claims(&["exp", "nbf", "iss", "aud"]);
         v.validate_exp = true;
         v.validate_nbf = true;
@@ -318,8 +437,23 @@ impl Authenticator {
                 };
                 fail(failure, e.to_string())
             })?;
-        principal_from(st, &iss, data.claims, token)
+        let principal = Arc::new(principal_from(src, &iss, data.claims, token)?);
+        self.cache.insert(hash, principal.clone());
+        Ok((principal, Verified::Verified))
     }
+}
+
+fn token_hash(token: &str) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn claim_str<'a>(claims: &'a serde_json::Map<String, Value>, name: &str) -> Option<&'a str> {
@@ -340,13 +474,24 @@ fn claim_list(claims: &serde_json::Map<String, Value>, name: &str) -> Vec<String
     }
 }
 
+/// Entra replaces `groups` by a pointer to Graph above 200 groups (or sets `hasgroups`); the
+/// pointer's URL is never fetched (security.md E7).
+fn has_groups_overage(claims: &serde_json::Map<String, Value>) -> bool {
+    claims
+        .get("_claim_names")
+        .and_then(|n| n.get("groups"))
+        .is_some()
+        || claims.get("hasgroups") == Some(&Value::Bool(true))
+}
+
 fn principal_from(
-    st: &IssuerState,
+    src: &KeySource,
     iss: &str,
     claims: serde_json::Map<String, Value>,
     token: &str,
 ) -> Result<Principal, AuthError> {
-    match &st.cfg.kind {
+    let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+    match &src.issuer.kind {
         IssuerKind::Oidc {
             username_claim,
             groups_claim,
@@ -356,12 +501,18 @@ fn principal_from(
                 .ok_or_else(|| fail(AuthFailure::Claims, format!("no {username_claim} claim")))?
                 .to_owned();
             let groups = claim_list(&claims, groups_claim);
+            let app_id = claim_str(&claims, "azp")
+                .or_else(|| claim_str(&claims, "client_id"))
+                .map(str::to_owned);
             Ok(Principal {
-                issuer: st.name.clone(),
+                issuer: src.name.clone(),
                 username: subject.clone(),
                 subject,
                 groups,
+                groups_overage: false,
                 oid: None,
+                app_id,
+                expires_at,
                 claims,
                 token: Arc::from(token),
             })
@@ -372,9 +523,15 @@ fn principal_from(
             required_roles,
             ..
         } => {
+            // `tid` must be a GUID naming the configured tenant, the same tenant as in `iss`
+            // (which matched this tenant's v1 or v2 form exactly). Entra signing keys are shared
+            // across tenants, so the signature alone proves nothing about the tenant.
             let tid = claim_str(&claims, "tid").unwrap_or_default();
-            if !tid.eq_ignore_ascii_case(tenant_id)
-                || !iss.to_ascii_lowercase().contains(tenant_id.as_str())
+            if !is_guid(tid)
+                || !tid.eq_ignore_ascii_case(tenant_id)
+                || !iss
+                    .to_ascii_lowercase()
+                    .contains(&tenant_id.to_ascii_lowercase())
             {
                 return Err(fail(
                     AuthFailure::Tenant,
@@ -382,39 +539,45 @@ fn principal_from(
                 ));
             }
             let oid = claim_str(&claims, "oid")
+                .filter(|o| is_guid(o))
                 .ok_or_else(|| fail(AuthFailure::Claims, "no oid claim"))?
                 .to_owned();
-            // Delegated tokens carry `scp`; app-only tokens carry `roles` (and no `scp`).
-            match claim_str(&claims, "scp") {
-                Some(scp) => {
-                    if !required_scopes.is_empty()
-                        && !scp
-                            .split(' ')
-                            .any(|s| required_scopes.iter().any(|r| r == s))
-                    {
-                        return Err(fail(AuthFailure::Scope, "no required scope in scp"));
-                    }
+            // Delegated tokens carry `scp`; app-only tokens carry `roles` and no `scp`
+            // (`idtyp: app` when the optional claim is on).
+            let app_only =
+                claim_str(&claims, "idtyp") == Some("app") || claim_str(&claims, "scp").is_none();
+            if app_only {
+                let roles = claim_list(&claims, "roles");
+                if !required_roles.is_empty() && !roles.iter().any(|r| required_roles.contains(r)) {
+                    return Err(fail(
+                        AuthFailure::Scope,
+                        "app-only token without a required role",
+                    ));
                 }
-                None => {
-                    let roles = claim_list(&claims, "roles");
-                    if !required_roles.is_empty()
-                        && !roles.iter().any(|r| required_roles.contains(r))
-                    {
-                        return Err(fail(
-                            AuthFailure::Scope,
-                            "app-only token without a required role",
-                        ));
-                    }
+            } else {
+                let scp = claim_str(&claims, "scp").unwrap_or_default();
+                if !required_scopes.is_empty()
+                    && !scp
+                        .split(' ')
+                        .any(|s| required_scopes.iter().any(|r| r == s))
+                {
+                    return Err(fail(AuthFailure::Scope, "no required scope in scp"));
                 }
             }
             let username = claim_str(&claims, "upn").unwrap_or(&oid).to_owned();
             let groups = claim_list(&claims, "groups");
+            let app_id = claim_str(&claims, "appid")
+                .or_else(|| claim_str(&claims, "azp"))
+                .map(str::to_owned);
             Ok(Principal {
-                issuer: st.name.clone(),
+                issuer: src.name.clone(),
                 subject: oid.clone(),
                 username,
+                groups_overage: has_groups_overage(&claims),
                 groups,
                 oid: Some(oid),
+                app_id,
+                expires_at,
                 claims,
                 token: Arc::from(token),
             })
@@ -422,37 +585,77 @@ fn principal_from(
     }
 }
 
-impl IssuerState {
-    fn key(&self, kid: &str) -> Option<Arc<CachedKey>> {
-        let map = self.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
-        map.get(kid).cloned()
+impl KeySource {
+    /// The keys usable now: empty when none were ever loaded or they are too stale.
+    fn usable_keys(&self) -> Arc<KeyMap> {
+        let fresh = self
+            .fetched_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() <= self.issuer.keys.max_staleness);
+        if fresh {
+            self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+        } else {
+            Arc::new(HashMap::new())
+        }
     }
 
-    fn key_count(&self) -> usize {
-        self.keys.read().unwrap_or_else(|e| e.into_inner()).len()
+    fn has_stale_keys(&self) -> bool {
+        !self
+            .keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
-    /// Fetches discovery and JWKS. Single flight; unless `force`, skipped when the last attempt
-    /// started within [`REFRESH_COOLDOWN`]. A failed fetch keeps the current keys.
-    async fn refresh_keys(&self, force: bool) -> Result<(), String> {
+    /// One fetch for an unknown `kid`, unless another ran within the cooldown. Concurrent
+    /// callers wait for the one in flight instead of fetching again.
+    async fn refresh_for_unknown_kid(&self, metrics: &Metrics) {
         let mut last = self.refresh.lock().await;
         if let Some(at) = *last {
-            if !force && at.elapsed() < REFRESH_COOLDOWN {
-                return Ok(());
+            if at.elapsed() < self.issuer.keys.unknown_kid_cooldown {
+                return;
             }
         }
         *last = Some(Instant::now());
+        if let Err(e) = self.fetch_locked(metrics).await {
+            tracing::warn!(issuer = %self.name, error = %e, "key refresh for an unknown kid failed");
+        }
+    }
+
+    /// A scheduled fetch (background task), serialised with unknown-kid fetches.
+    async fn fetch(&self, metrics: &Metrics) -> Result<(), String> {
+        let _guard = self.refresh.lock().await;
+        self.fetch_locked(metrics).await
+    }
+
+    async fn fetch_locked(&self, metrics: &Metrics) -> Result<(), String> {
+        let r = self.fetch_keys().await;
+        metrics
+            .jwks_refresh
+            .get_or_create(&IssuerResultLabels {
+                issuer: self.name.to_string(),
+                result: if r.is_ok() { "success" } else { "failure" },
+            })
+            .inc();
+        let map = r?;
+        tracing::info!(issuer = %self.name, iss = %self.iss, keys = map.len(), "loaded signing keys");
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
+        *self.fetched_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Discovery, then JWKS. A document naming another issuer is refused.
+    async fn fetch_keys(&self) -> Result<KeyMap, String> {
         let discovery = self.fetch_json(&self.discovery_url).await?;
         let issuer = discovery
             .get("issuer")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        if !self.accepted_iss.iter().any(|a| a == issuer)
-            && !matches!(self.cfg.kind, IssuerKind::Entra { .. })
-        {
+        if issuer != self.iss {
             return Err(format!(
                 "discovery names issuer {issuer:?}, expected {:?}",
-                self.accepted_iss
+                self.iss
             ));
         }
         let jwks_uri = discovery
@@ -484,9 +687,7 @@ impl IssuerState {
         if map.is_empty() {
             return Err("JWKS holds no usable RS256/ES256 key".into());
         }
-        tracing::info!(issuer = %self.name, keys = map.len(), "loaded signing keys");
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
-        Ok(())
+        Ok(map)
     }
 
     async fn fetch_json(&self, url: &Url) -> Result<Value, String> {

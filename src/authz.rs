@@ -147,21 +147,56 @@ pub enum Decision {
     Deny(String),
 }
 
-/// Default deny: admitted only when some rule matches both the caller and the verb.
-pub fn authorize(p: &Principal, cluster: &ClusterConfig, info: &RequestInfo) -> Decision {
+/// Default deny: admitted only when some rule matches the caller, the verb and the namespace.
+///
+/// `impersonating`: the caller asks to act as someone else (`kubectl --as`); only rules with
+/// `allow_impersonation` admit that.
+pub fn authorize(
+    p: &Principal,
+    cluster: &ClusterConfig,
+    info: &RequestInfo,
+    impersonating: bool,
+) -> Decision {
     let mut subject_matched = false;
+    let mut overage_blocked = false;
     for rule in &cluster.access {
-        if !subject_matches(rule, p) {
-            continue;
+        match subject_matches(rule, p) {
+            Match::Yes => {}
+            Match::No => continue,
+            Match::GroupsUnknown => {
+                overage_blocked = true;
+                continue;
+            }
         }
         subject_matched = true;
-        match &rule.verbs {
-            None => return Decision::Allow,
-            Some(verbs) if verbs.contains(&info.verb) || info.is_self_review() => {
-                return Decision::Allow
-            }
-            Some(_) => {}
+        let verb_ok = match &rule.verbs {
+            None => true,
+            Some(verbs) => verbs.contains(&info.verb) || info.is_self_review(),
+        };
+        let namespace_ok = match &rule.namespaces {
+            None => true,
+            // Discovery and self-reviews are not namespaced and stay open; other cluster-scoped
+            // requests are out of a namespace-limited rule's reach.
+            Some(allowed) => match &info.namespace {
+                Some(ns) => allowed.contains(ns),
+                None => !info.is_resource || info.is_self_review(),
+            },
+        };
+        if verb_ok && namespace_ok && (!impersonating || rule.allow_impersonation) {
+            return Decision::Allow;
         }
+    }
+    if impersonating && subject_matched {
+        return Decision::Deny(format!(
+            "user \"{}\" may not impersonate (kubectl --as) on cluster {} through kube-relay",
+            p.username, cluster.name
+        ));
+    }
+    if overage_blocked && !subject_matched {
+        return Decision::Deny(format!(
+            "user \"{}\" has too many groups for the token to list them (Entra group overage); group rules on cluster {} cannot be checked, so they do not admit",
+            p.username, cluster.name
+        ));
     }
     let what = match (&info.resource, &info.subresource) {
         (Some(r), Some(s)) => format!("{r}/{s}"),
@@ -181,27 +216,65 @@ pub fn authorize(p: &Principal, cluster: &ClusterConfig, info: &RequestInfo) -> 
     }
 }
 
-fn subject_matches(rule: &AccessRule, p: &Principal) -> bool {
+enum Match {
+    Yes,
+    No,
+    /// The rule names groups and the token's group list is incomplete: fail closed.
+    GroupsUnknown,
+}
+
+fn subject_matches(rule: &AccessRule, p: &Principal) -> Match {
     if let Some(iss) = &rule.issuer {
         if **iss != *p.issuer {
-            return false;
+            return Match::No;
         }
     }
-    if !rule.groups.is_empty() && !p.groups.iter().any(|g| rule.groups.contains(g)) {
-        return false;
+    if !rule.users.is_empty() && !rule.users.contains(&p.user_key()) {
+        return Match::No;
     }
-    if !rule.users.is_empty() {
-        let key = p.user_key();
-        if !rule.users.contains(&key) {
-            return false;
-        }
+    if !rule.apps.is_empty() && !p.app_id.as_ref().is_some_and(|a| rule.apps.contains(a)) {
+        return Match::No;
     }
-    rule.claims.iter().all(|(k, v)| {
+    let claims_ok = rule.claims.iter().all(|(k, pattern)| {
         p.claims
             .get(k)
             .and_then(serde_json::Value::as_str)
-            .is_some_and(|c| c == v)
-    })
+            .is_some_and(|c| glob_match(pattern, c))
+    });
+    if !claims_ok {
+        return Match::No;
+    }
+    if !rule.groups.is_empty() && !p.groups.iter().any(|g| rule.groups.contains(g)) {
+        // Membership might be in the groups the token could not list.
+        return if p.groups_overage {
+            Match::GroupsUnknown
+        } else {
+            Match::No
+        };
+    }
+    Match::Yes
+}
+
+/// `*` matches any run of characters (including `/`); everything else is literal. Used for
+/// claim patterns like `ref: refs/heads/release-*`.
+pub fn glob_match(pattern: &str, value: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == value;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !value.starts_with(first) || value.len() < first.len() + last.len() || !value.ends_with(last)
+    {
+        return false;
+    }
+    let mut rest = &value[first.len()..value.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -261,6 +334,25 @@ mod tests {
         );
         assert_eq!(log.subresource.as_deref(), Some("log"));
         assert!(log.is_long_running_read("follow=true"));
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("refs/heads/main", "refs/heads/main"));
+        assert!(!glob_match("refs/heads/main", "refs/heads/main2"));
+        assert!(glob_match("refs/heads/release-*", "refs/heads/release-1.2"));
+        assert!(!glob_match("refs/heads/release-*", "refs/tags/release-1"));
+        assert!(glob_match(
+            "repo:contoso/*:environment:prod",
+            "repo:contoso/infra:environment:prod"
+        ));
+        assert!(!glob_match(
+            "repo:contoso/*:environment:prod",
+            "repo:contoso/infra:environment:dev"
+        ));
+        assert!(glob_match("*", "anything"));
+        assert!(!glob_match("a*b*c", "ac"));
+        assert!(glob_match("a*b*c", "a-b-c"));
     }
 
     #[test]

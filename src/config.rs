@@ -100,12 +100,27 @@ struct FileTimeouts {
     connect: Option<String>,
     response_header: Option<String>,
     stream_idle: Option<String>,
+    token_grace: Option<String>,
+    drain_delay: Option<String>,
+    drain_window: Option<String>,
+    drain_timeout: Option<String>,
+    health_interval: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileAudit {
+    path: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct FileLimits {
     max_connections: Option<u32>,
+    auth_failures_per_minute: Option<u32>,
+    per_identity_requests_per_second: Option<u32>,
+    per_identity_burst: Option<u32>,
+    per_identity_streams: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -125,6 +140,10 @@ struct FileIssuer {
     username_claim: Option<String>,
     groups_claim: Option<String>,
     ca_file: Option<String>,
+    algorithms: Option<Vec<String>>,
+    key_refresh_interval: Option<String>,
+    key_refresh_cooldown: Option<String>,
+    max_key_staleness: Option<String>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
@@ -151,11 +170,49 @@ struct FileCluster {
 struct FileUpstreamAuth {
     mode: FileAuthMode,
     token_file: Option<String>,
-    azure: Option<serde_yaml_ng::Value>,
+    azure: Option<FileAzure>,
     client_cert_file: Option<String>,
     client_key_file: Option<String>,
     client_id: Option<String>,
     client_secret_file: Option<String>,
+    /// OBO: the certificate whose key signs the relay's client assertion.
+    client_certificate_file: Option<String>,
+    federated: Option<FileFederated>,
+    tenant_id: Option<String>,
+    authority_host: Option<String>,
+    scope: Option<String>,
+    ca_file: Option<String>,
+}
+
+/// `upstream_auth.azure`: the relay's own Azure identity, used with mode impersonate.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAzure {
+    credential: FileAzureKind,
+    client_id: Option<String>,
+    tenant_id: Option<String>,
+    client_secret_file: Option<String>,
+    federated_token_file: Option<String>,
+    authority_host: Option<String>,
+    scope: Option<String>,
+    ca_file: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+enum FileAzureKind {
+    ManagedIdentity,
+    WorkloadIdentity,
+    ClientSecret,
+}
+
+/// `upstream_auth.federated`: OBO client authentication by a federated assertion.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileFederated {
+    credential: FileAzureKind,
+    client_id: Option<String>,
+    federated_token_file: Option<String>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
@@ -173,6 +230,11 @@ struct FileAccessRule {
     groups: Vec<String>,
     #[serde(default)]
     users: Vec<String>,
+    #[serde(default)]
+    apps: Vec<String>,
+    namespaces: Option<Vec<String>>,
+    #[serde(default)]
+    allow_impersonation: bool,
     issuer: Option<String>,
     #[serde(default)]
     claims: BTreeMap<String, String>,
@@ -195,6 +257,7 @@ pub struct Config {
     pub clusters: Vec<Arc<ClusterConfig>>,
     pub timeouts: Timeouts,
     pub limits: Limits,
+    pub audit: crate::audit::AuditSink,
 }
 
 /// The relay's serving certificate chain and key, loaded and checked to match.
@@ -230,6 +293,17 @@ pub struct Timeouts {
     pub response_header: Duration,
     /// Idle time (no bytes either way) after which a watch, log follow or tunnel is closed.
     pub stream_idle: Duration,
+    /// How long a watch, log follow or tunnel may outlive the caller's token (`exp`) before the
+    /// relay closes it; client-go then reconnects with a fresh token.
+    pub token_grace: Duration,
+    /// After SIGTERM, new connections are still accepted this long (readiness already fails).
+    pub drain_delay: Duration,
+    /// Watches are closed at random moments within this window; tunnels at its end.
+    pub drain_window: Duration,
+    /// The process exits by this deadline whatever is still open.
+    pub drain_timeout: Duration,
+    /// How often each cluster is probed.
+    pub health_interval: Duration,
 }
 
 impl Default for Timeouts {
@@ -241,6 +315,11 @@ impl Default for Timeouts {
             // Watches without timeoutSeconds last 30–60 min on the API server (protocols.md
             // §3.4); the relay must never be the one to cut them first.
             stream_idle: Duration::from_secs(2 * 60 * 60),
+            token_grace: Duration::from_secs(5 * 60),
+            drain_delay: Duration::from_secs(5),
+            drain_window: Duration::from_secs(20),
+            drain_timeout: Duration::from_secs(60),
+            health_interval: Duration::from_secs(10),
         }
     }
 }
@@ -248,12 +327,23 @@ impl Default for Timeouts {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_connections: u32,
+    /// Failed authentications per source address per minute before 429.
+    pub auth_failures_per_minute: u32,
+    /// Sustained requests per second per identity (issuer, subject), and the burst above it.
+    pub per_identity_requests_per_second: u32,
+    pub per_identity_burst: u32,
+    /// Concurrent long-running requests (watch, logs -f, exec, attach, port-forward) per identity.
+    pub per_identity_streams: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
+            auth_failures_per_minute: 60,
+            per_identity_requests_per_second: 100,
+            per_identity_burst: 400,
+            per_identity_streams: 1000,
         }
     }
 }
@@ -265,6 +355,30 @@ pub struct IssuerConfig {
     pub audiences: Vec<String>,
     /// Extra trust anchors for the issuer's discovery and JWKS endpoints.
     pub ca: Vec<CertificateDer<'static>>,
+    /// Signature algorithms accepted (RS256 and/or ES256; Entra signs with RS256 only).
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    pub keys: KeyPolicy,
+}
+
+/// How an issuer's signing keys are kept fresh (protocols.md §2.3).
+#[derive(Debug, Clone)]
+pub struct KeyPolicy {
+    /// Background refresh period while the IdP answers.
+    pub refresh_interval: Duration,
+    /// At most one fetch per this window for tokens with an unknown `kid`, however many arrive.
+    pub unknown_kid_cooldown: Duration,
+    /// Keys last fetched longer ago than this are no longer trusted (stale-if-error limit).
+    pub max_staleness: Duration,
+}
+
+impl Default for KeyPolicy {
+    fn default() -> Self {
+        Self {
+            refresh_interval: Duration::from_secs(3600),
+            unknown_kid_cooldown: Duration::from_secs(300),
+            max_staleness: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -335,6 +449,8 @@ pub enum UpstreamAuth {
     Passthrough,
     /// The relay's credential plus `Impersonate-*` headers for the caller.
     Impersonate(RelayCredential),
+    /// The caller's token is exchanged with Entra's on-behalf-of grant (design.md §5).
+    OnBehalfOf(OboConfig),
 }
 
 impl fmt::Debug for UpstreamAuth {
@@ -342,18 +458,22 @@ impl fmt::Debug for UpstreamAuth {
         match self {
             Self::Passthrough => f.write_str("Passthrough"),
             Self::Impersonate(c) => f.debug_tuple("Impersonate").field(c).finish(),
+            Self::OnBehalfOf(c) => f.debug_tuple("OnBehalfOf").field(c).finish(),
         }
     }
 }
 
 pub enum RelayCredential {
-    /// A bearer token read from a file (e.g. a service-account token).
+    /// A bearer token read from a file (e.g. a service-account token). `token` is the content
+    /// at start-up; the credential layer re-reads the file when it changes.
     TokenFile { path: PathBuf, token: String },
     /// A client certificate presented in the upstream TLS handshake.
     ClientCert {
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     },
+    /// A token for the AKS audience from the relay's Azure identity (azure_identity).
+    Azure(AzureCredentialConfig),
 }
 
 impl fmt::Debug for RelayCredential {
@@ -368,6 +488,111 @@ impl fmt::Debug for RelayCredential {
                 .debug_struct("ClientCert")
                 .field("chain_len", &chain.len())
                 .finish_non_exhaustive(),
+            Self::Azure(a) => f.debug_tuple("Azure").field(a).finish(),
+        }
+    }
+}
+
+/// The Entra application id of the AKS server app: the audience of every AKS-managed Entra
+/// cluster (protocols.md §4.2).
+pub const AKS_SERVER_APP: &str = "6dae42f8-4368-4678-94ff-3960e28e3630";
+/// Entra's public-cloud authority.
+pub const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.com";
+
+/// A secret read from a file. Debug prints only `<redacted>`, so no derive can leak it.
+#[derive(Clone)]
+pub struct SecretString(String);
+
+impl SecretString {
+    pub fn new(s: String) -> Self {
+        Self(s)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where Entra lives for one credential: the authority, the scope asked for, and the roots its
+/// TLS certificate must chain to (`None`: the public web PKI).
+#[derive(Debug, Clone)]
+pub struct EntraEndpoint {
+    pub authority_host: Url,
+    pub scope: String,
+    pub tenant_id: Option<String>,
+    pub ca: Option<Vec<CertificateDer<'static>>>,
+}
+
+/// `upstream_auth.azure` with mode impersonate.
+#[derive(Debug, Clone)]
+pub struct AzureCredentialConfig {
+    pub kind: AzureCredentialKind,
+    /// The client id of the user-assigned managed identity, the workload identity or the app.
+    pub client_id: Option<String>,
+    pub endpoint: EntraEndpoint,
+}
+
+#[derive(Debug, Clone)]
+pub enum AzureCredentialKind {
+    /// The VM's / pod's managed identity (IMDS, or `IDENTITY_ENDPOINT` where that is set).
+    ManagedIdentity,
+    /// Kubernetes workload identity: a projected service-account token, exchanged for an
+    /// Entra token as a client assertion.
+    WorkloadIdentity { federated_token_file: PathBuf },
+    /// An app registration's client secret.
+    ClientSecret { secret: SecretString },
+}
+
+/// `upstream_auth` with mode on_behalf_of.
+#[derive(Debug)]
+pub struct OboConfig {
+    /// The relay's app registration (the confidential client of the OBO grant).
+    pub client_id: String,
+    pub client_auth: OboClientAuth,
+    pub endpoint: EntraEndpoint,
+}
+
+/// How the relay proves it is `client_id` to Entra.
+pub enum OboClientAuth {
+    Secret(SecretString),
+    /// A client assertion JWT signed with the key of this certificate (`x5t#S256` header).
+    Certificate {
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    },
+    /// A federated assertion from the relay's managed identity (token for
+    /// `api://AzureADTokenExchange`), with the identity's client id when user-assigned.
+    FederatedManagedIdentity {
+        client_id: Option<String>,
+    },
+    /// A federated assertion read from a projected service-account token file.
+    FederatedTokenFile {
+        path: PathBuf,
+    },
+}
+
+impl fmt::Debug for OboClientAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Secrets and keys stay out of Debug output.
+        match self {
+            Self::Secret(_) => f.write_str("Secret(<redacted>)"),
+            Self::Certificate { chain, .. } => f
+                .debug_struct("Certificate")
+                .field("chain_len", &chain.len())
+                .finish_non_exhaustive(),
+            Self::FederatedManagedIdentity { client_id } => f
+                .debug_struct("FederatedManagedIdentity")
+                .field("client_id", client_id)
+                .finish(),
+            Self::FederatedTokenFile { path } => f
+                .debug_struct("FederatedTokenFile")
+                .field("path", path)
+                .finish(),
         }
     }
 }
@@ -391,12 +616,19 @@ pub struct AccessRule {
     pub groups: Vec<String>,
     /// The caller's `issuer-name/subject` is one of these (when non-empty).
     pub users: Vec<String>,
+    /// The caller's client application (`appid`/`azp`) is one of these (when non-empty).
+    pub apps: Vec<String>,
     /// The caller's token came from this issuer (when set).
     pub issuer: Option<String>,
-    /// Each claim equals the given string (when non-empty).
+    /// Each claim matches the given pattern (when non-empty): exact, or with `*` wildcards.
     pub claims: BTreeMap<String, String>,
     /// The request's verb is one of these (when set).
     pub verbs: Option<BTreeSet<String>>,
+    /// The request is inside one of these namespaces (when set); cluster-scoped resources are
+    /// then out of reach, discovery stays open.
+    pub namespaces: Option<BTreeSet<String>>,
+    /// Callers admitted by this rule may impersonate (`kubectl --as`); off by default.
+    pub allow_impersonation: bool,
 }
 
 // === loading ===
@@ -437,6 +669,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
         "clusters",
         "timeouts",
         "limits",
+        "audit",
     ];
     for key in root.keys() {
         match key.as_str() {
@@ -484,8 +717,45 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
             Some(n) => n,
             None => Limits::default().max_connections,
         },
+        auth_failures_per_minute: at_least_one(
+            limits.auth_failures_per_minute,
+            "limits.auth_failures_per_minute",
+            Limits::default().auth_failures_per_minute,
+            &mut errs,
+        ),
+        per_identity_requests_per_second: at_least_one(
+            limits.per_identity_requests_per_second,
+            "limits.per_identity_requests_per_second",
+            Limits::default().per_identity_requests_per_second,
+            &mut errs,
+        ),
+        per_identity_burst: at_least_one(
+            limits.per_identity_burst,
+            "limits.per_identity_burst",
+            Limits::default().per_identity_burst,
+            &mut errs,
+        ),
+        per_identity_streams: at_least_one(
+            limits.per_identity_streams,
+            "limits.per_identity_streams",
+            Limits::default().per_identity_streams,
+            &mut errs,
+        ),
     };
 
+    let audit = match optional::<FileAudit>(&root, "audit", &mut errs).flatten() {
+        None => crate::audit::AuditSink::Stdout,
+        Some(FileAudit { path: None }) => crate::audit::AuditSink::Stdout,
+        Some(FileAudit { path: Some(p) }) => match p.as_str() {
+            "-" => crate::audit::AuditSink::Stdout,
+            "off" => crate::audit::AuditSink::Off,
+            "" => {
+                errs.add("audit.path", "must be `-` (stdout), `off`, or a file path");
+                crate::audit::AuditSink::Off
+            }
+            file => crate::audit::AuditSink::File(base.join(file)),
+        },
+    };
     let issuers = parse_issuers(&root, base, &mut errs);
     let issuer_names: BTreeSet<String> = issuers.iter().map(|i| i.name.clone()).collect();
     let clusters = parse_clusters(&root, base, &issuer_names, &mut errs);
@@ -511,6 +781,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
                 clusters,
                 timeouts,
                 limits,
+                audit,
             })
         }
         // Each `None` above recorded an error, so this arm is unreachable in practice; it keeps
@@ -557,6 +828,17 @@ fn optional<T: DeserializeOwned>(
     match root.get(key) {
         None | Some(Value::Null) => Some(None),
         Some(v) => deserialize_at(v, key, errs).map(Some),
+    }
+}
+
+fn at_least_one(v: Option<u32>, path: &str, default: u32, errs: &mut Errors) -> u32 {
+    match v {
+        Some(0) => {
+            errs.add(path, "must be at least 1");
+            1
+        }
+        Some(n) => n,
+        None => default,
     }
 }
 
@@ -630,6 +912,26 @@ fn validate_timeouts(t: FileTimeouts, errs: &mut Errors) -> Timeouts {
             errs,
         ),
         stream_idle: parse_duration(&t.stream_idle, "timeouts.stream_idle", d.stream_idle, errs),
+        token_grace: parse_duration(&t.token_grace, "timeouts.token_grace", d.token_grace, errs),
+        drain_delay: parse_duration(&t.drain_delay, "timeouts.drain_delay", d.drain_delay, errs),
+        drain_window: parse_duration(
+            &t.drain_window,
+            "timeouts.drain_window",
+            d.drain_window,
+            errs,
+        ),
+        drain_timeout: parse_duration(
+            &t.drain_timeout,
+            "timeouts.drain_timeout",
+            d.drain_timeout,
+            errs,
+        ),
+        health_interval: parse_duration(
+            &t.health_interval,
+            "timeouts.health_interval",
+            d.health_interval,
+            errs,
+        ),
     }
 }
 
@@ -742,6 +1044,51 @@ fn parse_issuers(root: &Mapping, base: &Path, errs: &mut Errors) -> Vec<Arc<Issu
             }
             None => Vec::new(),
         };
+        let defaults = KeyPolicy::default();
+        let keys = KeyPolicy {
+            refresh_interval: parse_duration(
+                &f.key_refresh_interval,
+                &format!("{path}.key_refresh_interval"),
+                defaults.refresh_interval,
+                errs,
+            ),
+            unknown_kid_cooldown: parse_duration(
+                &f.key_refresh_cooldown,
+                &format!("{path}.key_refresh_cooldown"),
+                defaults.unknown_kid_cooldown,
+                errs,
+            ),
+            max_staleness: parse_duration(
+                &f.max_key_staleness,
+                &format!("{path}.max_key_staleness"),
+                defaults.max_staleness,
+                errs,
+            ),
+        };
+        let algorithms = match &f.algorithms {
+            None if f.kind == FileIssuerKind::Entra => vec![jsonwebtoken::Algorithm::RS256],
+            None => vec![
+                jsonwebtoken::Algorithm::RS256,
+                jsonwebtoken::Algorithm::ES256,
+            ],
+            Some(list) => {
+                let mut out = Vec::new();
+                for (j, a) in list.iter().enumerate() {
+                    match a.as_str() {
+                        "RS256" => out.push(jsonwebtoken::Algorithm::RS256),
+                        "ES256" => out.push(jsonwebtoken::Algorithm::ES256),
+                        other => errs.add(
+                            format!("{path}.algorithms[{j}]"),
+                            format!("`{other}` is not allowed (RS256 or ES256)"),
+                        ),
+                    }
+                }
+                if list.is_empty() {
+                    errs.add(format!("{path}.algorithms"), "must name RS256 and/or ES256");
+                }
+                out
+            }
+        };
         let kind = match f.kind {
             FileIssuerKind::Oidc => {
                 for (key, present) in [
@@ -811,6 +1158,8 @@ fn parse_issuers(root: &Mapping, base: &Path, errs: &mut Errors) -> Vec<Arc<Issu
             kind,
             audiences: f.audiences,
             ca,
+            algorithms,
+            keys,
         }));
     }
     out
@@ -935,17 +1284,31 @@ fn parse_upstream_auth(
     errs: &mut Errors,
 ) -> Option<UpstreamAuth> {
     let path = format!("{cluster_path}.upstream_auth");
+    // Keys that belong to one mode only; naming them under another mode is a mistake worth
+    // reporting rather than silently ignoring.
+    let impersonate_keys = [
+        ("token_file", f.token_file.is_some()),
+        ("azure", f.azure.is_some()),
+        ("client_cert_file", f.client_cert_file.is_some()),
+    ];
+    let obo_keys = [
+        ("client_id", f.client_id.is_some()),
+        ("client_secret_file", f.client_secret_file.is_some()),
+        (
+            "client_certificate_file",
+            f.client_certificate_file.is_some(),
+        ),
+        ("federated", f.federated.is_some()),
+        ("tenant_id", f.tenant_id.is_some()),
+        ("authority_host", f.authority_host.is_some()),
+        ("scope", f.scope.is_some()),
+        ("ca_file", f.ca_file.is_some()),
+    ];
     match f.mode {
         FileAuthMode::Passthrough => {
-            for (key, present) in [
-                ("token_file", f.token_file.is_some()),
-                ("azure", f.azure.is_some()),
-                ("client_cert_file", f.client_cert_file.is_some()),
-                ("client_key_file", f.client_key_file.is_some()),
-                ("client_id", f.client_id.is_some()),
-                ("client_secret_file", f.client_secret_file.is_some()),
-            ] {
-                if present {
+            let key_file = [("client_key_file", f.client_key_file.is_some())];
+            for (key, present) in impersonate_keys.iter().chain(&obo_keys).chain(&key_file) {
+                if *present {
                     errs.add(
                         format!("{path}.{key}"),
                         "not used with mode passthrough (the caller's own token goes upstream)",
@@ -955,18 +1318,32 @@ fn parse_upstream_auth(
             Some(UpstreamAuth::Passthrough)
         }
         FileAuthMode::Impersonate => {
-            if f.client_id.is_some() || f.client_secret_file.is_some() {
-                errs.add(
-                    format!("{path}.client_id"),
-                    "client_id/client_secret_file belong to mode on_behalf_of",
-                );
+            for (key, present) in obo_keys {
+                if present {
+                    errs.add(
+                        format!("{path}.{key}"),
+                        "belongs to mode on_behalf_of (for an Azure identity use the azure: block)",
+                    );
+                }
             }
-            if f.azure.is_some() {
+            let given = [
+                f.token_file.is_some(),
+                f.client_cert_file.is_some() || f.client_key_file.is_some(),
+                f.azure.is_some(),
+            ]
+            .iter()
+            .filter(|x| **x)
+            .count();
+            if given > 1 {
                 errs.add(
-                    format!("{path}.azure"),
-                    "Azure credentials for impersonation are not supported by this build yet; use token_file or client_cert_file",
+                    path,
+                    "give exactly one credential: token_file, a client certificate, or azure",
                 );
                 return None;
+            }
+            if let Some(a) = &f.azure {
+                let cred = parse_azure(a, base, &format!("{path}.azure"), errs)?;
+                return Some(UpstreamAuth::Impersonate(RelayCredential::Azure(cred)));
             }
             match (&f.token_file, &f.client_cert_file, &f.client_key_file) {
                 (Some(file), None, None) => {
@@ -1009,30 +1386,401 @@ fn parse_upstream_auth(
                     );
                     None
                 }
-                (None, None, None) => {
-                    errs.add(
-                        path,
-                        "mode impersonate needs the relay's own credential: token_file, or client_cert_file + client_key_file",
-                    );
-                    None
-                }
                 _ => {
                     errs.add(
                         path,
-                        "give exactly one credential: token_file or a client certificate",
+                        "mode impersonate needs the relay's own credential: token_file, client_cert_file + client_key_file, or azure",
                     );
                     None
                 }
             }
         }
-        FileAuthMode::OnBehalfOf => {
+        FileAuthMode::OnBehalfOf => parse_obo(f, base, &path, errs),
+    }
+}
+
+fn guid_key(
+    value: Option<&String>,
+    key_path: String,
+    required: bool,
+    errs: &mut Errors,
+) -> Option<String> {
+    match value {
+        Some(v) if is_guid(v) => Some(v.to_ascii_lowercase()),
+        Some(_) => {
             errs.add(
-                format!("{path}.mode"),
-                "on_behalf_of is not supported by this build yet; use passthrough or impersonate",
+                key_path,
+                "must be a GUID (an Entra tenant, client or object id)",
             );
             None
         }
+        None => {
+            if required {
+                errs.add(key_path, "is required");
+            }
+            None
+        }
     }
+}
+
+/// Reads a secret file: trimmed, non-empty. The content never appears in an error.
+fn read_secret(
+    base: &Path,
+    file: &str,
+    key_path: String,
+    errs: &mut Errors,
+) -> Option<SecretString> {
+    let p = base.join(file);
+    match std::fs::read_to_string(&p) {
+        Ok(s) if !s.trim().is_empty() => Some(SecretString::new(s.trim().to_owned())),
+        Ok(_) => {
+            errs.add(key_path, format!("{} is empty", p.display()));
+            None
+        }
+        Err(e) => {
+            errs.add(key_path, format!("cannot read {}: {e}", p.display()));
+            None
+        }
+    }
+}
+
+/// The keys naming Entra for one credential, as written in the file.
+struct EntraKeys<'a> {
+    authority_host: Option<&'a String>,
+    scope: Option<&'a String>,
+    tenant_id: Option<&'a String>,
+    ca_file: Option<&'a String>,
+}
+
+/// `authority_host`, `scope`, `tenant_id` and `ca_file`, shared by `azure` and on_behalf_of.
+fn parse_entra_endpoint(
+    keys: EntraKeys<'_>,
+    tenant_required: bool,
+    base: &Path,
+    path: &str,
+    errs: &mut Errors,
+) -> Option<EntraEndpoint> {
+    let EntraKeys {
+        authority_host,
+        scope,
+        tenant_id,
+        ca_file,
+    } = keys;
+    let mut ok = true;
+    let host = authority_host.map_or(DEFAULT_AUTHORITY_HOST, String::as_str);
+    let authority_host = match Url::parse(host) {
+        Ok(u)
+            if u.scheme() == "https"
+                && u.host_str().is_some()
+                && u.path() == "/"
+                && u.query().is_none()
+                && u.username().is_empty() =>
+        {
+            Some(u)
+        }
+        _ => {
+            errs.add(
+                format!("{path}.authority_host"),
+                "must be an https:// URL with no path, e.g. https://login.microsoftonline.com",
+            );
+            None
+        }
+    };
+    let scope = match scope {
+        None => format!("{AKS_SERVER_APP}/.default"),
+        Some(s)
+            if !s.is_empty()
+                && !s
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) =>
+        {
+            s.clone()
+        }
+        Some(_) => {
+            errs.add(
+                format!("{path}.scope"),
+                "must be one scope, e.g. 6dae42f8-4368-4678-94ff-3960e28e3630/.default",
+            );
+            ok = false;
+            String::new()
+        }
+    };
+    let tenant_given = tenant_id.is_some();
+    let tenant_id = guid_key(
+        tenant_id,
+        format!("{path}.tenant_id"),
+        tenant_required,
+        errs,
+    );
+    ok &= tenant_id.is_some() || (!tenant_given && !tenant_required);
+    let ca = match ca_file {
+        Some(file) => {
+            let c = load_certs(base, file, &format!("{path}.ca_file"), errs);
+            ok &= c.is_some();
+            c
+        }
+        None => None,
+    };
+    if !ok {
+        return None;
+    }
+    Some(EntraEndpoint {
+        authority_host: authority_host?,
+        scope,
+        tenant_id,
+        ca,
+    })
+}
+
+fn parse_azure(
+    a: &FileAzure,
+    base: &Path,
+    path: &str,
+    errs: &mut Errors,
+) -> Option<AzureCredentialConfig> {
+    let refuse = |errs: &mut Errors, key: &str, present: bool, why: &str| {
+        if present {
+            errs.add(format!("{path}.{key}"), why.to_owned());
+        }
+        present
+    };
+    let client_given = a.client_id.is_some();
+    let client_id = guid_key(
+        a.client_id.as_ref(),
+        format!("{path}.client_id"),
+        false,
+        errs,
+    );
+    let mut bad = client_given && client_id.is_none();
+    let kind = match a.credential {
+        FileAzureKind::ManagedIdentity => {
+            // The identity endpoint is the platform's (IMDS or IDENTITY_ENDPOINT); there is no
+            // authority or tenant to choose.
+            let why = "not used with credential managed_identity";
+            bad |= refuse(errs, "tenant_id", a.tenant_id.is_some(), why);
+            bad |= refuse(
+                errs,
+                "client_secret_file",
+                a.client_secret_file.is_some(),
+                why,
+            );
+            bad |= refuse(
+                errs,
+                "federated_token_file",
+                a.federated_token_file.is_some(),
+                why,
+            );
+            bad |= refuse(errs, "authority_host", a.authority_host.is_some(), why);
+            bad |= refuse(errs, "ca_file", a.ca_file.is_some(), why);
+            AzureCredentialKind::ManagedIdentity
+        }
+        FileAzureKind::WorkloadIdentity => {
+            bad |= refuse(
+                errs,
+                "client_secret_file",
+                a.client_secret_file.is_some(),
+                "not used with credential workload_identity",
+            );
+            if !client_given {
+                errs.add(
+                    format!("{path}.client_id"),
+                    "is required for credential workload_identity",
+                );
+                bad = true;
+            }
+            match &a.federated_token_file {
+                Some(file) => AzureCredentialKind::WorkloadIdentity {
+                    federated_token_file: base.join(file),
+                },
+                None => {
+                    errs.add(
+                        format!("{path}.federated_token_file"),
+                        "is required for credential workload_identity (AKS projects it at /var/run/secrets/azure/tokens/azure-identity-token)",
+                    );
+                    return None;
+                }
+            }
+        }
+        FileAzureKind::ClientSecret => {
+            bad |= refuse(
+                errs,
+                "federated_token_file",
+                a.federated_token_file.is_some(),
+                "not used with credential client_secret",
+            );
+            if !client_given {
+                errs.add(
+                    format!("{path}.client_id"),
+                    "is required for credential client_secret",
+                );
+                bad = true;
+            }
+            let Some(file) = &a.client_secret_file else {
+                errs.add(
+                    format!("{path}.client_secret_file"),
+                    "is required for credential client_secret",
+                );
+                return None;
+            };
+            AzureCredentialKind::ClientSecret {
+                secret: read_secret(base, file, format!("{path}.client_secret_file"), errs)?,
+            }
+        }
+    };
+    let tenant_required = !matches!(kind, AzureCredentialKind::ManagedIdentity);
+    let endpoint = parse_entra_endpoint(
+        EntraKeys {
+            authority_host: a.authority_host.as_ref(),
+            scope: a.scope.as_ref(),
+            tenant_id: a.tenant_id.as_ref(),
+            ca_file: a.ca_file.as_ref(),
+        },
+        tenant_required,
+        base,
+        path,
+        errs,
+    )?;
+    if bad {
+        return None;
+    }
+    Some(AzureCredentialConfig {
+        kind,
+        client_id,
+        endpoint,
+    })
+}
+
+fn parse_obo(
+    f: &FileUpstreamAuth,
+    base: &Path,
+    path: &str,
+    errs: &mut Errors,
+) -> Option<UpstreamAuth> {
+    let mut bad = false;
+    for (key, present, why) in [
+        ("token_file", f.token_file.is_some(), "belongs to mode impersonate"),
+        ("azure", f.azure.is_some(), "belongs to mode impersonate (for OBO use federated:)"),
+        ("client_cert_file", f.client_cert_file.is_some(), "is the impersonate key; OBO signs its client assertion with client_certificate_file + client_key_file"),
+    ] {
+        if present {
+            errs.add(format!("{path}.{key}"), why);
+            bad = true;
+        }
+    }
+    let client_id = guid_key(
+        f.client_id.as_ref(),
+        format!("{path}.client_id"),
+        true,
+        errs,
+    );
+    let given = [
+        f.client_secret_file.is_some(),
+        f.client_certificate_file.is_some() || f.client_key_file.is_some(),
+        f.federated.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
+    if given != 1 {
+        errs.add(
+            path,
+            "mode on_behalf_of needs exactly one client credential: client_secret_file, client_certificate_file + client_key_file, or federated",
+        );
+        return None;
+    }
+    let client_auth = if let Some(file) = &f.client_secret_file {
+        OboClientAuth::Secret(read_secret(
+            base,
+            file,
+            format!("{path}.client_secret_file"),
+            errs,
+        )?)
+    } else if let Some(fed) = &f.federated {
+        let fpath = format!("{path}.federated");
+        match fed.credential {
+            FileAzureKind::ManagedIdentity => {
+                if fed.federated_token_file.is_some() {
+                    errs.add(
+                        format!("{fpath}.federated_token_file"),
+                        "not used with credential managed_identity",
+                    );
+                    return None;
+                }
+                let given = fed.client_id.is_some();
+                let id = guid_key(
+                    fed.client_id.as_ref(),
+                    format!("{fpath}.client_id"),
+                    false,
+                    errs,
+                );
+                if given && id.is_none() {
+                    return None;
+                }
+                OboClientAuth::FederatedManagedIdentity { client_id: id }
+            }
+            FileAzureKind::WorkloadIdentity => {
+                // The projected token is the assertion for the relay's own app registration
+                // (client_id above), so a second client id would be ignored: refuse it.
+                if fed.client_id.is_some() {
+                    errs.add(format!("{fpath}.client_id"), "not used with credential workload_identity (the assertion is for client_id of the relay app)");
+                    return None;
+                }
+                let Some(file) = &fed.federated_token_file else {
+                    errs.add(
+                        format!("{fpath}.federated_token_file"),
+                        "is required for credential workload_identity",
+                    );
+                    return None;
+                };
+                OboClientAuth::FederatedTokenFile {
+                    path: base.join(file),
+                }
+            }
+            FileAzureKind::ClientSecret => {
+                errs.add(format!("{fpath}.credential"), "must be managed_identity or workload_identity (a secret goes in client_secret_file)");
+                return None;
+            }
+        }
+    } else {
+        match (&f.client_certificate_file, &f.client_key_file) {
+            (Some(cert), Some(key)) => {
+                let chain =
+                    load_certs(base, cert, &format!("{path}.client_certificate_file"), errs);
+                let key = load_key(base, key, &format!("{path}.client_key_file"), errs);
+                OboClientAuth::Certificate {
+                    chain: chain?,
+                    key: key?,
+                }
+            }
+            _ => {
+                errs.add(
+                    path,
+                    "client_certificate_file and client_key_file must be given together",
+                );
+                return None;
+            }
+        }
+    };
+    let endpoint = parse_entra_endpoint(
+        EntraKeys {
+            authority_host: f.authority_host.as_ref(),
+            scope: f.scope.as_ref(),
+            tenant_id: f.tenant_id.as_ref(),
+            ca_file: f.ca_file.as_ref(),
+        },
+        false,
+        base,
+        path,
+        errs,
+    )?;
+    if bad {
+        return None;
+    }
+    Some(UpstreamAuth::OnBehalfOf(OboConfig {
+        client_id: client_id?,
+        client_auth,
+        endpoint,
+    }))
 }
 
 fn parse_access(
@@ -1044,12 +1792,25 @@ fn parse_access(
     let mut out = Vec::new();
     for (i, r) in rules.iter().enumerate() {
         let path = format!("{cluster_path}.access[{i}]");
-        if r.groups.is_empty() && r.users.is_empty() && r.issuer.is_none() {
+        if r.groups.is_empty() && r.users.is_empty() && r.apps.is_empty() && r.issuer.is_none() {
             // A rule with no subject would admit every authenticated caller: make that explicit.
             errs.add(
                 &path,
-                "a rule must name groups, users or an issuer (an empty rule would admit everyone)",
+                "a rule must name groups, users, apps or an issuer (an empty rule would admit everyone)",
             );
+        }
+        if let Some(ns) = &r.namespaces {
+            if ns.is_empty() {
+                errs.add(format!("{path}.namespaces"), "an empty namespace list would admit nothing; remove the rule or name namespaces");
+            }
+            for (j, n) in ns.iter().enumerate() {
+                if !is_cluster_name(n) {
+                    errs.add(
+                        format!("{path}.namespaces[{j}]"),
+                        format!("`{n}` is not a valid namespace name"),
+                    );
+                }
+            }
         }
         if !r.claims.is_empty() && r.issuer.is_none() {
             errs.add(
@@ -1101,6 +1862,9 @@ fn parse_access(
         out.push(AccessRule {
             groups: r.groups.clone(),
             users: r.users.clone(),
+            apps: r.apps.clone(),
+            namespaces: r.namespaces.as_ref().map(|n| n.iter().cloned().collect()),
+            allow_impersonation: r.allow_impersonation,
             issuer: r.issuer.clone(),
             claims: r.claims.clone(),
             verbs,
@@ -1109,7 +1873,8 @@ fn parse_access(
     out
 }
 
-fn is_guid(s: &str) -> bool {
+/// A GUID in its canonical 8-4-4-4-12 hex form (Entra tenant, object and application ids).
+pub fn is_guid(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() == 36
         && b.iter().enumerate().all(|(i, c)| match i {

@@ -53,6 +53,8 @@ pub struct DevEnv {
     pub beta: SimHandle,
     /// The relay's CA certificate (PEM), for clients that talk to it directly.
     pub relay_ca_pem: String,
+    /// Reload and readiness handle of the running relay.
+    pub relay_handle: std::sync::Arc<crate::app::Relay>,
     shutdown: CancellationToken,
     relay: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -223,6 +225,12 @@ tls:
   key_file: relay.key
 admin:
   listen: {admin_addr}
+audit:
+  path: audit.jsonl
+timeouts:
+  # Dev mode stops quickly on Ctrl-C; production defaults are 5s / 20s.
+  drain_delay: 200ms
+  drain_window: 1s
 routing:
   host_suffix: {HOST_SUFFIX}
   path_prefix: /clusters
@@ -269,7 +277,10 @@ clusters:
         &render_kubeconfig(relay_addr, relay_ca.cert_pem(), &opts.exe, &dir)?,
     )?;
 
-    let app = crate::app::App::with_listeners(cfg, listener, Some(admin_listener))?;
+    // Edit relay.yaml while dev mode runs: it reloads (or says why not).
+    let app = crate::app::App::with_listeners(cfg, listener, Some(admin_listener))?
+        .reload_from(config_path.clone());
+    let relay_handle = app.relay();
     let shutdown = CancellationToken::new();
     let relay = tokio::spawn(app.run(shutdown.clone()));
 
@@ -283,6 +294,7 @@ clusters:
         alpha,
         beta,
         relay_ca_pem: relay_ca.cert_pem().to_owned(),
+        relay_handle,
         shutdown,
         relay,
     })
@@ -385,6 +397,7 @@ pub fn banner(env: &DevEnv) -> String {
   relay:      https://{relay}  (SNI *.{HOST_SUFFIX}, path /clusters/<cluster>){admin}
   kubeconfig: {k}
   config:     {cfg}
+  audit log:  {audit}
 
 Try:
   export KUBECONFIG={k}
@@ -399,5 +412,6 @@ Try:
 Ctrl-C stops everything."#,
         relay = env.relay_addr,
         cfg = env.dir.join("relay.yaml").display(),
+        audit = env.dir.join("audit.jsonl").display(),
     )
 }

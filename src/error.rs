@@ -62,6 +62,8 @@ pub enum ProxyError {
     Misdirected(String),
     #[error("request header fields too large")]
     HeaderTooLarge,
+    #[error("too many requests: {message}")]
+    TooManyRequests { message: String, retry_after: u64 },
     #[error("cluster {cluster}: upstream {}: {detail}", .failure.as_label())]
     Upstream {
         cluster: String,
@@ -70,6 +72,15 @@ pub enum ProxyError {
     },
     #[error("internal error: {0}")]
     Internal(String),
+    /// 401 whose short `hint` *is* sent (unlike [`Unauthorized`](Self::Unauthorized)): Entra
+    /// refused to exchange a valid token (MFA, expiry, revocation), so the user has to sign in
+    /// again and must be told so. `detail` (Entra's description) stays in the log.
+    #[error("sign in again: {hint}: {detail}")]
+    SignInAgain { hint: String, detail: String },
+    /// 503: the relay cannot get its upstream credential for `cluster` (Entra outage or
+    /// timeout, unreadable token file). `detail` stays in the log.
+    #[error("cluster {cluster}: upstream credential unavailable: {detail}")]
+    CredentialUnavailable { cluster: String, detail: String },
 }
 
 impl ProxyError {
@@ -77,6 +88,7 @@ impl ProxyError {
         match self {
             Self::Upstream { .. } => Fault::Upstream,
             Self::Internal(_) => Fault::Internal,
+            Self::CredentialUnavailable { .. } => Fault::Upstream,
             _ => Fault::Client,
         }
     }
@@ -89,6 +101,7 @@ impl ProxyError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             Self::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Upstream { failure, .. } => match failure {
                 UpstreamFailure::ConnectRefused | UpstreamFailure::Tls => {
                     StatusCode::SERVICE_UNAVAILABLE
@@ -101,6 +114,8 @@ impl ProxyError {
                 }
             },
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::SignInAgain { .. } => StatusCode::UNAUTHORIZED,
+            Self::CredentialUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -114,12 +129,15 @@ impl ProxyError {
             // Kubernetes has no reason for 421; a distinct word tells users what to fix.
             Self::Misdirected(_) => "Misdirected",
             Self::HeaderTooLarge => "RequestHeaderFieldsTooLarge",
+            Self::TooManyRequests { .. } => "TooManyRequests",
             Self::Upstream { failure, .. } => match failure {
                 UpstreamFailure::ConnectRefused | UpstreamFailure::Tls => "ServiceUnavailable",
                 UpstreamFailure::ConnectTimeout | UpstreamFailure::ResponseTimeout => "Timeout",
                 UpstreamFailure::Protocol | UpstreamFailure::UpgradeRejected => "InternalError",
             },
             Self::Internal(_) => "InternalError",
+            Self::SignInAgain { .. } => "Unauthorized",
+            Self::CredentialUnavailable { .. } => "ServiceUnavailable",
         }
     }
 
@@ -128,6 +146,11 @@ impl ProxyError {
         match self {
             Self::Unauthorized(_) => "Unauthorized".to_owned(),
             Self::Internal(_) => "internal error in kube-relay".to_owned(),
+            Self::TooManyRequests { message, .. } => message.clone(),
+            Self::SignInAgain { hint, .. } => hint.clone(),
+            Self::CredentialUnavailable { cluster, .. } => format!(
+                "cluster {cluster} is unavailable: kube-relay cannot get its credential for the cluster from Entra ID right now; try again in a minute"
+            ),
             Self::Upstream {
                 cluster, failure, ..
             } => match failure {
@@ -165,9 +188,18 @@ impl ProxyError {
             message: self.public_message(),
             reason: self.reason(),
             details: match &self {
-                Self::Upstream { cluster, .. } => Some(Details {
-                    name: cluster.clone(),
-                    kind: "clusters",
+                Self::Upstream { cluster, .. } | Self::CredentialUnavailable { cluster, .. } => {
+                    Some(Details {
+                        name: Some(cluster.clone()),
+                        kind: Some("clusters"),
+                        retry_after_seconds: None,
+                    })
+                }
+                // client-go honours Retry-After on 429; the Status mirrors it.
+                Self::TooManyRequests { retry_after, .. } => Some(Details {
+                    name: None,
+                    kind: None,
+                    retry_after_seconds: Some(*retry_after),
                 }),
                 _ => None,
             },
@@ -176,6 +208,10 @@ impl ProxyError {
         // Serialising a struct of strings cannot fail; fall back to a fixed body anyway so this
         // function has no panic path.
         let json = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+        let retry_after = match &self {
+            Self::TooManyRequests { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        };
         let mut resp = Response::new(
             Full::new(Bytes::from(json))
                 .map_err(|never| match never {})
@@ -188,6 +224,9 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(secs) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if status == StatusCode::UNAUTHORIZED {
             // client-go re-runs its credential plugin on a 401; the challenge names the scheme.
             headers.insert(
@@ -217,9 +256,14 @@ struct StatusBody {
 struct EmptyObject {}
 
 #[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 struct Details {
-    name: String,
-    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_seconds: Option<u64>,
 }
 
 #[cfg(test)]
@@ -263,6 +307,44 @@ mod tests {
         assert_eq!(v["reason"], "ServiceUnavailable");
         assert_eq!(v["details"]["name"], "prod");
         assert!(v["message"].as_str().unwrap().contains("prod"));
+    }
+
+    #[tokio::test]
+    async fn sign_in_again_sends_the_hint_and_a_challenge_but_not_the_detail() {
+        let resp = ProxyError::SignInAgain {
+            hint: "sign in again (kubelogin remove-tokens)".into(),
+            detail: "AADSTS50076: MFA required".into(),
+        }
+        .into_response();
+        assert_eq!(resp.status(), 401);
+        assert!(resp.headers().contains_key(header::WWW_AUTHENTICATE));
+        let v = body_json(resp).await;
+        assert_eq!(v["reason"], "Unauthorized");
+        assert_eq!(v["message"], "sign in again (kubelogin remove-tokens)");
+        assert!(!v.to_string().contains("AADSTS"));
+    }
+
+    #[tokio::test]
+    async fn credential_unavailable_names_the_cluster_not_the_detail() {
+        let resp = ProxyError::CredentialUnavailable {
+            cluster: "prod".into(),
+            detail: "token endpoint answered 500".into(),
+        }
+        .into_response();
+        assert_eq!(resp.status(), 503);
+        assert_eq!(
+            ProxyError::CredentialUnavailable {
+                cluster: "prod".into(),
+                detail: String::new()
+            }
+            .fault(),
+            Fault::Upstream
+        );
+        let v = body_json(resp).await;
+        assert_eq!(v["reason"], "ServiceUnavailable");
+        assert_eq!(v["details"]["name"], "prod");
+        assert!(v["message"].as_str().unwrap().contains("prod"));
+        assert!(!v.to_string().contains("answered 500"));
     }
 
     #[test]

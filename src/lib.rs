@@ -20,18 +20,27 @@
 //! - [`app`]: wiring, listeners, admin endpoints.
 //! - [`tls`]: serving TLS and the process's one crypto provider.
 //! - [`route`], [`auth`], [`authz`], [`proxy`], [`upstream`]: the request path.
+//! - [`credentials`]: what the relay sends upstream as `Authorization` per cluster (passthrough,
+//!   token file, Azure identity, Entra on-behalf-of), cached and refreshed off the request path.
 //! - [`error`]: the one place errors become `metav1.Status` responses.
 //! - [`dev`]: the embedded default (`kube-relay dev`).
 
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod authz;
+pub mod certs;
 pub mod config;
+pub mod credentials;
 pub mod dev;
+pub mod doctor;
 pub mod error;
+pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod route;
+pub mod streams;
 pub mod tls;
 pub mod upstream;
 

@@ -33,6 +33,37 @@ enum Cmd {
     },
     /// Run the embedded default: two simulated clusters, a dev OIDC issuer and the relay.
     Dev(DevArgs),
+    /// Check every cluster (DNS, TCP, TLS, credential, /version) and issuer (discovery, keys)
+    /// from where the relay runs; prints a table, exits 1 on any failure.
+    Doctor {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Upper bound for each single check.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Certificates for trials (production issuance: certs/README.md).
+    #[command(subcommand)]
+    Certs(CertsCmd),
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create a throwaway CA and a serving certificate for the public host and *.<host-suffix>.
+    Dev {
+        /// Where to write ca.crt, relay.crt and relay.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// SNI suffix: the certificate covers *.<host-suffix>.
+        #[arg(long, default_value = "relay.localhost")]
+        host_suffix: String,
+        /// The relay's public host (public_url's host).
+        #[arg(long, default_value = "localhost")]
+        public_host: String,
+        /// Replace an existing relay.key.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -116,12 +147,62 @@ fn main() -> ExitCode {
                 }
             };
             run(async move {
-                let app = kube_relay::app::App::bind(cfg).await?;
+                let app = kube_relay::app::App::bind(cfg)
+                    .await?
+                    .reload_from(config.clone());
                 tracing::info!(listen = %app.local_addr()?, admin = ?app.admin_addr(), "kube-relay serving");
                 let shutdown = CancellationToken::new();
                 tokio::spawn(shutdown_on_signal(shutdown.clone()));
                 app.run(shutdown).await
             })
+        }
+        Cmd::Doctor { config, timeout } => {
+            kube_relay::install_crypto_provider();
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("kube-relay: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let opts = kube_relay::doctor::Options { timeout };
+            let report = rt.block_on(kube_relay::doctor::run_file(&config, &opts));
+            // A DNS lookup cut by its timeout may still sit in the resolver on a blocking
+            // thread; do not let it hold the exit.
+            rt.shutdown_timeout(std::time::Duration::from_millis(200));
+            print!("{}", report.render());
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Cmd::Certs(CertsCmd::Dev {
+            dir,
+            host_suffix,
+            public_host,
+            force,
+        }) => {
+            kube_relay::install_crypto_provider();
+            let opts = kube_relay::certs::DevCertOptions {
+                dir,
+                host_suffix,
+                public_host,
+                force,
+            };
+            match kube_relay::certs::dev(&opts) {
+                Ok(out) => {
+                    print!("{}", kube_relay::certs::summary(&out));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("kube-relay certs dev: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Cmd::Dev(args) => match args.cmd {
             Some(DevCmd::Token { dir, user }) => {

@@ -40,6 +40,22 @@ pub struct AuthnLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuerResultLabels {
+    pub issuer: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
     pub cluster: String,
     pub direction: &'static str,
@@ -49,6 +65,70 @@ fn duration_histogram() -> Histogram {
     Histogram::new([
         0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     ])
+}
+
+/// Counts kept by each cluster's credential layer (token exchanges and cache hits), read at
+/// scrape time so the request path keeps no second copy.
+#[derive(Debug, Default)]
+pub struct CredentialCounts {
+    clusters: std::sync::OnceLock<
+        Vec<(
+            String,
+            std::sync::Arc<crate::credentials::UpstreamCredentials>,
+        )>,
+    >,
+}
+
+impl CredentialCounts {
+    /// Called once, when the upstreams exist.
+    pub fn set(
+        &self,
+        clusters: Vec<(
+            String,
+            std::sync::Arc<crate::credentials::UpstreamCredentials>,
+        )>,
+    ) {
+        let _ = self.clusters.set(clusters);
+    }
+}
+
+impl prometheus_client::collector::Collector for CredentialCounts {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric as _;
+        use prometheus_client::metrics::counter::ConstCounter;
+        let Some(clusters) = self.clusters.get() else {
+            return Ok(());
+        };
+        for (name, help, pick) in [
+            (
+                "credential_fetches",
+                "Upstream token requests (on-behalf-of exchanges, Azure identity tokens) by cluster",
+                (|s: &crate::credentials::CredentialStats| s.fetches) as fn(&_) -> u64,
+            ),
+            (
+                "credential_cache_hits",
+                "Upstream tokens served from the cache by cluster",
+                |s: &crate::credentials::CredentialStats| s.cache_hits,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (cluster, creds) in clusters {
+                let labels = ClusterLabels {
+                    cluster: cluster.clone(),
+                };
+                ConstCounter::new(pick(&creds.stats())).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// All relay metrics, registered once.
@@ -61,6 +141,11 @@ pub struct Metrics {
     pub authn: Family<AuthnLabels, Counter>,
     pub stream_bytes: Family<DirectionLabels, Counter>,
     pub ws_fallback: Family<DurationLabels, Counter>,
+    pub jwks_refresh: Family<IssuerResultLabels, Counter>,
+    pub denials: Family<ClusterLabels, Counter>,
+    pub audit_dropped: Counter,
+    pub reloads: Family<ResultLabels, Counter>,
+    pub credentials: std::sync::Arc<CredentialCounts>,
 }
 
 impl Default for Metrics {
@@ -112,8 +197,39 @@ impl Metrics {
             "Non-101 answers to WebSocket upgrades (kubectl then retries with SPDY)",
             ws_fallback.clone(),
         );
+        let jwks_refresh = Family::<IssuerResultLabels, Counter>::default();
+        registry.register(
+            "jwks_refresh",
+            "Signing-key fetches by issuer and result",
+            jwks_refresh.clone(),
+        );
+        let denials = Family::<ClusterLabels, Counter>::default();
+        registry.register(
+            "denials",
+            "Authenticated requests denied by the access rules, by cluster",
+            denials.clone(),
+        );
+        let audit_dropped = Counter::default();
+        registry.register(
+            "audit_dropped",
+            "Audit records dropped because the writer could not keep up",
+            audit_dropped.clone(),
+        );
+        let credentials = std::sync::Arc::new(CredentialCounts::default());
+        registry.register_collector(Box::new(credentials.clone()));
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by result",
+            reloads.clone(),
+        );
         Self {
             registry,
+            reloads,
+            credentials,
+            audit_dropped,
+            jwks_refresh,
+            denials,
             requests,
             duration,
             longrunning,

@@ -10,6 +10,9 @@ use rustls::ServerConfig;
 
 use crate::config::ServingCert;
 
+/// TLS 1.2 sessions remembered for resumption by session ID.
+const SESSION_CACHE_ENTRIES: usize = 16 * 1024;
+
 /// The aws-lc-rs provider, shared by every rustls config the relay builds.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
@@ -29,5 +32,12 @@ pub fn server_config(cert: &ServingCert) -> anyhow::Result<Arc<ServerConfig>> {
             anyhow::anyhow!("tls: the certificate and key do not form a usable pair: {e}")
         })?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Resumption: stateless TLS 1.3 tickets (keys rotate every 6 h, in memory only) instead of
+    // rustls's default 256-entry session cache, which forgets a session after 256 newer ones —
+    // a fleet of kubectl clients would mostly pay full handshakes. TLS 1.2 session IDs get a
+    // larger cache for the same reason.
+    cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()
+        .map_err(|e| anyhow::anyhow!("tls: cannot create a session ticketer: {e}"))?;
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
     Ok(Arc::new(cfg))
 }

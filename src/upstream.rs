@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,7 +21,7 @@ use bytes::Bytes;
 use http::Uri;
 use http_body_util::combinators::BoxBody;
 use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
@@ -219,18 +220,69 @@ pub fn pooled_client(dialer: TlsDialer) -> PooledClient {
         .build(dialer)
 }
 
+/// Connections a cluster's long-running requests (watch, `logs -f`) spread over. An API server
+/// caps the streams of one HTTP/2 connection (kube-apiserver and hyper: a few hundred), and a
+/// request beyond the cap waits for a free stream, so a single shared connection would hold
+/// the 201st watch until its response-header timeout. Lanes connect lazily and close when idle.
+pub const LONG_RUNNING_LANES: usize = 64;
+
+/// A cluster's pooled clients: lane 0 carries the short requests (one multiplexed connection
+/// under light load), lanes `1..` carry long-running ones, round robin, so N watches need about
+/// N / `LONG_RUNNING_LANES` streams per connection.
+pub struct UpstreamPool {
+    lanes: Vec<PooledClient>,
+    next: AtomicUsize,
+}
+
+impl UpstreamPool {
+    pub fn new(dialer: TlsDialer, long_running_lanes: usize) -> Self {
+        let lanes = (0..=long_running_lanes)
+            .map(|_| pooled_client(dialer.clone()))
+            .collect();
+        Self {
+            lanes,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Sends a request on the lane its kind calls for.
+    pub fn request(&self, req: http::Request<UpstreamBody>) -> ResponseFuture {
+        let lane = if self.lanes.len() > 1 && is_long_running(req.uri()) {
+            1 + self.next.fetch_add(1, Ordering::Relaxed) % (self.lanes.len() - 1)
+        } else {
+            0
+        };
+        self.lanes[lane].request(req)
+    }
+}
+
+/// `watch=` or `follow=` set to true (`true`, `1`): a request whose response stays open.
+fn is_long_running(uri: &Uri) -> bool {
+    uri.query().is_some_and(|q| {
+        q.split('&').any(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == "watch" || k == "follow") && (v == "true" || v == "1")
+        })
+    })
+}
+
 /// Everything the relay needs to talk to one cluster.
 pub struct Upstream {
     pub cluster: Arc<ClusterConfig>,
-    pub client: PooledClient,
+    pub client: UpstreamPool,
     /// Dials fresh HTTP/1.1-only connections for upgrades.
     pub upgrade_dialer: TlsDialer,
     /// `scheme://authority` of the server, the base of every forwarded URI.
     pub authority: http::uri::Authority,
+    /// What the relay presents upstream for a caller (their token, an exchanged one, or its own).
+    pub credentials: Arc<crate::credentials::UpstreamCredentials>,
+    /// Reachability as seen by the periodic probe.
+    pub health: crate::health::SharedHealth,
 }
 
 impl Upstream {
     pub fn new(cluster: Arc<ClusterConfig>, connect_timeout: Duration) -> anyhow::Result<Self> {
+        let cluster_for_creds = cluster.clone();
         let cert = match &cluster.upstream_auth {
             UpstreamAuth::Impersonate(c @ RelayCredential::ClientCert { .. }) => Some(c),
             _ => None,
@@ -239,12 +291,10 @@ impl Upstream {
         let upgrade_tls = client_tls(&cluster.ca, cert, &[b"http/1.1"])?;
         let name = cluster.server_name.clone();
         let dial = cluster.dial.as_str();
-        let client = pooled_client(TlsDialer::new(
-            pooled_tls,
-            Some(dial),
-            Some(name.clone()),
-            connect_timeout,
-        ));
+        let client = UpstreamPool::new(
+            TlsDialer::new(pooled_tls, Some(dial), Some(name.clone()), connect_timeout),
+            LONG_RUNNING_LANES,
+        );
         let upgrade_dialer = TlsDialer::new(upgrade_tls, Some(dial), Some(name), connect_timeout);
         let host = cluster.server.host_str().unwrap_or_default();
         let authority = match cluster.server.port() {
@@ -257,6 +307,10 @@ impl Upstream {
             client,
             upgrade_dialer,
             authority,
+            credentials: Arc::new(crate::credentials::UpstreamCredentials::new(
+                &cluster_for_creds,
+            )?),
+            health: Default::default(),
         })
     }
 
@@ -293,4 +347,21 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         src = e.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_running_requests_are_told_by_watch_and_follow() {
+        let lr = |u: &str| is_long_running(&u.parse::<Uri>().unwrap());
+        assert!(lr("https://c/api/v1/pods?watch=1"));
+        assert!(lr("https://c/api/v1/pods?resourceVersion=5&watch=true"));
+        assert!(lr("https://c/api/v1/namespaces/d/pods/p/log?follow=true"));
+        assert!(!lr("https://c/api/v1/pods?watch=false"));
+        assert!(!lr("https://c/api/v1/pods?watchx=1"));
+        assert!(!lr("https://c/api/v1/pods"));
+        assert!(!lr("https://c/api/v1/pods?labelSelector=watch%3D1"));
+    }
 }

@@ -320,8 +320,26 @@ async fn header_hygiene_in_impersonate_and_passthrough_modes() {
 async fn client_impersonation_is_refused_and_underscored_names_rejected() {
     let env = dev_env().await;
     let tok = bearer(&env.dev.token("alice"));
+    // Default deny (design.md §5): no dev rule allows `kubectl --as`, in any spelling.
+    for extra in [
+        vec![("Impersonate-User", "admin")],
+        vec![
+            ("impersonate-user", "admin"),
+            ("impersonate-group", "system:masters"),
+        ],
+        vec![
+            ("IMPERSONATE-USER", "admin"),
+            ("IMPERSONATE-EXTRA-scopes", "x"),
+        ],
+        vec![("Impersonate-User", "admin"), ("Impersonate-Uid", "1")],
+    ] {
+        let mut hs = vec![("Authorization", tok.as_str())];
+        hs.extend(extra);
+        let (c, h, b) = request(&env, PUBLIC, "GET", "/clusters/alpha/api/v1/pods", &hs).await;
+        assert_status(c, &h, &b, 403, "Forbidden");
+    }
+    // Group, uid or extra without a user is malformed, as kube-apiserver treats it.
     for (name, value) in [
-        ("Impersonate-User", "admin"),
         ("impersonate-group", "system:masters"),
         ("IMPERSONATE-EXTRA-scopes", "x"),
         ("Impersonate-Uid", "1"),
@@ -334,7 +352,7 @@ async fn client_impersonation_is_refused_and_underscored_names_rejected() {
             &[("Authorization", &tok), (name, value)],
         )
         .await;
-        assert_status(c, &h, &b, 403, "Forbidden");
+        assert_status(c, &h, &b, 400, "BadRequest");
     }
     let (c, h, b) = request(
         &env,
@@ -425,6 +443,36 @@ async fn bad_tokens_are_401_with_challenge() {
     ] {
         cases.push((what, env.dev.issuer.mint(claims(extra))));
     }
+    // Header-supplied keys are never used (E3): the kid is only a lookup key.
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    h.kid = Some("attacker-kid".into());
+    h.jku = Some("https://evil.example/jwks.json".into());
+    h.x5u = Some("https://evil.example/cert.pem".into());
+    cases.push((
+        "jku/x5u header keys",
+        env.dev
+            .issuer
+            .mint_with_header(h, claims(json!({})))
+            .unwrap(),
+    ));
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    h.kid = Some("../../../../etc/passwd".into());
+    cases.push((
+        "path traversal kid",
+        env.dev
+            .issuer
+            .mint_with_header(h, claims(json!({})))
+            .unwrap(),
+    ));
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    h.kid = Some("k".repeat(4096));
+    cases.push((
+        "huge kid",
+        env.dev
+            .issuer
+            .mint_with_header(h, claims(json!({})))
+            .unwrap(),
+    ));
     let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
     h.kid = Some("unknown-kid".into());
     cases.push((
@@ -837,5 +885,79 @@ async fn long_running_gauge_follows_a_live_watch() {
     gauge("1").await;
     drop(s);
     gauge("0").await;
+    env.dev.stop().await;
+}
+
+/// Browsers put the bearer token in `Sec-WebSocket-Protocol`; the relay validates it like any
+/// token and never forwards or echoes the entry (security.md B7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_bearer_subprotocol_is_validated_and_stripped() {
+    use base64::Engine as _;
+    let env = dev_env().await;
+    let enc = |t: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t);
+    let ws = |protocols: String, auth: Option<&str>| {
+        let mut r = format!(
+            "GET /clusters/beta/api/v1/namespaces/default/pods/web-0/exec?command=echo&command=hi&stdout=true HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: {protocols}\r\n"
+        );
+        if let Some(a) = auth {
+            r.push_str(&format!("Authorization: Bearer {a}\r\n"));
+        }
+        r.push_str("\r\n");
+        r
+    };
+    let alice = env.dev.token("alice");
+    // Token only in the subprotocol: accepted, and the entry is gone upstream and in the answer.
+    let raw = ws(
+        format!(
+            "base64url.bearer.authorization.k8s.io.{}, v4.channel.k8s.io",
+            enc(&alice)
+        ),
+        None,
+    );
+    let resp = raw_exchange(&env, PUBLIC, raw.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 101"), "{resp}");
+    let head = resp.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+    assert!(!head.contains("bearer.authorization"), "{head}");
+    let r = env
+        .dev
+        .beta
+        .record
+        .matching("/api/v1/namespaces/default/pods/web-0/exec")
+        .pop()
+        .unwrap();
+    assert_eq!(
+        r.header("sec-websocket-protocol"),
+        Some("v4.channel.k8s.io")
+    );
+    assert_eq!(
+        r.header("authorization"),
+        Some(format!("Bearer {alice}").as_str())
+    );
+    // A forged token in the subprotocol beside a valid header: the header decides, the entry
+    // is stripped.
+    env.dev.beta.record.clear();
+    let raw = ws(
+        format!(
+            "base64url.bearer.authorization.k8s.io.{}, v4.channel.k8s.io",
+            enc("forged.token.here")
+        ),
+        Some(&alice),
+    );
+    let resp = raw_exchange(&env, PUBLIC, raw.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 101"), "{resp}");
+    let r = env.dev.beta.record.all().pop().unwrap();
+    assert!(r.headers.iter().all(|(_, v)| !v.contains("forged")));
+    // A forged token alone is refused before anything reaches the cluster.
+    env.dev.beta.record.clear();
+    let raw = ws(
+        format!(
+            "base64url.bearer.authorization.k8s.io.{}, v4.channel.k8s.io",
+            enc("forged.token.here")
+        ),
+        None,
+    );
+    let (c, _, _) = parse_response(&raw_exchange(&env, PUBLIC, raw.as_bytes()).await);
+    assert_eq!(c, 401);
+    assert!(env.dev.beta.record.all().is_empty());
     env.dev.stop().await;
 }

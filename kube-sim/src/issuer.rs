@@ -467,8 +467,10 @@ impl std::fmt::Debug for IssuerHandle {
 /// What the per-connection service needs; shared by all connections.
 struct ServeState {
     issuer: DevIssuer,
-    discovery_path: String,
-    jwks_path: String,
+    /// Discovery documents by path (one for a plain issuer; v1 and v2 for an Entra tenant).
+    discovery: Vec<(String, Value)>,
+    /// Paths answered with the JWKS.
+    jwks_paths: Vec<String>,
     discovery_fetches: Arc<AtomicU64>,
     jwks_fetches: Arc<AtomicU64>,
     failing: Arc<AtomicBool>,
@@ -487,17 +489,84 @@ pub async fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
     issuer: DevIssuer,
 ) -> anyhow::Result<IssuerHandle> {
-    let addr = listener
-        .local_addr()
-        .context("reading the listener address")?;
     let issuer_uri: http::Uri = issuer
         .issuer_url()
         .parse()
         .with_context(|| format!("issuer URL {:?} is not a URI", issuer.issuer_url()))?;
     let base_path = issuer_uri.path().trim_end_matches('/').to_owned();
+    let document = issuer.discovery_document();
+    start_server(
+        listener,
+        tls,
+        issuer,
+        vec![(
+            format!("{base_path}/.well-known/openid-configuration"),
+            document,
+        )],
+        vec![format!("{base_path}/keys")],
+    )
+}
+
+/// Serves an Entra-shaped authority for `tenant` at `authority` (this listener's URL, e.g.
+/// `https://127.0.0.1:P`): v1 metadata at `/{tenant}/.well-known/openid-configuration` (issuer
+/// `https://sts.windows.net/{tenant}/`, keys at `/{tenant}/discovery/keys`) and v2 metadata at
+/// `/{tenant}/v2.0/.well-known/openid-configuration` (issuer `{authority}/{tenant}/v2.0`, keys
+/// at `/{tenant}/discovery/v2.0/keys`), both from `issuer`'s key set, as Entra publishes them.
+/// Tokens are minted with an explicit `iss` (v1 or v2 form).
+pub async fn serve_entra(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    authority: &str,
+    tenant: &str,
+    issuer: DevIssuer,
+) -> anyhow::Result<IssuerHandle> {
+    let authority = authority.trim_end_matches('/');
+    let doc = |iss: String, jwks: String| {
+        serde_json::json!({
+            "issuer": iss,
+            "jwks_uri": jwks,
+            "token_endpoint": format!("{authority}/{tenant}/oauth2/v2.0/token"),
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "response_types_supported": ["code", "id_token", "code id_token", "token id_token", "token"],
+            "subject_types_supported": ["pairwise"],
+        })
+    };
+    let discovery = vec![
+        (
+            format!("/{tenant}/.well-known/openid-configuration"),
+            doc(
+                format!("https://sts.windows.net/{tenant}/"),
+                format!("{authority}/{tenant}/discovery/keys"),
+            ),
+        ),
+        (
+            format!("/{tenant}/v2.0/.well-known/openid-configuration"),
+            doc(
+                format!("{authority}/{tenant}/v2.0"),
+                format!("{authority}/{tenant}/discovery/v2.0/keys"),
+            ),
+        ),
+    ];
+    let jwks = vec![
+        format!("/{tenant}/discovery/keys"),
+        format!("/{tenant}/discovery/v2.0/keys"),
+    ];
+    start_server(listener, tls, issuer, discovery, jwks)
+}
+
+fn start_server(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    issuer: DevIssuer,
+    discovery: Vec<(String, Value)>,
+    jwks_paths: Vec<String>,
+) -> anyhow::Result<IssuerHandle> {
+    let addr = listener
+        .local_addr()
+        .context("reading the listener address")?;
     let state = Arc::new(ServeState {
-        discovery_path: format!("{base_path}/.well-known/openid-configuration"),
-        jwks_path: format!("{base_path}/keys"),
+        discovery,
+        jwks_paths,
         issuer,
         discovery_fetches: Arc::new(AtomicU64::new(0)),
         jwks_fetches: Arc::new(AtomicU64::new(0)),
@@ -599,10 +668,10 @@ async fn serve_connection(
 fn respond(state: &ServeState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     // Count before the failing check: outage tests assert how often the relay retried.
-    let document = if path == state.discovery_path {
+    let document = if let Some((_, doc)) = state.discovery.iter().find(|(p, _)| p == path) {
         state.discovery_fetches.fetch_add(1, Ordering::SeqCst);
-        Some(Document::Discovery)
-    } else if path == state.jwks_path {
+        Some(Document::Discovery(doc))
+    } else if state.jwks_paths.iter().any(|p| p == path) {
         state.jwks_fetches.fetch_add(1, Ordering::SeqCst);
         Some(Document::Jwks)
     } else {
@@ -630,7 +699,7 @@ fn respond(state: &ServeState, request: &Request<Incoming>) -> Response<Full<Byt
         return response;
     }
     let body = match document {
-        Document::Discovery => serde_json::to_vec(&state.issuer.discovery_document()),
+        Document::Discovery(doc) => serde_json::to_vec(doc),
         Document::Jwks => serde_json::to_vec(&state.issuer.jwks()),
     };
     match body {
@@ -640,8 +709,8 @@ fn respond(state: &ServeState, request: &Request<Incoming>) -> Response<Full<Byt
     }
 }
 
-enum Document {
-    Discovery,
+enum Document<'a> {
+    Discovery(&'a Value),
     Jwks,
 }
 

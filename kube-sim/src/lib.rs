@@ -14,6 +14,8 @@
 //! - [`stream`]: exec / attach / port-forward over SPDY/3.1 and WebSocket.
 //! - [`spdy`]: SPDY/3.1 framing (hand-written: no maintained crate exists).
 //! - [`record`]: the record of received requests.
+//! - [`token_endpoint`]: a loopback Entra token endpoint (client credentials, OBO) and managed
+//!   identity endpoint, for upstream-credential tests.
 
 pub mod issuer;
 pub mod pki;
@@ -22,6 +24,7 @@ pub mod server;
 pub mod spdy;
 pub mod store;
 pub mod stream;
+pub mod token_endpoint;
 
 /// Response body type used throughout the simulator: boxed so REST, streaming (watch, logs) and
 /// upgrade answers share one type.

@@ -149,7 +149,7 @@ clusters:
         "clusters[0].upstream_auth.token_file: not used with mode passthrough",
         "clusters[0].access[0].users[0]: `nobody/123`: no issuer named `nobody`",
         "clusters[0].access[0].verbs[1]: unknown verb `destroy`",
-        "clusters[0].access[1]: a rule must name groups, users or an issuer",
+        "clusters[0].access[1]: a rule must name groups, users, apps or an issuer",
         "clusters[1].surprise: unknown field `surprise`",
         "clusters[2].server: `not a url` is not a valid URL",
     ] {
@@ -177,7 +177,7 @@ fn unknown_nested_keys_name_their_path() {
 }
 
 #[test]
-fn impersonate_needs_a_credential_and_obo_is_refused_clearly() {
+fn impersonate_and_obo_each_need_a_credential() {
     let f = Fixture::new();
     let yaml = GOOD.replace(
         "upstream_auth: {mode: impersonate, token_file: token}",
@@ -195,10 +195,158 @@ fn impersonate_needs_a_credential_and_obo_is_refused_clearly() {
     );
     let errs = messages(f.parse(&yaml).unwrap_err());
     assert!(
-        errs.iter()
-            .any(|e| e.contains("clusters[1].upstream_auth.mode") && e.contains("not supported")),
+        errs.iter().any(|e| e.contains("clusters[1].upstream_auth")
+            && e.contains("exactly one client credential")),
         "{errs:?}"
     );
+}
+
+const RELAY_APP: &str = "0b1c8a2e-7d3f-4e5a-9b6c-1d2e3f4a5b6c";
+const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+
+fn with_auth(f: &Fixture, auth: &str) -> Result<Config, ConfigErrors> {
+    f.parse(&GOOD.replace(
+        "upstream_auth: {mode: impersonate, token_file: token}",
+        &format!("upstream_auth: {auth}"),
+    ))
+}
+
+#[test]
+fn on_behalf_of_parses_each_client_credential() {
+    let f = Fixture::new();
+    std::fs::write(f.dir.path().join("obo-secret"), "s3cr3t-value\n").unwrap();
+    let cfg = with_auth(
+        &f,
+        &format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, client_secret_file: obo-secret}}"),
+    )
+    .unwrap();
+    let UpstreamAuth::OnBehalfOf(obo) = &cfg.clusters[1].upstream_auth else {
+        panic!("not OBO");
+    };
+    assert_eq!(obo.client_id, RELAY_APP);
+    assert!(matches!(&obo.client_auth, OboClientAuth::Secret(s) if s.expose() == "s3cr3t-value"));
+    assert_eq!(
+        obo.endpoint.authority_host.as_str(),
+        "https://login.microsoftonline.com/"
+    );
+    assert_eq!(obo.endpoint.scope, format!("{AKS_SERVER_APP}/.default"));
+    assert!(obo.endpoint.ca.is_none() && obo.endpoint.tenant_id.is_none());
+    // Debug output never shows the secret.
+    assert!(!format!("{:?}", cfg.clusters[1]).contains("s3cr3t"));
+
+    let cfg = with_auth(
+        &f,
+        &format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, client_certificate_file: relay.crt, client_key_file: relay.key, tenant_id: {TENANT}, authority_host: 'https://127.0.0.1:8443', ca_file: ca.crt, scope: api://aks/.default}}"),
+    )
+    .unwrap();
+    let UpstreamAuth::OnBehalfOf(obo) = &cfg.clusters[1].upstream_auth else {
+        panic!("not OBO");
+    };
+    assert!(matches!(obo.client_auth, OboClientAuth::Certificate { .. }));
+    assert_eq!(obo.endpoint.tenant_id.as_deref(), Some(TENANT));
+    assert_eq!(obo.endpoint.scope, "api://aks/.default");
+    assert_eq!(obo.endpoint.ca.as_ref().map(Vec::len), Some(1));
+
+    let cfg = with_auth(
+        &f,
+        &format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, federated: {{credential: workload_identity, federated_token_file: token}}}}"),
+    )
+    .unwrap();
+    let UpstreamAuth::OnBehalfOf(obo) = &cfg.clusters[1].upstream_auth else {
+        panic!("not OBO");
+    };
+    assert!(matches!(
+        obo.client_auth,
+        OboClientAuth::FederatedTokenFile { .. }
+    ));
+
+    let cfg = with_auth(
+        &f,
+        &format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, federated: {{credential: managed_identity, client_id: {TENANT}}}}}"),
+    )
+    .unwrap();
+    let UpstreamAuth::OnBehalfOf(obo) = &cfg.clusters[1].upstream_auth else {
+        panic!("not OBO");
+    };
+    assert!(
+        matches!(&obo.client_auth, OboClientAuth::FederatedManagedIdentity { client_id: Some(c) } if c == TENANT)
+    );
+}
+
+#[test]
+fn on_behalf_of_mistakes_are_reported_by_key() {
+    let f = Fixture::new();
+    std::fs::write(f.dir.path().join("obo-secret"), "s3cr3t").unwrap();
+    let cases = [
+        ("{mode: on_behalf_of, client_id: nope, client_secret_file: obo-secret}".to_owned(), "upstream_auth.client_id: must be a GUID"),
+        ("{mode: on_behalf_of, client_secret_file: obo-secret}".to_owned(), "upstream_auth.client_id: is required"),
+        (format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, client_secret_file: obo-secret, federated: {{credential: managed_identity}}}}"), "exactly one client credential"),
+        (format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, client_secret_file: obo-secret, authority_host: 'http://login'}}"), "upstream_auth.authority_host"),
+        (format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, client_secret_file: obo-secret, tenant_id: contoso.com}}"), "upstream_auth.tenant_id: must be a GUID"),
+        (format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, client_secret_file: missing}}"), "upstream_auth.client_secret_file: cannot read"),
+        (format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, client_secret_file: obo-secret, token_file: token}}"), "upstream_auth.token_file: belongs to mode impersonate"),
+        (format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, federated: {{credential: client_secret}}}}"), "federated.credential"),
+        (format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, client_certificate_file: relay.crt}}"), "given together"),
+        (format!("{{mode: passthrough, client_id: {RELAY_APP}}}"), "upstream_auth.client_id: not used with mode passthrough"),
+        ("{mode: impersonate, token_file: token, scope: x/.default}".to_owned(), "upstream_auth.scope: belongs to mode on_behalf_of"),
+    ];
+    for (auth, want) in cases {
+        let errs = messages(with_auth(&f, &auth).unwrap_err());
+        assert!(
+            errs.iter().any(|e| e.contains(want)),
+            "{auth}: want {want:?} in {errs:?}"
+        );
+        assert!(!errs.iter().any(|e| e.contains("s3cr3t")), "{errs:?}");
+    }
+}
+
+#[test]
+fn impersonate_with_azure_credentials() {
+    let f = Fixture::new();
+    std::fs::write(f.dir.path().join("app-secret"), "app-s3cr3t").unwrap();
+    let cfg = with_auth(
+        &f,
+        "{mode: impersonate, azure: {credential: managed_identity}}",
+    )
+    .unwrap();
+    let UpstreamAuth::Impersonate(RelayCredential::Azure(a)) = &cfg.clusters[1].upstream_auth
+    else {
+        panic!("not azure");
+    };
+    assert!(matches!(a.kind, AzureCredentialKind::ManagedIdentity));
+    assert!(a.client_id.is_none());
+    assert_eq!(a.endpoint.scope, format!("{AKS_SERVER_APP}/.default"));
+
+    let cfg = with_auth(
+        &f,
+        &format!("{{mode: impersonate, azure: {{credential: workload_identity, client_id: {RELAY_APP}, tenant_id: {TENANT}, federated_token_file: token}}}}"),
+    )
+    .unwrap();
+    let UpstreamAuth::Impersonate(RelayCredential::Azure(a)) = &cfg.clusters[1].upstream_auth
+    else {
+        panic!("not azure");
+    };
+    assert!(
+        matches!(&a.kind, AzureCredentialKind::WorkloadIdentity { federated_token_file } if federated_token_file.ends_with("token"))
+    );
+
+    let cfg = with_auth(
+        &f,
+        &format!("{{mode: impersonate, azure: {{credential: client_secret, client_id: {RELAY_APP}, tenant_id: {TENANT}, client_secret_file: app-secret, authority_host: 'https://127.0.0.1:9443', ca_file: ca.crt}}}}"),
+    )
+    .unwrap();
+    assert!(!format!("{:?}", cfg.clusters[1]).contains("app-s3cr3t"));
+
+    for (auth, want) in [
+        (format!("{{mode: impersonate, azure: {{credential: client_secret, client_id: {RELAY_APP}, client_secret_file: app-secret}}}}"), "azure.tenant_id: is required"),
+        (format!("{{mode: impersonate, azure: {{credential: workload_identity, tenant_id: {TENANT}, federated_token_file: token}}}}"), "azure.client_id: is required"),
+        ("{mode: impersonate, azure: {credential: managed_identity, tenant_id: x}}".to_owned(), "azure.tenant_id: not used"),
+        ("{mode: impersonate, azure: {credential: managed_identity, colour: red}}".to_owned(), "colour"),
+        ("{mode: impersonate, token_file: token, azure: {credential: managed_identity}}".to_owned(), "exactly one credential"),
+    ] {
+        let errs = messages(with_auth(&f, &auth).unwrap_err());
+        assert!(errs.iter().any(|e| e.contains(want)), "{auth}: want {want:?} in {errs:?}");
+    }
 }
 
 #[test]

@@ -12,6 +12,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::streams::StreamGuard;
 use tokio::time::{Instant, Sleep};
 
 /// Errors a relayed body can end with.
@@ -20,47 +23,90 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every response the relay sends.
 pub type RelayBody = BoxBody<Bytes, BoxError>;
 
-/// Runs a closure when dropped (used to decrement gauges when a stream ends, however it ends).
-pub struct OnDrop(Option<Box<dyn FnOnce() + Send + Sync>>);
+/// How a relayed stream ended, for the audit log and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamEnd {
+    /// Bytes relayed to the client.
+    pub bytes: u64,
+    pub reason: &'static str,
+}
 
-impl OnDrop {
-    pub fn new(f: impl FnOnce() + Send + Sync + 'static) -> Self {
-        Self(Some(Box::new(f)))
+/// Runs a closure exactly once when dropped, with the stream's bytes and the reason it ended
+/// (`client_gone` unless the stream recorded another). Dropping covers every way a stream ends:
+/// completion, errors, timeouts and the client going away mid-response.
+pub struct OnClose {
+    f: Option<Box<dyn FnOnce(StreamEnd) + Send + Sync>>,
+    end: StreamEnd,
+}
+
+impl OnClose {
+    pub fn new(f: impl FnOnce(StreamEnd) + Send + Sync + 'static) -> Self {
+        Self {
+            f: Some(Box::new(f)),
+            end: StreamEnd {
+                bytes: 0,
+                reason: "client_gone",
+            },
+        }
     }
 }
 
-impl Drop for OnDrop {
+impl Drop for OnClose {
     fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f();
+        if let Some(f) = self.f.take() {
+            f(self.end);
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// An upstream body with an optional idle timeout and a guard dropped with the stream.
+    /// An upstream body with an optional idle timeout, an optional hard deadline (the caller's
+    /// token expiry plus grace), an optional stop signal (revoked access, draining) and a close
+    /// hook.
+    ///
+    /// When the relay ends a stream (idle, deadline, stop) the body ends *cleanly* (the last
+    /// chunk on HTTP/1.1, END_STREAM on h2): client-go treats that as a normal end of watch and
+    /// re-watches from its last resourceVersion, with a fresh token, instead of relisting.
     pub struct StreamBody<B> {
         #[pin]
         inner: B,
         idle: Option<(Duration, Pin<Box<Sleep>>)>,
-        guard: Option<OnDrop>,
+        deadline: Option<Pin<Box<Sleep>>>,
+        stop: Option<(Pin<Box<WaitForCancellationFutureOwned>>, StreamGuard)>,
+        close: Option<OnClose>,
     }
 }
 
 impl<B> StreamBody<B> {
-    pub fn new(inner: B, idle: Option<Duration>, guard: Option<OnDrop>) -> Self {
+    pub fn new(
+        inner: B,
+        idle: Option<Duration>,
+        deadline: Option<Instant>,
+        close: Option<OnClose>,
+    ) -> Self {
         Self {
             inner,
             idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
-            guard,
+            deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            stop: None,
+            close,
         }
+    }
+
+    /// Lets the relay end this stream from outside (revoked access, draining); the guard keeps
+    /// it registered while it lives.
+    pub fn stoppable(mut self, guard: StreamGuard) -> Self {
+        let fut = Box::pin(guard.entry.token().cancelled_owned());
+        self.stop = Some((fut, guard));
+        self
     }
 }
 
-/// The idle limit was reached with no bytes from the upstream.
-#[derive(Debug, thiserror::Error)]
-#[error("stream idle for longer than {0:?}")]
-pub struct IdleTimeout(Duration);
+fn finish(close: &mut Option<OnClose>, reason: &'static str) {
+    if let Some(mut c) = close.take() {
+        c.end.reason = reason;
+    }
+}
 
 impl<B> Body for StreamBody<B>
 where
@@ -75,22 +121,41 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
+        if let Some((stop, guard)) = this.stop.as_mut() {
+            if stop.as_mut().poll(cx).is_ready() {
+                finish(this.close, guard.entry.reason());
+                return Poll::Ready(None);
+            }
+        }
+        if let Some(deadline) = this.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                finish(this.close, "token_expired");
+                return Poll::Ready(None);
+            }
+        }
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some((d, sleep)) = this.idle.as_mut() {
                     sleep.as_mut().reset(Instant::now() + *d);
                 }
+                if let (Some(c), Some(data)) = (this.close.as_mut(), frame.data_ref()) {
+                    c.end.bytes += data.len() as u64;
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => {
+                finish(this.close, "upstream_error");
+                Poll::Ready(Some(Err(e.into())))
+            }
             Poll::Ready(None) => {
-                this.guard.take();
+                finish(this.close, "complete");
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if let Some((d, sleep)) = this.idle.as_mut() {
+                if let Some((_, sleep)) = this.idle.as_mut() {
                     if sleep.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Some(Err(Box::new(IdleTimeout(*d)))));
+                        finish(this.close, "idle_timeout");
+                        return Poll::Ready(None);
                     }
                 }
                 Poll::Pending
@@ -113,19 +178,19 @@ use std::future::Future as _;
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, StreamBody as StreamOf};
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
     #[tokio::test(start_paused = true)]
-    async fn idle_stream_ends_with_error_and_drops_guard() {
+    async fn idle_stream_ends_with_error_and_reports_why() {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
         let stream = StreamOf::new(tokio_stream_from(rx));
-        let dropped = Arc::new(AtomicBool::new(false));
-        let d2 = dropped.clone();
+        let ended = Arc::new(std::sync::Mutex::new(None));
+        let e2 = ended.clone();
         let mut body = StreamBody::new(
             stream,
             Some(Duration::from_secs(60)),
-            Some(OnDrop::new(move || d2.store(true, Ordering::SeqCst))),
+            None,
+            Some(OnClose::new(move |end| *e2.lock().unwrap() = Some(end))),
         );
         tx.send(Ok(Frame::data(Bytes::from_static(b"event"))))
             .await
@@ -138,11 +203,53 @@ mod tests {
             .await
             .unwrap();
         assert!(body.frame().await.unwrap().is_ok());
-        // Then silence past the idle limit ends it.
-        let err = body.frame().await.unwrap().unwrap_err();
-        assert!(err.to_string().contains("idle"));
+        // Then silence past the idle limit ends it, cleanly.
+        assert!(body.frame().await.is_none());
         drop(body);
-        assert!(dropped.load(Ordering::SeqCst));
+        assert_eq!(
+            *ended.lock().unwrap(),
+            Some(StreamEnd {
+                bytes: 9,
+                reason: "idle_timeout"
+            })
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_cuts_a_busy_stream() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+        let ended = Arc::new(std::sync::Mutex::new(None));
+        let e2 = ended.clone();
+        let mut body = StreamBody::new(
+            StreamOf::new(tokio_stream_from(rx)),
+            Some(Duration::from_secs(60)),
+            Some(Instant::now() + Duration::from_secs(10)),
+            Some(OnClose::new(move |end| *e2.lock().unwrap() = Some(end))),
+        );
+        for _ in 0..3 {
+            tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                .await
+                .unwrap();
+            assert!(body.frame().await.unwrap().is_ok());
+            tokio::time::advance(Duration::from_secs(4)).await;
+        }
+        assert!(body.frame().await.is_none(), "ends cleanly at the deadline");
+        drop(body);
+        assert_eq!(ended.lock().unwrap().unwrap().reason, "token_expired");
+    }
+
+    #[tokio::test]
+    async fn client_going_away_is_recorded() {
+        let ended = Arc::new(std::sync::Mutex::new(None));
+        let e2 = ended.clone();
+        let body = StreamBody::new(
+            http_body_util::Empty::<Bytes>::new(),
+            None,
+            None,
+            Some(OnClose::new(move |end| *e2.lock().unwrap() = Some(end))),
+        );
+        drop(body);
+        assert_eq!(ended.lock().unwrap().unwrap().reason, "client_gone");
     }
 
     fn tokio_stream_from<T: Send + 'static>(

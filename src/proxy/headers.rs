@@ -12,7 +12,6 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::auth::Principal;
-use crate::config::{RelayCredential, UpstreamAuth};
 use crate::error::ProxyError;
 
 /// Prefix of the WebSocket subprotocol entry that carries a bearer token (browsers cannot set
@@ -77,11 +76,84 @@ pub fn reject_underscore_identity_headers(headers: &HeaderMap) -> Result<(), Pro
     Ok(())
 }
 
-/// True when the client asks for impersonation itself (`kubectl --as`).
-pub fn has_client_impersonation(headers: &HeaderMap) -> bool {
-    headers
-        .keys()
-        .any(|n| n.as_str().starts_with("impersonate-"))
+/// The identity a request carries upstream in `Impersonate-*` headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Impersonation {
+    pub user: String,
+    pub uid: Option<String>,
+    pub groups: Vec<String>,
+    /// `(key, value)`; keys lower-case and percent-encoded as they travel in header names.
+    pub extra: Vec<(String, String)>,
+}
+
+impl Impersonation {
+    /// The caller's own identity (impersonate mode without `--as`).
+    pub fn of(p: &Principal) -> Self {
+        Self {
+            user: p.username.clone(),
+            uid: None,
+            groups: p.groups.clone(),
+            // AKS Azure RBAC only evaluates impersonated users that carry extra.oid.
+            extra: p
+                .oid
+                .iter()
+                .map(|o| ("oid".to_owned(), o.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// The impersonation the client asks for (`kubectl --as/--as-group`), if any. Like
+/// kube-apiserver, any other `Impersonate-*` header needs `Impersonate-User`.
+pub fn requested_impersonation(headers: &HeaderMap) -> Result<Option<Impersonation>, ProxyError> {
+    let mut user = None;
+    let mut uid = None;
+    let mut groups = Vec::new();
+    let mut extra = Vec::new();
+    let mut any = false;
+    for (name, value) in headers {
+        let n = name.as_str();
+        let Some(rest) = n.strip_prefix("impersonate-") else {
+            continue;
+        };
+        any = true;
+        let v = value
+            .to_str()
+            .map_err(|_| ProxyError::BadRequest(format!("{n} is not valid text")))?
+            .to_owned();
+        match rest {
+            "user" if user.is_none() => user = Some(v),
+            "user" => {
+                return Err(ProxyError::BadRequest(
+                    "more than one Impersonate-User".into(),
+                ))
+            }
+            "uid" => uid = Some(v),
+            "group" => groups.push(v),
+            _ => match rest.strip_prefix("extra-") {
+                Some(key) if !key.is_empty() => extra.push((key.to_owned(), v)),
+                _ => {
+                    return Err(ProxyError::BadRequest(format!(
+                        "unknown impersonation header {n}"
+                    )))
+                }
+            },
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    match user {
+        Some(user) if !user.is_empty() => Ok(Some(Impersonation {
+            user,
+            uid,
+            groups,
+            extra,
+        })),
+        _ => Err(ProxyError::BadRequest(
+            "impersonation headers without Impersonate-User".into(),
+        )),
+    }
 }
 
 /// The `Connection` tokens, lower-cased.
@@ -163,42 +235,39 @@ fn identity_value(s: &str) -> Result<HeaderValue, ProxyError> {
     })
 }
 
-/// Adds the relay's upstream credential and identity headers for `p` on a cluster.
+/// Adds the upstream credential (`authorization`, from the cluster's credential layer; `None`
+/// when the relay authenticates with a client certificate) and the `Impersonate-*` headers of
+/// `identity` (the caller in impersonate mode, or a permitted `kubectl --as`).
 pub fn add_identity(
     out: &mut HeaderMap,
-    auth: &UpstreamAuth,
-    p: &Principal,
+    authorization: Option<HeaderValue>,
+    identity: Option<&Impersonation>,
 ) -> Result<(), ProxyError> {
-    match auth {
-        UpstreamAuth::Passthrough => {
-            let v = HeaderValue::from_str(&format!("Bearer {}", p.bearer_token()))
-                .map_err(|_| ProxyError::Unauthorized("token not header-safe".into()))?;
-            out.insert(header::AUTHORIZATION, v);
-        }
-        UpstreamAuth::Impersonate(cred) => {
-            if let RelayCredential::TokenFile { token, .. } = cred {
-                let mut v = HeaderValue::from_str(&format!("Bearer {token}"))
-                    .map_err(|_| ProxyError::Internal("relay token is not header-safe".into()))?;
-                v.set_sensitive(true);
-                out.insert(header::AUTHORIZATION, v);
-            }
+    if let Some(mut v) = authorization {
+        v.set_sensitive(true);
+        out.insert(header::AUTHORIZATION, v);
+    }
+    if let Some(id) = identity {
+        out.insert(
+            HeaderName::from_static("impersonate-user"),
+            identity_value(&id.user)?,
+        );
+        if let Some(uid) = &id.uid {
             out.insert(
-                HeaderName::from_static("impersonate-user"),
-                identity_value(&p.username)?,
+                HeaderName::from_static("impersonate-uid"),
+                identity_value(uid)?,
             );
-            for g in &p.groups {
-                out.append(
-                    HeaderName::from_static("impersonate-group"),
-                    identity_value(g)?,
-                );
-            }
-            if let Some(oid) = &p.oid {
-                // AKS Azure RBAC only evaluates impersonated users that carry extra.oid.
-                out.insert(
-                    HeaderName::from_static("impersonate-extra-oid"),
-                    identity_value(oid)?,
-                );
-            }
+        }
+        for g in &id.groups {
+            out.append(
+                HeaderName::from_static("impersonate-group"),
+                identity_value(g)?,
+            );
+        }
+        for (k, v) in &id.extra {
+            let name = HeaderName::from_bytes(format!("impersonate-extra-{k}").as_bytes())
+                .map_err(|_| ProxyError::BadRequest(format!("invalid extra key {k}")))?;
+            out.append(name, identity_value(v)?);
         }
     }
     Ok(())
@@ -347,6 +416,69 @@ mod tests {
         let bad = map(&[("Audit-ID", "has space\there")]);
         assert_ne!(audit_id(&bad), "has space\there");
         assert_eq!(audit_id(&HeaderMap::new()).len(), 36);
+    }
+
+    #[test]
+    fn requested_impersonation_is_parsed_like_the_apiserver() {
+        assert_eq!(
+            requested_impersonation(&map(&[("Accept", "x")])).unwrap(),
+            None
+        );
+        let got = requested_impersonation(&map(&[
+            ("Impersonate-User", "jane"),
+            ("Impersonate-Group", "a"),
+            ("impersonate-group", "b"),
+            ("Impersonate-Uid", "42"),
+            ("Impersonate-Extra-acme.com%2Fproject", "p1"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(got.user, "jane");
+        assert_eq!(got.groups, ["a", "b"]);
+        assert_eq!(got.uid.as_deref(), Some("42"));
+        assert_eq!(
+            got.extra,
+            [("acme.com%2fproject".to_owned(), "p1".to_owned())]
+        );
+        for bad in [
+            vec![("Impersonate-Group", "system:masters")],
+            vec![("Impersonate-Uid", "1")],
+            vec![("Impersonate-Extra-x", "1")],
+            vec![("Impersonate-User", "")],
+            vec![("Impersonate-User", "a"), ("impersonate-user", "b")],
+            vec![("Impersonate-User", "a"), ("Impersonate-Extra-", "b")],
+            vec![("Impersonate-User", "a"), ("Impersonate-Whatever", "b")],
+        ] {
+            assert!(requested_impersonation(&map(&bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn identity_headers_are_added_after_stripping() {
+        let client = map(&[
+            ("Impersonate-Group", "system:masters"),
+            ("Authorization", "Bearer x"),
+        ]);
+        let mut out = sanitize_request(&client);
+        let id = Impersonation {
+            user: "alice".into(),
+            uid: None,
+            groups: vec!["devs".into()],
+            extra: vec![("oid".into(), "1234".into())],
+        };
+        add_identity(
+            &mut out,
+            Some(HeaderValue::from_static("Bearer relay")),
+            Some(&id),
+        )
+        .unwrap();
+        assert_eq!(
+            out.get_all("impersonate-group").iter().collect::<Vec<_>>(),
+            ["devs"]
+        );
+        assert_eq!(out["authorization"], "Bearer relay");
+        assert!(out["authorization"].is_sensitive());
+        assert_eq!(out["impersonate-extra-oid"], "1234");
     }
 
     #[test]

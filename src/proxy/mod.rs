@@ -21,13 +21,14 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::app::State;
+use crate::audit::{AuditBase, AuditObject, AuditUser};
 use crate::auth::Principal;
 use crate::authz::{authorize, Decision, RequestInfo};
 use crate::error::{Fault, ProxyError};
 use crate::metrics::{AuthnLabels, DurationLabels, LongRunningLabels, ReasonLabels, RequestLabels};
 use crate::route::{self, Route, RouteInput};
 use crate::upstream::Upstream;
-use body::{OnDrop, RelayBody, StreamBody};
+use body::{OnClose, RelayBody, StreamBody};
 
 /// What the relay knows about the client connection a request arrived on.
 #[derive(Debug)]
@@ -37,13 +38,12 @@ pub struct ConnCtx {
     pub sni: Option<String>,
 }
 
-/// Per-request facts gathered by the phases, for the access log and metrics.
+/// Per-request facts gathered by the phases, for the access log, metrics and audit.
 #[derive(Default)]
 struct Outcome {
     cluster: Option<String>,
-    verb: String,
-    user: Option<String>,
     long_running: bool,
+    audit: AuditBase,
 }
 
 /// Serves one request. Never fails: errors become Status responses here and only here.
@@ -55,12 +55,11 @@ pub async fn handle(
     let start = Instant::now();
     let audit_id = headers::audit_id(req.headers());
     let method = req.method().clone();
-    let target = req
-        .uri()
-        .path_and_query()
-        .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned());
     let is_upgrade = req.headers().contains_key(header::UPGRADE);
-    let mut out = Outcome::default();
+    let mut out = Outcome {
+        audit: audit_base(&req, &audit_id, conn.peer.ip()),
+        ..Outcome::default()
+    };
 
     let mut resp = match proxy(&state, &conn, req, &audit_id, &mut out).await {
         Ok(r) => r,
@@ -89,6 +88,21 @@ pub async fn handle(
                     })
                     .inc();
             }
+            if let ProxyError::Forbidden(why) = &err {
+                out.audit
+                    .annotations
+                    .insert("authorization.k8s.io/decision", "forbid".into());
+                out.audit
+                    .annotations
+                    .insert("authorization.k8s.io/reason", why.clone());
+            }
+            if let ProxyError::Unauthorized(why) = &err {
+                // The failure class only (e.g. `signature`, `unknown_key`): never token content.
+                let class = why.split(':').next().unwrap_or_default().to_owned();
+                out.audit
+                    .annotations
+                    .insert("kube-relay.io/authentication-failure", class);
+            }
             err.into_response()
         }
     };
@@ -101,47 +115,116 @@ pub async fn handle(
     }
 
     let cluster = out.cluster.unwrap_or_default();
-    let verb = if out.verb.is_empty() {
-        method.as_str().to_ascii_lowercase()
-    } else {
-        out.verb
-    };
+    let verb = out.audit.verb.to_ascii_uppercase();
     let code = resp.status().as_u16();
     state
         .metrics
         .requests
         .get_or_create(&RequestLabels {
             cluster: cluster.clone(),
-            verb: verb.to_ascii_uppercase(),
+            verb: verb.clone(),
             code,
         })
         .inc();
     let elapsed = start.elapsed();
-    if !out.long_running && code != 101 {
+    let streaming = out.long_running && (code == 101 || resp.status().is_success());
+    if !streaming {
         state
             .metrics
             .duration
             .get_or_create(&DurationLabels {
                 cluster: cluster.clone(),
-                verb: verb.to_ascii_uppercase(),
+                verb,
             })
             .observe(elapsed.as_secs_f64());
     }
+    // Long-running streams get their ResponseComplete record when they close.
+    let stage = if streaming {
+        "ResponseStarted"
+    } else {
+        "ResponseComplete"
+    };
+    state.audit.emit(
+        &out.audit,
+        stage,
+        code,
+        &[("kube-relay.io/latency-ms", elapsed.as_millis().to_string())],
+    );
     tracing::info!(
         target: "kube_relay::access",
         audit_id = ?audit_id,
         peer = %conn.peer,
         method = %method,
         // The path only: queries can carry label values users consider sensitive.
-        path = %target.split('?').next().unwrap_or(""),
+        path = %out.audit.request_uri.split('?').next().unwrap_or(""),
         cluster = %cluster,
-        verb = %verb,
-        user = out.user.as_deref().unwrap_or("-"),
+        verb = %out.audit.verb,
+        user = out.audit.user.as_ref().map_or("-", |u| u.username.as_str()),
         code,
         ms = elapsed.as_millis() as u64,
         "request"
     );
     Ok(resp)
+}
+
+/// The audit record's request-side facts, known before any phase runs.
+fn audit_base(
+    req: &Request<Incoming>,
+    audit_id: &HeaderValue,
+    peer: std::net::IpAddr,
+) -> AuditBase {
+    let h = req.headers();
+    let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    // Kubernetes builds sourceIPs from X-Forwarded-For, then the peer.
+    let mut source_ips: Vec<String> = h
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|ip| ip.trim().to_owned())
+        .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok())
+        .collect();
+    source_ips.push(peer.to_string());
+    let mut annotations = std::collections::BTreeMap::new();
+    if let Some(cmd) = text("kubectl-command") {
+        annotations.insert("kube-relay.io/kubectl-command", cmd);
+    }
+    if let Some(session) = text("kubectl-session") {
+        annotations.insert("kube-relay.io/kubectl-session", session);
+    }
+    AuditBase {
+        audit_id: audit_id.to_str().unwrap_or_default().to_owned(),
+        request_uri: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().path().to_owned(), |pq| pq.as_str().to_owned()),
+        verb: req.method().as_str().to_ascii_lowercase(),
+        source_ips,
+        user_agent: text("user-agent"),
+        received: Some(std::time::SystemTime::now()),
+        annotations,
+        ..AuditBase::default()
+    }
+}
+
+fn audit_user(p: &Principal) -> AuditUser {
+    let mut extra = std::collections::BTreeMap::new();
+    extra.insert("kube-relay.io/issuer", vec![p.issuer.to_string()]);
+    if let Some(oid) = &p.oid {
+        extra.insert("oid", vec![oid.clone()]);
+    }
+    if let Some(tid) = p.claim("tid") {
+        extra.insert("kube-relay.io/tid", vec![tid.to_owned()]);
+    }
+    if let Some(app) = &p.app_id {
+        extra.insert("kube-relay.io/app-id", vec![app.clone()]);
+    }
+    AuditUser {
+        username: p.username.clone(),
+        uid: p.oid.clone(),
+        groups: p.groups.clone(),
+        extra,
+    }
 }
 
 /// The phases, in order.
@@ -195,6 +278,9 @@ async fn proxy(
         } => (cluster, upstream_target.to_path_and_query()),
     };
     out.cluster = Some(cluster_name.clone());
+    out.audit
+        .annotations
+        .insert("kube-relay.io/cluster", cluster_name.clone());
 
     // Phase: header checks that need no identity.
     if headers::total_size(req.headers()) > headers::MAX_HEADER_BYTES {
@@ -203,8 +289,20 @@ async fn proxy(
     headers::reject_underscore_identity_headers(req.headers())?;
 
     // Phase: authenticate.
-    let principal = authenticate(state, req.headers()).await?;
-    out.user = Some(principal.user_key());
+    let principal = authenticate(state, conn, req.headers()).await?;
+    out.audit.user = Some(audit_user(&principal));
+    if let Err(wait) = state.identity_rate.take(&principal.user_key()) {
+        return Err(ProxyError::TooManyRequests {
+            message: format!("too many requests from {}; slow down", principal.username),
+            retry_after: wait.as_secs().max(1),
+        });
+    }
+    if let Some(uti) = principal.claim("uti").or_else(|| principal.claim("jti")) {
+        // The token's id, for correlation with the IdP's sign-in logs; never the token.
+        out.audit
+            .annotations
+            .insert("kube-relay.io/token-id", uti.to_owned());
+    }
 
     // Phase: find the cluster (after authentication, so anonymous callers cannot enumerate).
     let upstream = state.upstreams.get(&cluster_name).ok_or_else(|| {
@@ -213,54 +311,165 @@ async fn proxy(
         ))
     })?;
 
+    // A cluster the probe found down answers at once instead of after the connect timeout.
+    if !upstream.health.is_up() {
+        return Err(ProxyError::Upstream {
+            cluster: cluster_name.clone(),
+            failure: crate::error::UpstreamFailure::ConnectRefused,
+            detail: upstream
+                .health
+                .last_error()
+                .unwrap_or_else(|| "health probe failing".into()),
+        });
+    }
+
     // Phase: authorize.
     let info = RequestInfo::parse(req.method(), &upstream_target);
-    out.verb = info.verb.clone();
-    if headers::has_client_impersonation(req.headers()) {
-        return Err(ProxyError::Forbidden(
-            "impersonation (kubectl --as) is not allowed through kube-relay; it already impersonates you".into(),
-        ));
+    out.audit.verb = info.verb.clone();
+    if info.is_resource {
+        out.audit.object_ref = Some(AuditObject {
+            resource: info.resource.clone(),
+            namespace: info.namespace.clone(),
+            name: info.name.clone(),
+            api_group: info.api_group.clone(),
+            subresource: info.subresource.clone(),
+        });
     }
-    if let Decision::Deny(why) = authorize(&principal, &upstream.cluster, &info) {
+    // Nested impersonation (`kubectl --as`) is denied unless a rule allows it (security.md B2).
+    let nested = headers::requested_impersonation(req.headers())?;
+    if let Some(n) = &nested {
+        out.audit.impersonated = Some(AuditUser {
+            username: n.user.clone(),
+            uid: n.uid.clone(),
+            groups: n.groups.clone(),
+            extra: std::collections::BTreeMap::new(),
+        });
+    }
+    if let Decision::Deny(why) = authorize(&principal, &upstream.cluster, &info, nested.is_some()) {
+        state
+            .metrics
+            .denials
+            .get_or_create(&crate::metrics::ClusterLabels {
+                cluster: cluster_name.clone(),
+            })
+            .inc();
         return Err(ProxyError::Forbidden(why));
     }
+    out.audit
+        .annotations
+        .insert("authorization.k8s.io/decision", "allow".into());
 
     // Phase: prepare upstream headers.
     let mut up_headers = headers::sanitize_request(req.headers());
-    headers::add_identity(&mut up_headers, &upstream.cluster.upstream_auth, &principal)?;
+    let authorization = upstream
+        .credentials
+        .authorization(&principal)
+        .await
+        .map_err(|e| e.into_proxy_error(&cluster_name))?;
+    let impersonates = upstream.credentials.impersonates();
+    // In impersonate mode the relay speaks for the caller (or for whom a permitted `--as` names);
+    // in the other modes a permitted `--as` travels with the caller's own credential, so the
+    // cluster checks the caller's right to impersonate itself.
+    let own = impersonates.then(|| headers::Impersonation::of(&principal));
+    headers::add_identity(
+        &mut up_headers,
+        authorization,
+        nested.as_ref().or(own.as_ref()),
+    )?;
     headers::add_forwarding(&mut up_headers, req.headers(), conn.peer.ip(), audit_id);
+
+    // Long-running requests end when the caller's token does (plus grace): security.md A6.
+    let token_deadline = token_deadline(&principal, state.cfg.timeouts.token_grace);
 
     // Phase: forward or upgrade.
     if let Some(kind) = upgrade::requested(&req, &info)? {
         out.long_running = true;
         let client_upgrade = hyper::upgrade::on(&mut req);
-        return upgrade::relay(
+        let audit = out.audit.clone();
+        let guard = register_stream(
             state,
-            upstream,
+            &principal,
+            &cluster_name,
+            &info,
+            nested.is_some(),
+            crate::streams::StreamKind::Tunnel,
+        )?;
+        let up = upgrade::UpgradeRequest {
             req,
-            up_headers,
-            &upstream_target,
+            headers: up_headers,
+            target: &upstream_target,
             kind,
             client_upgrade,
-        )
-        .await;
+            token_deadline,
+            audit,
+            guard,
+        };
+        return upgrade::relay(state, upstream, up).await;
     }
     let query = upstream_target.split_once('?').map_or("", |(_, q)| q);
     out.long_running = info.is_long_running_read(query);
-    forward(
-        state,
-        upstream,
-        req,
-        up_headers,
-        &upstream_target,
-        out.long_running,
-    )
-    .await
+    let stream = if out.long_running {
+        let guard = register_stream(
+            state,
+            &principal,
+            &cluster_name,
+            &info,
+            nested.is_some(),
+            crate::streams::StreamKind::Watch,
+        )?;
+        Some((out.audit.clone(), token_deadline, guard))
+    } else {
+        None
+    };
+    forward(state, upstream, req, up_headers, &upstream_target, stream).await
+}
+
+/// Registers a long-running request, within the per-identity cap (scenario 9: one identity's
+/// 2,000 watches must not starve the others).
+fn register_stream(
+    state: &State,
+    p: &Arc<Principal>,
+    cluster: &str,
+    info: &RequestInfo,
+    impersonating: bool,
+    kind: crate::streams::StreamKind,
+) -> Result<crate::streams::StreamGuard, ProxyError> {
+    state
+        .streams
+        .register(
+            p.clone(),
+            cluster.to_owned(),
+            info.clone(),
+            impersonating,
+            kind,
+            state.cfg.limits.per_identity_streams,
+        )
+        .ok_or_else(|| ProxyError::TooManyRequests {
+            message: format!(
+                "too many concurrent watches and sessions for {} (limit {}); close some and retry",
+                p.username, state.cfg.limits.per_identity_streams
+            ),
+            retry_after: 5,
+        })
+}
+
+/// When a long-running request by `p` must end: its token's expiry plus the grace period.
+fn token_deadline(p: &Principal, grace: std::time::Duration) -> Instant {
+    let now_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let left = p.expires_at.saturating_sub(now_unix);
+    Instant::now() + std::time::Duration::from_secs(left) + grace
 }
 
 /// Extracts and validates the caller's bearer token (`Authorization`, else the WebSocket
-/// subprotocol entry browsers use).
-async fn authenticate(state: &State, h: &http::HeaderMap) -> Result<Principal, ProxyError> {
+/// subprotocol entry browsers use). A source that keeps failing is refused with 429 before any
+/// verification work, except for tokens already verified (security.md F5).
+async fn authenticate(
+    state: &State,
+    conn: &ConnCtx,
+    h: &http::HeaderMap,
+) -> Result<Arc<Principal>, ProxyError> {
     let token = match h.get(header::AUTHORIZATION) {
         Some(v) => {
             let s = v
@@ -276,9 +485,20 @@ async fn authenticate(state: &State, h: &http::HeaderMap) -> Result<Principal, P
         }
         None => headers::ws_bearer_token(h).unwrap_or_default(),
     };
+    let ip = conn.peer.ip();
+    if let Err(wait) = state.auth_failures.check(ip) {
+        if let Some(p) = state.auth.cached(&token) {
+            return Ok(p);
+        }
+        return Err(ProxyError::TooManyRequests {
+            message: "too many failed authentications from this address; retry later".into(),
+            retry_after: wait.as_secs().max(1),
+        });
+    }
     let result = state.auth.authenticate(&token).await;
     let (res, reason) = match &result {
-        Ok(_) => ("success", ""),
+        Ok((_, crate::auth::Verified::Cached)) => ("success", "cached"),
+        Ok((_, crate::auth::Verified::Verified)) => ("success", "verified"),
         Err(e) => ("failure", e.failure.as_label()),
     };
     state
@@ -289,17 +509,29 @@ async fn authenticate(state: &State, h: &http::HeaderMap) -> Result<Principal, P
             reason,
         })
         .inc();
-    result.map_err(|e| ProxyError::Unauthorized(format!("{}: {}", e.failure.as_label(), e.detail)))
+    match result {
+        Ok((p, _)) => Ok(p),
+        Err(e) => {
+            state.auth_failures.record_failure(ip);
+            Err(ProxyError::Unauthorized(format!(
+                "{}: {}",
+                e.failure.as_label(),
+                e.detail
+            )))
+        }
+    }
 }
 
 /// Forwards a non-upgrade request over the cluster's pooled client and streams the answer back.
+/// `stream` is set for long-running reads (watch, `logs -f`): their body gets an idle timeout,
+/// the token deadline and a close hook that writes the audit record's ResponseComplete.
 async fn forward(
     state: &State,
     upstream: &Upstream,
     req: Request<Incoming>,
     headers: http::HeaderMap,
     target: &str,
-    long_running: bool,
+    stream: Option<(AuditBase, Instant, crate::streams::StreamGuard)>,
 ) -> Result<Response<RelayBody>, ProxyError> {
     let cluster = upstream.cluster.name.to_string();
     let (parts, body) = req.into_parts();
@@ -336,26 +568,42 @@ async fn forward(
     })?;
     let (mut parts, body) = resp.into_parts();
     headers::sanitize_response(&mut parts.headers);
-    let body = if long_running {
-        let gauge = state
-            .metrics
-            .longrunning
-            .get_or_create(&LongRunningLabels {
-                cluster,
-                protocol: "watch",
-            })
-            .clone();
-        gauge.inc();
-        StreamBody::new(
-            body,
-            Some(state.cfg.timeouts.stream_idle),
-            Some(OnDrop::new(move || {
+    let body = match stream {
+        Some((audit, deadline, guard)) if parts.status.is_success() => {
+            let gauge = state
+                .metrics
+                .longrunning
+                .get_or_create(&LongRunningLabels {
+                    cluster,
+                    protocol: "watch",
+                })
+                .clone();
+            gauge.inc();
+            let log = state.audit.clone();
+            let code = parts.status.as_u16();
+            let close = OnClose::new(move |end| {
                 gauge.dec();
-            })),
-        )
-        .boxed()
-    } else {
-        StreamBody::new(body, None, None).boxed()
+                log.emit(
+                    &audit,
+                    "ResponseComplete",
+                    code,
+                    &[
+                        ("kube-relay.io/protocol", "watch".into()),
+                        ("kube-relay.io/bytes-to-client", end.bytes.to_string()),
+                        ("kube-relay.io/close-reason", end.reason.to_owned()),
+                    ],
+                );
+            });
+            StreamBody::new(
+                body,
+                Some(state.cfg.timeouts.stream_idle),
+                Some(deadline),
+                Some(close),
+            )
+            .stoppable(guard)
+            .boxed()
+        }
+        _ => StreamBody::new(body, None, None, None).boxed(),
     };
     Ok(Response::from_parts(parts, body))
 }

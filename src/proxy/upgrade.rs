@@ -30,7 +30,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use super::body::{OnDrop, RelayBody, StreamBody};
+use super::body::{RelayBody, StreamBody};
 use super::headers;
 use crate::app::State;
 use crate::authz::RequestInfo;
@@ -126,16 +126,38 @@ fn upstream_err(cluster: &str, failure: UpstreamFailure, detail: impl Into<Strin
     }
 }
 
+/// One upgrade request on its way upstream.
+pub struct UpgradeRequest<'a> {
+    pub req: Request<Incoming>,
+    /// Headers prepared for the upstream (sanitised, credential and identity added).
+    pub headers: HeaderMap,
+    pub target: &'a str,
+    pub kind: UpgradeKind,
+    /// The client side of the upgrade, taken from the request before it is consumed.
+    pub client_upgrade: OnUpgrade,
+    /// The tunnel closes at this instant (the caller's token expiry plus grace).
+    pub token_deadline: Instant,
+    pub audit: crate::audit::AuditBase,
+    /// Registration in the live-stream registry (revocation, drain).
+    pub guard: crate::streams::StreamGuard,
+}
+
 /// Performs the upgrade upstream, and on a valid 101 answers 101 and starts the tunnel.
 pub async fn relay(
     state: &State,
     upstream: &Upstream,
-    req: Request<Incoming>,
-    mut up_headers: HeaderMap,
-    target: &str,
-    kind: UpgradeKind,
-    client_upgrade: OnUpgrade,
+    up: UpgradeRequest<'_>,
 ) -> Result<Response<RelayBody>, ProxyError> {
+    let UpgradeRequest {
+        req,
+        headers: mut up_headers,
+        target,
+        kind,
+        client_upgrade,
+        token_deadline,
+        audit,
+        guard,
+    } = up;
     let cluster = upstream.cluster.name.to_string();
     let uri = upstream
         .uri(target)
@@ -213,7 +235,7 @@ pub async fn relay(
         headers::sanitize_response(&mut parts.headers);
         return Ok(Response::from_parts(
             parts,
-            StreamBody::new(body, None, None).boxed(),
+            StreamBody::new(body, None, None, None).boxed(),
         ));
     }
 
@@ -301,30 +323,58 @@ pub async fn relay(
         })
         .clone();
     gauge.inc();
-    let guard = OnDrop::new(move || {
-        gauge.dec();
-    });
+    let log = state.audit.clone();
     tokio::spawn(async move {
-        let _guard = guard;
         let (client_io, upstream_io) = match tokio::join!(client_upgrade, upstream_upgrade) {
             (Ok(c), Ok(u)) => (c, u),
             (c, u) => {
                 tracing::info!(client_ok = c.is_ok(), upstream_ok = u.is_ok(), cluster = %cluster, "upgrade did not complete");
+                gauge.dec();
                 return;
             }
         };
-        let (up, down, reason) =
-            tunnel(TokioIo::new(client_io), TokioIo::new(upstream_io), idle).await;
+        let (up, down, mut reason) = tunnel(
+            TokioIo::new(client_io),
+            TokioIo::new(upstream_io),
+            idle,
+            token_deadline,
+            guard.entry.token(),
+        )
+        .await;
+        if reason == "stopped" {
+            // Revoked access or draining: the registry says which.
+            reason = guard.entry.reason();
+        }
+        drop(guard);
+        gauge.dec();
         to_up.inc_by(up);
         to_client.inc_by(down);
+        log.emit(
+            &audit,
+            "ResponseComplete",
+            101,
+            &[
+                ("kube-relay.io/protocol", protocol.to_owned()),
+                ("kube-relay.io/bytes-to-upstream", up.to_string()),
+                ("kube-relay.io/bytes-to-client", down.to_string()),
+                ("kube-relay.io/close-reason", reason.to_owned()),
+            ],
+        );
         tracing::info!(cluster = %cluster, protocol, bytes_to_upstream = up, bytes_to_client = down, close = reason, "stream closed");
     });
     Ok(client_resp)
 }
 
-/// Copies both ways until either side closes, an error, or `idle` passes with no bytes.
-/// Returns bytes client→upstream, upstream→client, and why it closed.
-async fn tunnel<A, B>(client: A, upstream: B, idle: Duration) -> (u64, u64, &'static str)
+/// Copies both ways until either side closes, an error, `idle` passes with no bytes, or the
+/// caller's token deadline passes. Returns bytes client→upstream, upstream→client, and why it
+/// closed.
+async fn tunnel<A, B>(
+    client: A,
+    upstream: B,
+    idle: Duration,
+    deadline: Instant,
+    stop: tokio_util::sync::CancellationToken,
+) -> (u64, u64, &'static str)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -347,9 +397,13 @@ where
         let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
         tokio::pin!(copy);
         let check = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(30));
+        let expiry = tokio::time::sleep_until(deadline);
+        tokio::pin!(expiry);
         loop {
             tokio::select! {
                 r = &mut copy => break match r { Ok(_) => "closed", Err(_) => "error" },
+                () = &mut expiry => break "token_expired",
+                () = stop.cancelled() => break "stopped",
                 () = tokio::time::sleep(check) => {
                     let last = Duration::from_millis(activity.load(Ordering::Relaxed));
                     if base.elapsed().saturating_sub(last) >= idle {
@@ -420,7 +474,34 @@ mod tests {
     async fn tunnel_closes_when_idle() {
         let (a, _a_peer) = tokio::io::duplex(64);
         let (b, _b_peer) = tokio::io::duplex(64);
-        let (_, _, reason) = tunnel(a, b, Duration::from_secs(60)).await;
+        let (_, _, reason) = tunnel(
+            a,
+            b,
+            Duration::from_secs(60),
+            Instant::now() + Duration::from_secs(3600),
+            Default::default(),
+        )
+        .await;
         assert_eq!(reason, "idle_timeout");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tunnel_closes_at_the_token_deadline_even_when_busy() {
+        use tokio::io::AsyncWriteExt;
+        let (a, mut a_peer) = tokio::io::duplex(1 << 16);
+        let (b, _b_peer) = tokio::io::duplex(1 << 16);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let feeder = tokio::spawn(async move {
+            for _ in 0..100 {
+                if a_peer.write_all(b"ping").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let (_, _, reason) =
+            tunnel(a, b, Duration::from_secs(60), deadline, Default::default()).await;
+        assert_eq!(reason, "token_expired");
+        feeder.abort();
     }
 }

@@ -294,6 +294,12 @@ pub struct CustomRelay {
 impl CustomRelay {
     /// `clusters`: (name, fake upstream) pairs, each in passthrough mode, open to dev/alice.
     pub async fn start(clusters: &[(&str, &FakeUpstream)]) -> Self {
+        Self::start_with(clusters, "").await
+    }
+
+    /// Like [`CustomRelay::start`], with `extra_yaml` (top-level keys the base config does not
+    /// set, such as `timeouts:` or `limits:`) appended to the configuration.
+    pub async fn start_with(clusters: &[(&str, &FakeUpstream)], extra_yaml: &str) -> Self {
         kube_relay::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let ca = kube_sim::pki::TestCa::new("relay test CA").unwrap();
@@ -316,7 +322,7 @@ impl CustomRelay {
         .await
         .unwrap();
         let mut yaml = format!(
-            "listen: 127.0.0.1:0\npublic_url: https://localhost\ntls: {{cert_file: relay.crt, key_file: relay.key}}\n\
+            "listen: 127.0.0.1:0\npublic_url: https://localhost\ntls: {{cert_file: relay.crt, key_file: relay.key}}\naudit: {{path: audit.jsonl}}\n\
              routing: {{host_suffix: relay.test}}\nidentity:\n  issuers:\n    - {{name: dev, kind: oidc, issuer: \"{issuer_url}\", audiences: [kube-relay], ca_file: ca.crt}}\nclusters:\n"
         );
         for (name, up) in clusters {
@@ -326,6 +332,7 @@ impl CustomRelay {
                 port = up.addr.port()
             ));
         }
+        yaml.push_str(extra_yaml);
         let path = dir.path().join("relay.yaml");
         std::fs::write(&path, yaml).unwrap();
         let cfg = kube_relay::config::load(&path).unwrap();

@@ -1,0 +1,145 @@
+//! Live long-running streams (watch, `logs -f`, exec, attach, port-forward), so the relay can
+//! close the ones a configuration change revokes and spread closes out when draining.
+//!
+//! Each stream registers itself with who opened it and what it does; the registration is
+//! removed when the stream's guard drops, however the stream ends.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Principal;
+use crate::authz::RequestInfo;
+
+/// What kind of stream, for drain ordering (watches first, spread out; tunnels after a grace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    Watch,
+    Tunnel,
+}
+
+/// One live stream.
+pub struct StreamEntry {
+    pub principal: Arc<Principal>,
+    pub cluster: String,
+    pub info: RequestInfo,
+    pub impersonating: bool,
+    pub kind: StreamKind,
+    cancel: CancellationToken,
+    reason: Mutex<&'static str>,
+}
+
+impl StreamEntry {
+    /// Ends the stream; `reason` goes to the audit record.
+    pub fn close(&self, reason: &'static str) {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+        self.cancel.cancel();
+    }
+
+    pub fn reason(&self) -> &'static str {
+        *self.reason.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+}
+
+/// All live streams.
+#[derive(Default)]
+pub struct StreamRegistry {
+    next: AtomicU64,
+    entries: Mutex<HashMap<u64, Arc<StreamEntry>>>,
+    /// Live streams per identity (`issuer/subject`), for the per-identity cap.
+    per_identity: Mutex<HashMap<String, u32>>,
+}
+
+/// Keeps a stream registered; dropping it unregisters.
+pub struct StreamGuard {
+    registry: Arc<StreamRegistry>,
+    id: u64,
+    pub entry: Arc<StreamEntry>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.registry
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+        let mut counts = self
+            .registry
+            .per_identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = self.entry.principal.user_key();
+        if let Some(n) = counts.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&key);
+            }
+        }
+    }
+}
+
+impl StreamRegistry {
+    /// Registers a stream, unless its identity already holds `limit` live streams.
+    pub fn register(
+        self: &Arc<Self>,
+        principal: Arc<Principal>,
+        cluster: String,
+        info: RequestInfo,
+        impersonating: bool,
+        kind: StreamKind,
+        limit: u32,
+    ) -> Option<StreamGuard> {
+        {
+            let mut counts = self.per_identity.lock().unwrap_or_else(|e| e.into_inner());
+            let n = counts.entry(principal.user_key()).or_insert(0);
+            if *n >= limit {
+                return None;
+            }
+            *n += 1;
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let entry = Arc::new(StreamEntry {
+            principal,
+            cluster,
+            info,
+            impersonating,
+            kind,
+            cancel: CancellationToken::new(),
+            reason: Mutex::new("closed"),
+        });
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, entry.clone());
+        Some(StreamGuard {
+            registry: self.clone(),
+            id,
+            entry,
+        })
+    }
+
+    /// A snapshot of the live streams.
+    pub fn snapshot(&self) -> Vec<Arc<StreamEntry>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,154 @@
+//! Managed identity credentials against a loopback identity endpoint.
+//!
+//! azure_identity finds the managed identity endpoint only through the process environment
+//! (`IDENTITY_ENDPOINT` + `IDENTITY_HEADER`, as App Service, Container Apps and Arc set them;
+//! else IMDS at 169.254.169.254). So this is its own test binary with ONE test that sets those
+//! variables before anything reads them: no other test shares the process environment.
+
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use kube_sim::issuer::{DevIssuer, KeyAlg};
+use kube_sim::token_endpoint::TokenEndpointConfig;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+const TID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+const AKS_APP: &str = "6dae42f8-4368-4678-94ff-3960e28e3630";
+const RELAY_APP: &str = "0b1c8a2e-7d3f-4e5a-9b6c-1d2e3f4a5b6c";
+const MI_CLIENT: &str = "f6f6f6f6-0000-0000-0000-000000000006";
+const OID_ALICE: &str = "a1a1a1a1-0000-0000-0000-000000000001";
+const GROUP_OPS: &str = "0f0f0f0f-0000-0000-0000-00000000000f";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn claims_of(v: &http::HeaderValue) -> Value {
+    let jwt = v.to_str().unwrap().strip_prefix("Bearer ").unwrap();
+    let payload = jwt.split('.').nth(1).unwrap();
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_identity_for_impersonation_and_as_obo_federated_assertion() {
+    kube_relay::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = kube_sim::pki::TestCa::new("mi test CA").unwrap();
+    let leaf = ca.issue(&["127.0.0.1"]).unwrap();
+    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.path().join("relay.crt"), &leaf.cert_pem).unwrap();
+    std::fs::write(dir.path().join("relay.key"), &leaf.key_pem).unwrap();
+    let tls = kube_sim::server::tls_config(&leaf).unwrap();
+
+    // The identity endpoint: plain HTTP on loopback, like the real ones.
+    let mi_signer =
+        DevIssuer::generate(&format!("https://sts.windows.net/{TID}/"), KeyAlg::Rs256).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mi_port = l.local_addr().unwrap().port();
+    let mi_cfg = TokenEndpointConfig::new(TID, mi_signer.clone());
+    let identity_header = mi_cfg.identity_header.clone();
+    let mi = kube_sim::token_endpoint::serve(l, None, mi_cfg)
+        .await
+        .unwrap();
+    // Set before any credential is built, and the only test in this binary (see module docs).
+    std::env::set_var(
+        "IDENTITY_ENDPOINT",
+        format!("http://127.0.0.1:{mi_port}/msi/token"),
+    );
+    std::env::set_var("IDENTITY_HEADER", &identity_header);
+
+    // The callers' IdP and the OBO token endpoint, which trusts the MI's tokens as federated
+    // assertions.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let idp_authority = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());
+    let users = DevIssuer::generate(&format!("{idp_authority}/{TID}/v2.0"), KeyAlg::Rs256).unwrap();
+    let idp =
+        kube_sim::issuer::serve_entra(l, Some(tls.clone()), &idp_authority, TID, users.clone())
+            .await
+            .unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let te_authority = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());
+    let mut te_cfg = TokenEndpointConfig::new(TID, users.clone());
+    te_cfg.assertion_issuers = vec![users.clone(), mi_signer.clone()];
+    let te = kube_sim::token_endpoint::serve(l, Some(tls), te_cfg)
+        .await
+        .unwrap();
+
+    let yaml = format!(
+        r#"listen: 127.0.0.1:0
+public_url: https://localhost
+tls: {{cert_file: relay.crt, key_file: relay.key}}
+routing: {{host_suffix: relay.test}}
+identity:
+  issuers:
+    - name: contoso
+      kind: entra
+      tenant_id: {TID}
+      authority_host: {idp_authority}
+      ca_file: ca.crt
+      audiences: [api://kube-relay]
+      required_scopes: [user_impersonation]
+clusters:
+  - name: mi
+    server: https://mi.privatelink.test
+    ca_file: ca.crt
+    upstream_auth: {{mode: impersonate, azure: {{credential: managed_identity, client_id: {MI_CLIENT}}}}}
+    access: [{{groups: [{GROUP_OPS}]}}]
+  - name: obo-mi
+    server: https://obo.privatelink.test
+    ca_file: ca.crt
+    upstream_auth: {{mode: on_behalf_of, client_id: {RELAY_APP}, federated: {{credential: managed_identity, client_id: {MI_CLIENT}}}, authority_host: '{te_authority}', ca_file: ca.crt}}
+    access: [{{groups: [{GROUP_OPS}]}}]
+"#
+    );
+    let cfg = kube_relay::config::parse(&yaml, dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let auth = kube_relay::auth::Authenticator::new(
+        &cfg.issuers,
+        std::sync::Arc::new(kube_relay::metrics::Metrics::new()),
+    )
+    .unwrap();
+    let token = users.mint(json!({
+        "iss": format!("https://sts.windows.net/{TID}/"), "aud": "api://kube-relay", "tid": TID,
+        "oid": OID_ALICE, "upn": "alice@contoso.test", "scp": "user_impersonation",
+        "groups": [GROUP_OPS], "ver": "1.0", "iat": now(), "nbf": now(), "exp": now() + 3600,
+    }));
+    let alice = auth.authenticate(&token).await.unwrap().0;
+
+    // Impersonation with the managed identity: an AKS-audience app token, then cached.
+    let c = kube_relay::credentials::UpstreamCredentials::new(&cfg.clusters[0]).unwrap();
+    assert!(c.impersonates());
+    let v = c.authorization(&alice).await.unwrap().unwrap();
+    let claims = claims_of(&v);
+    assert_eq!(claims["aud"], AKS_APP);
+    assert_eq!(claims["appid"], MI_CLIENT);
+    assert_eq!(claims["idtyp"], "app");
+    assert_eq!(c.authorization(&alice).await.unwrap().unwrap(), v);
+    assert_eq!(mi.managed_identity_grants.load(Ordering::SeqCst), 1);
+
+    // OBO whose client assertion is the managed identity's token for api://AzureADTokenExchange.
+    let c = kube_relay::credentials::UpstreamCredentials::new(&cfg.clusters[1]).unwrap();
+    let v = c.authorization(&alice).await.unwrap().unwrap();
+    assert_eq!(claims_of(&v)["oid"], OID_ALICE);
+    assert_eq!(claims_of(&v)["aud"], AKS_APP);
+    let form = te.last_form();
+    let assertion = form["client_assertion"].clone();
+    let payload: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(assertion.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(payload["aud"], "api://AzureADTokenExchange");
+    assert_eq!(te.obo_grants.load(Ordering::SeqCst), 1);
+    assert_eq!(mi.managed_identity_grants.load(Ordering::SeqCst), 2);
+
+    idp.shutdown();
+    te.shutdown();
+    mi.shutdown();
+}

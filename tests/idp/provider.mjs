@@ -1,0 +1,210 @@
+// A real OpenID Connect issuer for kube-relay's integration tests: `oidc-provider` (pinned in
+// package.json) on 127.0.0.1 behind HTTPS. Nothing here contacts the network.
+//
+//   node provider.mjs --cert FILE --key FILE --keys FILE [--port N] [--client-id ID]
+//                     [--client-secret SECRET] [--resource URI]... [--no-nbf] [--parent-stdin]
+//
+// --cert/--key   PEM server certificate and key for the HTTPS listener.
+// --keys         JSON signing keys: {"keys": [...]}, each entry either a private JWK, or
+//                {"kid": "...", "pem": "-----BEGIN PRIVATE KEY-----..."} (PKCS#8, RSA or P-256),
+//                converted here. The FIRST RS256 key signs tokens; every key is published in the
+//                JWKS, so a rotation writes [new, old] and old tokens stay verifiable.
+// --port         listen port (default 0: any free port).
+// --client-id/--client-secret  the one confidential client (client_secret_basic or _post),
+//                allowed the client_credentials grant only (default kube-relay-ci / ci-secret).
+// --resource     a resource indicator (RFC 8707) the client may ask for; repeatable (default
+//                api://kube-relay). An access token for resource R is a JWT (RFC 9068) with
+//                aud = R, sub = client_id, RS256.
+// --no-nbf       issue tokens exactly as stock oidc-provider does (no `nbf`). By default an
+//                `nbf` = `iat` claim is added, because kube-relay requires `nbf` (design.md §5).
+// --parent-stdin exit when stdin reaches EOF (the parent died), besides on SIGTERM / SIGINT.
+//
+// Key rotation: send SIGHUP. The --keys file is re-read and a fresh Provider (same issuer,
+// client and port; the listener stays up) takes over every later request.
+//
+// stdout carries one JSON object per line:
+//   {"event":"listening","port":N,"issuer":"https://127.0.0.1:N","kids":[...]}   once, when ready
+//   {"event":"request","method":"GET","path":"/jwks"}                        each request
+//   {"event":"reloaded","kids":[...]}                                         after a SIGHUP
+//   {"event":"reload_failed","error":"..."}                                   bad key file on SIGHUP
+// Diagnostics go to stderr (oidc-provider prints a few notices of its own on stdout: readers
+// skip lines that are not JSON).
+
+import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
+import * as https from 'node:https';
+import { parseArgs } from 'node:util';
+
+import Provider, { errors } from 'oidc-provider';
+
+const { values: args } = parseArgs({
+  options: {
+    cert: { type: 'string' },
+    key: { type: 'string' },
+    keys: { type: 'string' },
+    port: { type: 'string', default: '0' },
+    'client-id': { type: 'string', default: 'kube-relay-ci' },
+    'client-secret': { type: 'string', default: 'ci-secret' },
+    resource: { type: 'string', multiple: true },
+    'no-nbf': { type: 'boolean', default: false },
+    'parent-stdin': { type: 'boolean', default: false },
+  },
+  strict: true,
+});
+
+for (const required of ['cert', 'key', 'keys']) {
+  if (!args[required]) {
+    process.stderr.write(`provider.mjs: --${required} is required\n`);
+    process.exit(2);
+  }
+}
+
+const resources = new Set(args.resource?.length ? args.resource : ['api://kube-relay']);
+
+function emit(event) {
+  process.stdout.write(`${JSON.stringify(event)}\n`);
+}
+
+// Reads the --keys file into private JWKs with `kid`, `alg` and `use` set.
+function loadKeys(file) {
+  const doc = JSON.parse(fs.readFileSync(file, 'utf8'));
+  if (!Array.isArray(doc.keys) || doc.keys.length === 0) {
+    throw new Error(`${file}: expected {"keys": [...]} with at least one key`);
+  }
+  return doc.keys.map((entry, i) => {
+    let jwk;
+    if (entry.pem) {
+      jwk = crypto.createPrivateKey(entry.pem).export({ format: 'jwk' });
+    } else if (entry.kty) {
+      jwk = { ...entry };
+    } else {
+      throw new Error(`${file}: keys[${i}] is neither a JWK nor {kid, pem}`);
+    }
+    if (!entry.kid) throw new Error(`${file}: keys[${i}] has no kid`);
+    if (!jwk.d) throw new Error(`${file}: keys[${i}] is not a private key`);
+    jwk.kid = entry.kid;
+    jwk.use = 'sig';
+    if (jwk.kty === 'RSA') jwk.alg = 'RS256';
+    else if (jwk.kty === 'EC' && jwk.crv === 'P-256') jwk.alg = 'ES256';
+    else throw new Error(`${file}: keys[${i}] must be RSA or EC P-256`);
+    return jwk;
+  });
+}
+
+function makeProvider(issuer, keys) {
+  // Tokens are signed with the first RS256 key; name it explicitly so the choice never depends
+  // on oidc-provider's keystore order.
+  const signer = keys.find((k) => k.alg === 'RS256');
+  if (!signer) throw new Error('the key set needs at least one RSA key (RS256)');
+  const provider = new Provider(issuer, {
+    jwks: { keys },
+    clients: [{
+      client_id: args['client-id'],
+      client_secret: args['client-secret'],
+      grant_types: ['client_credentials'],
+      response_types: [],
+      redirect_uris: [],
+      token_endpoint_auth_method: 'client_secret_basic',
+    }],
+    // Only ever used for interaction cookies, which this flow never sets; fixed so oidc-provider
+    // does not warn about generated keys.
+    cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
+    ttl: { ClientCredentials: 300 },
+    features: {
+      devInteractions: { enabled: false },
+      clientCredentials: { enabled: true },
+      introspection: { enabled: false },
+      revocation: { enabled: false },
+      resourceIndicators: {
+        enabled: true,
+        // No default resource: a request without `resource` gets an opaque token (which no
+        // relay can verify); the tests always name one.
+        defaultResource: () => undefined,
+        useGrantedResource: () => true,
+        getResourceServerInfo: (_ctx, resourceIndicator) => {
+          if (!resources.has(resourceIndicator)) throw new errors.InvalidTarget();
+          return {
+            scope: 'kube',
+            audience: resourceIndicator,
+            accessTokenTTL: 300,
+            accessTokenFormat: 'jwt',
+            jwt: { sign: { alg: 'RS256', kid: signer.kid } },
+          };
+        },
+      },
+    },
+    formats: {
+      customizers: {
+        async jwt(_ctx, _token, jwt) {
+          if (!args['no-nbf']) jwt.payload.nbf = jwt.payload.iat;
+        },
+      },
+    },
+  });
+  provider.on('server_error', (_ctx, err) => {
+    process.stderr.write(`provider.mjs: server_error: ${err?.stack ?? err}\n`);
+  });
+  return provider;
+}
+
+const tls = {
+  cert: fs.readFileSync(args.cert),
+  key: fs.readFileSync(args.key),
+};
+
+let handler = null;
+const server = https.createServer(tls, (req, res) => {
+  emit({ event: 'request', method: req.method, path: (req.url ?? '').split('?')[0] });
+  handler(req, res);
+});
+
+function shutdown() {
+  server.close();
+  server.closeAllConnections?.();
+  process.exit(0);
+}
+process.on('SIGTERM', shutdown);
+process.on('SIGINT', shutdown);
+if (args['parent-stdin']) {
+  process.stdin.on('end', shutdown);
+  process.stdin.on('error', shutdown);
+  process.stdin.resume();
+}
+
+server.on('error', (err) => {
+  process.stderr.write(`provider.mjs: ${err.stack ?? err}\n`);
+  process.exit(1);
+});
+
+let keys;
+try {
+  keys = loadKeys(args.keys);
+} catch (err) {
+  process.stderr.write(`provider.mjs: ${err.message ?? err}\n`);
+  process.exit(1);
+}
+
+server.listen(Number(args.port), '127.0.0.1', () => {
+  const { port } = server.address();
+  const issuer = `https://127.0.0.1:${port}`;
+  try {
+    handler = makeProvider(issuer, keys).callback();
+  } catch (err) {
+    process.stderr.write(`provider.mjs: ${err.stack ?? err}\n`);
+    process.exit(1);
+  }
+
+  process.on('SIGHUP', () => {
+    try {
+      const next = loadKeys(args.keys);
+      handler = makeProvider(issuer, next).callback();
+      emit({ event: 'reloaded', kids: next.map((k) => k.kid) });
+    } catch (err) {
+      emit({ event: 'reload_failed', error: String(err?.message ?? err) });
+    }
+  });
+
+  emit({
+    event: 'listening', port, issuer, kids: keys.map((k) => k.kid),
+  });
+});

@@ -1,0 +1,713 @@
+//! Reload and drain (security.md scenarios 5 and 7): configuration changes under continuous
+//! traffic lose no request; an invalid file is rejected whole; live streams survive unless their
+//! access was revoked; SIGHUP and file changes trigger reloads; SIGTERM drains gracefully.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn config_path(env: &Env) -> std::path::PathBuf {
+    env.dev.dir.join("relay.yaml")
+}
+
+/// Rewrites relay.yaml with `f` applied to its text.
+fn edit(env: &Env, f: impl Fn(&str) -> String) -> String {
+    let p = config_path(env);
+    let old = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, f(&old)).unwrap();
+    old
+}
+
+async fn admin_get(admin: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut c = tokio::net::TcpStream::connect(admin).await.unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut m = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_string(&mut m)).await;
+    let (code, _, body) = parse_response(&m);
+    (code, body)
+}
+
+/// Opens a watch on `path` and returns the stream after the first event arrived.
+async fn open_watch(
+    env: &Env,
+    token: &str,
+    path: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut s = tls_connect(
+        env.dev.relay_addr,
+        &env.relay_ca(),
+        "localhost",
+        &[b"http/1.1"],
+    )
+    .await;
+    let req =
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut got = String::new();
+    let mut buf = vec![0u8; 65536];
+    while !got.contains("\"ADDED\"") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("watch events")
+            .unwrap();
+        assert!(n > 0, "watch closed: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    s
+}
+
+/// Reads until the response ends (last chunk) or the connection closes; returns what arrived and
+/// whether it ended within `limit`.
+async fn read_to_end(
+    s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    limit: Duration,
+) -> (String, bool) {
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let r = tokio::time::timeout(limit, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    all.extend_from_slice(&buf[..n]);
+                    if all == b"0\r\n\r\n" || all.ends_with(b"\r\n0\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    (String::from_utf8_lossy(&all).into_owned(), r.is_ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_reloads_under_traffic_lose_nothing() {
+    let env = dev_env().await;
+    let token = env.dev.token("alice");
+    let relay = env.dev.relay_handle.clone();
+    let doc = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: before-reloads\n";
+    ok_out(env.kubectl("1.33", "alpha").args(["apply", "-f", "-"]), doc);
+    // A live watch that must survive every reload.
+    let mut watch = open_watch(
+        &env,
+        &token,
+        "/clusters/alpha/api/v1/namespaces/default/configmaps?watch=true",
+    )
+    .await;
+
+    // The probe: REST over one HTTP/2 connection and over fresh HTTP/1.1 connections.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let probe = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let (addr, ca, token) = (env.dev.relay_addr, env.relay_ca(), token.clone());
+        tokio::spawn(async move {
+            use http_body_util::{BodyExt, Empty};
+            let tls = tls_connect(addr, &ca, "alpha.relay.localhost", &[b"h2"]).await;
+            let (mut send, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tls),
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let code = if i % 2 == 0 {
+                    let req = http::Request::get(
+                        "https://alpha.relay.localhost/api/v1/namespaces/default/pods",
+                    )
+                    .header("authorization", format!("Bearer {token}"))
+                    .body(Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                    match send.send_request(req).await {
+                        Ok(r) => {
+                            let st = r.status().as_u16();
+                            let _ = r.into_body().collect().await;
+                            st
+                        }
+                        Err(_) => 0,
+                    }
+                } else {
+                    let mut s =
+                        tls_connect(addr, &ca, "beta.relay.localhost", &[b"http/1.1"]).await;
+                    let req = format!("GET /version HTTP/1.1\r\nHost: beta.relay.localhost\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
+                    let _ = s.write_all(req.as_bytes()).await;
+                    let mut buf = Vec::new();
+                    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+                        .await;
+                    parse_response(&String::from_utf8_lossy(&buf)).0
+                };
+                if code == 200 {
+                    ok.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    failed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+
+    let original = std::fs::read_to_string(config_path(&env)).unwrap();
+    let variant = original.replace(
+        "        verbs: [get, list, watch]\n",
+        "        verbs: [get, list]\n",
+    );
+    assert_ne!(original, variant);
+    let served = || ok.load(Ordering::SeqCst) + failed.load(Ordering::SeqCst);
+    for i in 0..100 {
+        std::fs::write(
+            config_path(&env),
+            if i % 2 == 0 { &variant } else { &original },
+        )
+        .unwrap();
+        relay.reload().await.expect("valid config reloads");
+        // Interleave: the probe completes requests between every two reloads.
+        let before = served();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while served() < before + 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "probe stalled after reload {i}"
+            );
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    // An invalid file is rejected whole; the running configuration keeps serving.
+    std::fs::write(
+        config_path(&env),
+        original.replace("mode: passthrough", "mode: teleport"),
+    )
+    .unwrap();
+    let err = relay.reload().await.unwrap_err();
+    assert!(err.contains("clusters[1].upstream_auth.mode"), "{err}");
+    std::fs::write(config_path(&env), &original).unwrap();
+
+    stop.store(true, Ordering::SeqCst);
+    probe.await.unwrap();
+    assert!(
+        ok.load(Ordering::SeqCst) >= 200,
+        "probe ran: {}",
+        ok.load(Ordering::SeqCst)
+    );
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "failed probe requests during 100 reloads"
+    );
+
+    // The watch lived through all of it and still delivers events.
+    let doc = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: after-reloads\n";
+    ok_out(env.kubectl("1.33", "alpha").args(["apply", "-f", "-"]), doc);
+    let mut got = String::new();
+    let mut buf = vec![0u8; 65536];
+    while !got.contains("after-reloads") {
+        let n = tokio::time::timeout(Duration::from_secs(10), watch.read(&mut buf))
+            .await
+            .expect("event after reloads")
+            .unwrap();
+        assert!(n > 0, "the watch was closed by a reload");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let (_, m) = admin_get(env.dev.admin_addr.unwrap(), "/metrics").await;
+    let count = |result: &str| -> u64 {
+        let key = format!("relay_config_reloads_total{{result=\"{result}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    // The file watcher may add reloads of its own on top of the 100 explicit ones.
+    assert!(count("success") >= 100, "{m}");
+    assert!(count("failure") >= 1, "{m}");
+    env.dev.stop().await;
+}
+
+fn ok_out(cmd: &mut Command, stdin: &str) {
+    let c = std::mem::replace(cmd, Command::new("true"));
+    ok(
+        &run(c, Some(stdin.as_bytes()), Duration::from_secs(60)),
+        "kubectl",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_access_closes_live_streams() {
+    let env = dev_env().await;
+    let bob = env.dev.token("bob");
+    let mut watch = open_watch(
+        &env,
+        &bob,
+        "/clusters/beta/api/v1/namespaces/default/pods?watch=true&audit=bob",
+    )
+    .await;
+    // Take bob's rule away.
+    edit(&env, |s| {
+        s.replace(
+            "      - users: [dev/bob]\n        verbs: [get, list, watch]\n",
+            "",
+        )
+    });
+    env.dev.relay_handle.reload().await.unwrap();
+    let (got, ended) = read_to_end(&mut watch, Duration::from_secs(10)).await;
+    assert!(
+        ended,
+        "a revoked watch stayed open; got {:?}; audit:\n{}",
+        &got[got.len().saturating_sub(60)..],
+        std::fs::read_to_string(env.dev.dir.join("audit.jsonl")).unwrap_or_default()
+    );
+    // The audit log says why.
+    let audit = env.dev.dir.join("audit.jsonl");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&audit).unwrap_or_default();
+        if text.lines().any(|l| {
+            l.contains("audit=bob")
+                && l.contains("\"ResponseComplete\"")
+                && l.contains("access_revoked")
+        }) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no access_revoked record:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // New requests by bob are refused; alice is unaffected.
+    let (c, _, _) = request(
+        &env,
+        "localhost",
+        "GET",
+        "/clusters/beta/api/v1/namespaces/default/pods",
+        &[("Authorization", &format!("Bearer {bob}"))],
+    )
+    .await;
+    assert_eq!(c, 403);
+    env.dev.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_file_is_picked_up_without_a_signal() {
+    let env = dev_env().await;
+    let bob = env.dev.token("bob");
+    let (c, _, _) = request(
+        &env,
+        "localhost",
+        "GET",
+        "/clusters/beta/api/v1/namespaces/default/pods",
+        &[("Authorization", &format!("Bearer {bob}"))],
+    )
+    .await;
+    assert_eq!(c, 200);
+    edit(&env, |s| {
+        s.replace("users: [dev/bob]", "users: [dev/nobody]")
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (c, _, _) = request(
+            &env,
+            "localhost",
+            "GET",
+            "/clusters/beta/api/v1/namespaces/default/pods",
+            &[("Authorization", &format!("Bearer {bob}"))],
+        )
+        .await;
+        if c == 403 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "file change not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.dev.stop().await;
+}
+
+/// The real binary: SIGHUP reloads; SIGTERM drains (readiness fails at once, new connections
+/// still served during the delay, watches end cleanly, exit by the deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_sigterm_drains_the_serve_process() {
+    let env = dev_env().await;
+    // A second relay process on the same clusters and issuer, from a copy of the dev config.
+    let cfg = std::fs::read_to_string(config_path(&env)).unwrap();
+    let listen_line = cfg
+        .lines()
+        .find(|l| l.starts_with("listen:"))
+        .unwrap()
+        .to_owned();
+    let admin_line = cfg
+        .lines()
+        .find(|l| l.trim_start().starts_with("listen:") && l.starts_with("  "))
+        .unwrap()
+        .to_owned();
+    let cfg = cfg
+        .replace(&listen_line, "listen: 127.0.0.1:0")
+        .replace(&admin_line, "  listen: 127.0.0.1:0")
+        .replace(
+            "  drain_delay: 200ms\n  drain_window: 1s\n",
+            "  drain_delay: 1s\n  drain_window: 1s\n  drain_timeout: 10s\n",
+        )
+        .replace("path: audit.jsonl", "path: serve-audit.jsonl");
+    let path = env.dev.dir.join("serve.yaml");
+    std::fs::write(&path, &cfg).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kube-relay"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines() {
+            let Ok(l) = l else { break };
+            let _ = tx.send(l);
+        }
+    });
+    let started = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("serve logs its addresses");
+    let grab = |key: &str| -> std::net::SocketAddr {
+        let rest = started
+            .split(key)
+            .nth(1)
+            .unwrap_or_else(|| panic!("{key} in {started}"));
+        let rest = rest.trim_start_matches("Some(");
+        rest.split(|c: char| c == ' ' || c == ')')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let addr = grab("listen=");
+    let admin = grab("admin=");
+    wait_ready(admin).await;
+
+    // SIGHUP → one successful reload.
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, m) = admin_get(admin, "/metrics").await;
+        if m.contains(r#"relay_config_reloads_total{result="success"} 1"#) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIGHUP did not reload:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let token = env.dev.token("alice");
+    let ca = env.relay_ca();
+    let mut watch = tls_connect(addr, &ca, "localhost", &[b"http/1.1"]).await;
+    watch
+        .write_all(format!("GET /clusters/alpha/api/v1/namespaces/default/pods?watch=true HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = tokio::time::timeout(Duration::from_secs(10), watch.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    // Readiness fails at once...
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if admin_get(admin, "/readyz").await.0 == 503 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz still 200 while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...while a new connection during the delay is still served.
+    let mut s = tls_connect(addr, &ca, "localhost", &[b"http/1.1"]).await;
+    s.write_all(format!("GET /clusters/alpha/version HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp)).await;
+    assert_eq!(parse_response(&String::from_utf8_lossy(&resp)).0, 200);
+    // The watch ends with a proper last chunk, not a reset.
+    let (rest, ended) = read_to_end(&mut watch, Duration::from_secs(10)).await;
+    assert!(ended, "watch still open after the drain window");
+    assert!(
+        rest.ends_with("0\r\n\r\n"),
+        "the watch was cut, not ended: {:?}",
+        &rest[rest.len().saturating_sub(40)..]
+    );
+    // The process exits on its own, successfully, before the deadline.
+    let (tx2, rx2) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx2.send(child.wait());
+    });
+    let status = rx2
+        .recv_timeout(Duration::from_secs(15))
+        .expect("exits by the drain deadline")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    env.dev.stop().await;
+}
+
+/// Scenario 9: one identity flooding requests or opening many watches gets 429 above its caps,
+/// keyed by identity; another identity is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_identity_limits_do_not_touch_other_identities() {
+    let env = dev_env().await;
+    edit(&env, |s| {
+        s.replace(
+            "audit:\n",
+            "limits: {per_identity_requests_per_second: 2, per_identity_burst: 4, per_identity_streams: 2}\naudit:\n",
+        )
+    });
+    env.dev.relay_handle.reload().await.unwrap();
+    let alice = format!("Bearer {}", env.dev.token("alice"));
+    let bob = format!("Bearer {}", env.dev.token("bob"));
+    let pods = "/clusters/beta/api/v1/namespaces/default/pods";
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        codes.push(
+            request(
+                &env,
+                "localhost",
+                "GET",
+                pods,
+                &[("Authorization", alice.as_str())],
+            )
+            .await
+            .0,
+        );
+    }
+    assert!(
+        codes.iter().filter(|c| **c == 200).count() <= 5,
+        "{codes:?}"
+    );
+    assert!(codes.contains(&429), "{codes:?}");
+    let (c, head, body) = request(
+        &env,
+        "localhost",
+        "GET",
+        pods,
+        &[("Authorization", alice.as_str())],
+    )
+    .await;
+    if c == 429 {
+        assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+        assert!(body.contains("TooManyRequests"), "{body}");
+    }
+    assert_eq!(
+        request(
+            &env,
+            "localhost",
+            "GET",
+            pods,
+            &[("Authorization", bob.as_str())]
+        )
+        .await
+        .0,
+        200,
+        "bob is unaffected"
+    );
+
+    // Streams: two watches for bob, the third refused, another identity still fine.
+    let watch = format!("{pods}?watch=true");
+    let w1 = open_watch(&env, &env.dev.token("bob"), &watch).await;
+    let _w2 = open_watch(&env, &env.dev.token("bob"), &watch).await;
+    // Let bob's token bucket refill so the next refusal is the stream cap, not the rate.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (c, _, body) = request(
+        &env,
+        "localhost",
+        "GET",
+        &watch,
+        &[("Authorization", bob.as_str())],
+    )
+    .await;
+    assert_eq!(c, 429, "{body}");
+    assert!(body.contains("concurrent"), "{body}");
+    drop(w1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let mut s = tls_connect(
+            env.dev.relay_addr,
+            &env.relay_ca(),
+            "localhost",
+            &[b"http/1.1"],
+        )
+        .await;
+        s.write_all(
+            format!("GET {watch} HTTP/1.1\r\nHost: localhost\r\nAuthorization: {bob}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        if String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a closed watch never freed its slot"
+        );
+    }
+    env.dev.stop().await;
+}
+
+/// A switchable TCP forwarder: on, it pipes to `target`; off, its port refuses connections.
+struct Switch {
+    port: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+    target: std::net::SocketAddr,
+}
+
+impl Switch {
+    async fn new(target: std::net::SocketAddr) -> Self {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut s = Self {
+            port,
+            task: None,
+            target,
+        };
+        s.task = Some(Self::serve(l, target));
+        s
+    }
+
+    fn serve(
+        l: tokio::net::TcpListener,
+        target: std::net::SocketAddr,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut a, _)) = l.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    if let Ok(mut b) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    }
+                });
+            }
+        })
+    }
+
+    fn off(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    async fn on(&mut self) {
+        let l = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        self.task = Some(Self::serve(l, self.target));
+    }
+}
+
+/// Issue 5 item 4 / scenario 1: a cluster that goes away answers a fast 503 naming it, shows in
+/// `/readyz`, does not affect the others, and recovers without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_cluster_fails_fast_and_recovers() {
+    let env = dev_env().await;
+    let mut switch = Switch::new(env.dev.beta.addr).await;
+    let beta_port = env.dev.beta.addr.port();
+    edit(&env, |s| {
+        s.replace(
+            &format!("connect: 127.0.0.1:{beta_port}"),
+            &format!("connect: 127.0.0.1:{}", switch.port),
+        )
+        .replace(
+            "  drain_delay: 200ms\n",
+            "  drain_delay: 200ms\n  health_interval: 100ms\n",
+        )
+    });
+    env.dev.relay_handle.reload().await.unwrap();
+    let tok = format!("Bearer {}", env.dev.token("alice"));
+    let get = |cluster: &'static str| {
+        let (env, tok) = (&env, tok.clone());
+        async move {
+            request(
+                env,
+                "localhost",
+                "GET",
+                &format!("/clusters/{cluster}/version"),
+                &[("Authorization", tok.as_str())],
+            )
+            .await
+        }
+    };
+    assert_eq!(get("beta").await.0, 200);
+    switch.off();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (c, _, body) = get("beta").await;
+        if c == 503 && body.contains("beta") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "beta never reported down: {c} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Down means fast, and the rest of the relay is fine.
+    let t = std::time::Instant::now();
+    assert_eq!(get("beta").await.0, 503);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "503 took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(get("alpha").await.0, 200);
+    let (code, body) = admin_get(env.dev.admin_addr.unwrap(), "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("[-] cluster beta: down"), "{body}");
+    assert!(body.contains("[+] cluster alpha: reachable"), "{body}");
+    // Back up: traffic flows again without a restart.
+    switch.on().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if get("beta").await.0 == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "beta never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.dev.stop().await;
+}

@@ -1,0 +1,555 @@
+//! A real IdP in front of the relay: `oidc-provider` (node, pinned in tests/idp/package.json and
+//! installed by scripts/install-test-deps.sh) on 127.0.0.1 over HTTPS, issuing RFC 9068 JWT
+//! access tokens by the client-credentials grant. The relay discovers its keys through the
+//! discovery document, accepts its tokens for the configured audience, refuses them for another,
+//! and follows a key rotation with exactly one JWKS fetch.
+//!
+//! The provider is tests/idp/provider.mjs: it prints one JSON line per event on stdout (ready,
+//! each request it serves, key reloads) and rotates its keys on SIGHUP.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube_sim::issuer::{DevIssuer, KeyAlg};
+use kube_sim::pki::TestCa;
+use kube_sim::record::UserInfo;
+use kube_sim::server::{SimAuth, SimConfig, SimHandle, StaticToken};
+use rustls::pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const CLIENT_ID: &str = "kube-relay-ci";
+const CLIENT_SECRET: &str = "ci-secret-5f1c";
+const AUDIENCE: &str = "api://kube-relay";
+const OTHER_AUDIENCE: &str = "api://something-else";
+const RELAY_TOKEN: &str = "relay-own-token-8d2e";
+/// Every wait on the provider is bounded by this.
+const WAIT: Duration = Duration::from_secs(15);
+
+fn idp_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/idp")
+}
+
+/// A fresh RSA signing key: (kid, PKCS#8 PEM).
+fn rsa_key() -> (String, String) {
+    let k = DevIssuer::generate("https://key.generator.invalid", KeyAlg::Rs256).unwrap();
+    (k.kid(), k.signing_key_pem())
+}
+
+/// The provider's `--keys` file: the first key signs, all are published.
+fn write_keys(path: &Path, keys: &[&(String, String)]) {
+    let keys: Vec<Value> = keys
+        .iter()
+        .map(|(kid, pem)| serde_json::json!({"kid": kid, "pem": pem}))
+        .collect();
+    std::fs::write(path, serde_json::json!({ "keys": keys }).to_string()).unwrap();
+}
+
+/// tests/idp/provider.mjs as a child process; killed (and reaped) on drop.
+struct Idp {
+    child: Child,
+    /// The JSON lines it printed, in order.
+    events: Arc<Mutex<Vec<Value>>>,
+    stderr: Arc<Mutex<String>>,
+    issuer: String,
+    addr: std::net::SocketAddr,
+    ca: Vec<CertificateDer<'static>>,
+    keys_file: PathBuf,
+}
+
+impl Idp {
+    /// Starts the provider with `keys` (first one signs) and waits for its ready line.
+    async fn start(dir: &Path, keys: &[&(String, String)], extra: &[&str]) -> Self {
+        assert!(
+            idp_dir().join("node_modules/oidc-provider").exists(),
+            "tests/idp/node_modules missing: run scripts/install-test-deps.sh (scripts/test does)"
+        );
+        let ca = TestCa::new("test IdP CA").unwrap();
+        let leaf = ca.issue(&["127.0.0.1"]).unwrap();
+        std::fs::write(dir.join("idp.crt"), &leaf.cert_pem).unwrap();
+        std::fs::write(dir.join("idp.key"), &leaf.key_pem).unwrap();
+        std::fs::write(dir.join("idp-ca.crt"), ca.cert_pem()).unwrap();
+        let keys_file = dir.join("idp-keys.json");
+        write_keys(&keys_file, keys);
+
+        let mut cmd = Command::new("node");
+        cmd.arg(idp_dir().join("provider.mjs"))
+            .arg("--cert")
+            .arg(dir.join("idp.crt"))
+            .arg("--key")
+            .arg(dir.join("idp.key"))
+            .arg("--keys")
+            .arg(&keys_file)
+            .args(["--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET])
+            .args(["--resource", AUDIENCE, "--resource", OTHER_AUDIENCE])
+            .arg("--parent-stdin")
+            .args(extra)
+            .current_dir(idp_dir())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn node (is node on PATH?)");
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let out = child.stdout.take().unwrap();
+        let ev = events.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                // oidc-provider prints a few notices of its own: only JSON lines are events.
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    ev.lock().unwrap().push(v);
+                }
+            }
+        });
+        let mut err = child.stderr.take().unwrap();
+        let se = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                se.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let ca = CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let mut idp = Self {
+            child,
+            events,
+            stderr,
+            issuer: String::new(),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            ca,
+            keys_file,
+        };
+        let ready = idp.wait_event(|e| e["event"] == "listening").await;
+        idp.issuer = ready["issuer"].as_str().unwrap().to_owned();
+        idp.addr.set_port(ready["port"].as_u64().unwrap() as u16);
+        assert_eq!(idp.issuer, format!("https://{}", idp.addr));
+        idp
+    }
+
+    /// Waits (bounded) for an event matching `pred` and returns it.
+    async fn wait_event(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(e) = self.events.lock().unwrap().iter().find(|e| pred(e)) {
+                return e.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "provider.mjs exited ({status}) early; stderr:\n{}",
+                    self.stderr.lock().unwrap()
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "provider.mjs: no matching event within {WAIT:?}; events: {:?}; stderr:\n{}",
+                self.events.lock().unwrap(),
+                self.stderr.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// How many requests for `path` the provider has served.
+    fn hits(&self, path: &str) -> usize {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event"] == "request" && e["path"] == path)
+            .count()
+    }
+
+    /// Rewrites the key file and sends SIGHUP; returns once the provider has reloaded.
+    async fn rotate(&mut self, keys: &[&(String, String)]) {
+        let before = self.reloads();
+        write_keys(&self.keys_file, keys);
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -HUP failed");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.reloads() == before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "provider.mjs did not reload its keys; events: {:?}; stderr:\n{}",
+                self.events.lock().unwrap(),
+                self.stderr.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let last = self
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|e| e["event"] == "reloaded" || e["event"] == "reload_failed")
+            .cloned()
+            .unwrap();
+        assert_eq!(last["event"], "reloaded", "{last}");
+        let want: Vec<&str> = keys.iter().map(|(kid, _)| kid.as_str()).collect();
+        assert_eq!(last["kids"], serde_json::json!(want));
+    }
+
+    fn reloads(&self) -> usize {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event"] == "reloaded" || e["event"] == "reload_failed")
+            .count()
+    }
+
+    /// A client-credentials access token for `resource`, from the provider's token endpoint.
+    async fn token(&self, resource: &str) -> String {
+        let body = format!(
+            "grant_type=client_credentials&resource={}",
+            form_encode(resource)
+        );
+        let basic = base64_basic(CLIENT_ID, CLIENT_SECRET);
+        let req = format!(
+            "POST /token HTTP/1.1\r\nHost: {}\r\nAuthorization: Basic {basic}\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            self.addr,
+            body.len()
+        );
+        let mut s = support::tls_connect(self.addr, &self.ca, "127.0.0.1", &[b"http/1.1"]).await;
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+            .await
+            .expect("token endpoint answers in time")
+            .ok();
+        let raw = String::from_utf8_lossy(&buf);
+        let (code, _, body) = support::parse_response(&raw);
+        assert_eq!(code, 200, "token endpoint: {raw}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        assert_eq!(v["token_type"], "Bearer", "{v}");
+        v["access_token"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for Idp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn form_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn base64_basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+}
+
+/// The (unverified) JOSE header and payload of a compact JWS.
+fn jwt_parts(token: &str) -> (Value, Value) {
+    use base64::Engine as _;
+    let mut parts = token.split('.');
+    let mut decode = || {
+        let seg = parts.next().unwrap();
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(seg)
+            .unwrap();
+        serde_json::from_slice::<Value>(&bytes).unwrap()
+    };
+    (decode(), decode())
+}
+
+/// A simulated cluster trusting the relay's own token, with impersonation rights.
+async fn start_cluster() -> (SimHandle, String) {
+    let ca = TestCa::new("kube-sim idp-test cluster CA").unwrap();
+    let leaf = ca.issue(&["sim.kube-sim.localhost", "127.0.0.1"]).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = kube_sim::server::start(
+        listener,
+        Some(kube_sim::server::tls_config(&leaf).unwrap()),
+        SimConfig {
+            auth: SimAuth {
+                static_tokens: vec![StaticToken {
+                    token: RELAY_TOKEN.to_owned(),
+                    user: UserInfo {
+                        username: "system:serviceaccount:kube-system:kube-relay".to_owned(),
+                        ..UserInfo::default()
+                    },
+                    can_impersonate: true,
+                }],
+                jwt: Vec::new(),
+            },
+            ..SimConfig::new("sim")
+        },
+    )
+    .await
+    .unwrap();
+    (sim, ca.cert_pem().to_owned())
+}
+
+/// The relay, in process: one `oidc` issuer pointing at `idp` and one impersonating cluster
+/// `sim` open to the provider's client.
+struct Relay {
+    addr: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    ca: Vec<CertificateDer<'static>>,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl Relay {
+    async fn start(dir: &Path, idp: &Idp, sim: &SimHandle, sim_ca_pem: &str) -> Self {
+        kube_relay::install_crypto_provider();
+        let ca = TestCa::new("relay test CA").unwrap();
+        let leaf = ca.issue(&["localhost", "127.0.0.1"]).unwrap();
+        std::fs::write(dir.join("relay.crt"), &leaf.cert_pem).unwrap();
+        std::fs::write(dir.join("relay.key"), &leaf.key_pem).unwrap();
+        std::fs::write(dir.join("sim-ca.crt"), sim_ca_pem).unwrap();
+        std::fs::write(dir.join("relay-token"), RELAY_TOKEN).unwrap();
+        let yaml = format!(
+            r#"listen: 127.0.0.1:0
+public_url: https://localhost
+tls: {{cert_file: relay.crt, key_file: relay.key}}
+admin: {{listen: 127.0.0.1:0}}
+routing: {{host_suffix: relay.test}}
+identity:
+  issuers:
+    - name: idp
+      kind: oidc
+      issuer: "{issuer}"
+      audiences: ["{AUDIENCE}"]
+      username_claim: sub
+      ca_file: idp-ca.crt
+      key_refresh_cooldown: 1s
+clusters:
+  - name: sim
+    server: "https://sim.kube-sim.localhost:{port}"
+    connect: "127.0.0.1:{port}"
+    ca_file: sim-ca.crt
+    upstream_auth: {{mode: impersonate, token_file: relay-token}}
+    access: [{{users: [idp/{CLIENT_ID}]}}]
+"#,
+            issuer = idp.issuer,
+            port = sim.addr.port(),
+        );
+        let path = dir.join("relay.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let cfg = kube_relay::config::load(&path).unwrap();
+        let app = kube_relay::app::App::bind(cfg).await.unwrap();
+        let addr = app.local_addr().unwrap();
+        let admin = app.admin_addr().unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(app.run(shutdown.clone()));
+        support::wait_ready(admin).await;
+        let ca = CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        Self {
+            addr,
+            admin,
+            ca,
+            shutdown,
+        }
+    }
+
+    /// `GET /clusters/sim/api/v1/namespaces/default/pods` with `token`; (status, body).
+    async fn list_pods(&self, token: &str) -> (u16, String) {
+        let req = format!(
+            "GET /clusters/sim/api/v1/namespaces/default/pods HTTP/1.1\r\nHost: localhost\r\n\
+             Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        );
+        let mut s = support::tls_connect(self.addr, &self.ca, "localhost", &[b"http/1.1"]).await;
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+            .await
+            .expect("relay answers in time")
+            .ok();
+        let raw = String::from_utf8_lossy(&buf).into_owned();
+        let (code, _, body) = support::parse_response(&raw);
+        (code, body)
+    }
+
+    /// The admin listener's /metrics text.
+    async fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(self.admin).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+            .await
+            .expect("metrics in time")
+            .ok();
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// `relay_jwks_refresh_total{issuer="idp",result}`, if the relay has counted any.
+fn refreshes(metrics: &str, result: &str) -> Option<u64> {
+    let series = format!("relay_jwks_refresh_total{{issuer=\"idp\",result=\"{result}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// `relay_authn_total{result="failure",reason}`: 0 when never counted.
+fn authn_failures(metrics: &str, reason: &str) -> u64 {
+    let series = format!("relay_authn_total{{result=\"failure\",reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+/// The last request the cluster saw for the pods list, with the identity it resolved.
+fn last_pods_user(sim: &SimHandle) -> UserInfo {
+    sim.record
+        .matching("/api/v1/namespaces/default/pods")
+        .last()
+        .expect("the cluster saw the request")
+        .user
+        .clone()
+        .expect("the cluster authenticated the request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oidc_provider_tokens_are_accepted_and_its_key_rotation_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = rsa_key();
+    let mut idp = Idp::start(dir.path(), &[&first], &[]).await;
+    let (sim, sim_ca) = start_cluster().await;
+    let relay = Relay::start(dir.path(), &idp, &sim, &sim_ca).await;
+    // Readiness means the relay loaded the provider's keys: discovery, then jwks_uri.
+    assert!(idp.hits("/.well-known/openid-configuration") >= 1);
+    assert!(
+        idp.hits("/jwks") >= 1,
+        "the relay fetched the JWKS at start"
+    );
+
+    // (a) A client-credentials token for the relay's audience reaches the cluster as the client.
+    let token = idp.token(AUDIENCE).await;
+    let (header, claims) = jwt_parts(&token);
+    assert_eq!(header["alg"], "RS256", "{header}");
+    assert_eq!(header["kid"], first.0.as_str(), "{header}");
+    assert_eq!(claims["iss"], idp.issuer.as_str(), "{claims}");
+    assert_eq!(claims["aud"], AUDIENCE, "{claims}");
+    assert_eq!(claims["sub"], CLIENT_ID, "{claims}");
+    let (code, body) = relay.list_pods(&token).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"web-0\""), "{body}");
+    let user = last_pods_user(&sim);
+    assert_eq!(user.username, CLIENT_ID, "{user:?}");
+
+    // (b) The same client, the same keys, another audience: refused, and no key fetch for it.
+    let jwks_at_start = idp.hits("/jwks");
+    let other = idp.token(OTHER_AUDIENCE).await;
+    assert_eq!(jwt_parts(&other).1["aud"], OTHER_AUDIENCE);
+    let (code, body) = relay.list_pods(&other).await;
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("\"kind\":\"Status\""), "{body}");
+    assert_eq!(idp.hits("/jwks"), jwks_at_start);
+    let metrics = relay.metrics().await;
+    assert_eq!(
+        authn_failures(&metrics, "claims"),
+        1,
+        "refused for its aud: {metrics}"
+    );
+
+    // (c) Rotation: a new signing key (new kid) first, the old one still published.
+    let second = rsa_key();
+    assert_ne!(first.0, second.0);
+    idp.rotate(&[&second, &first]).await;
+    // No wait needed: scheduled fetches do not start the unknown-kid cooldown, only unknown-kid
+    // fetches do, and the relay was ready (keys loaded) before the first token.
+    let rotated = idp.token(AUDIENCE).await;
+    assert_eq!(jwt_parts(&rotated).0["kid"], second.0.as_str());
+    let before = idp.hits("/jwks");
+    let refreshes_at_start = refreshes(&relay.metrics().await, "success");
+    assert!(refreshes_at_start.is_some_and(|n| n >= 1));
+    // Several requests at once with the new kid: all wait on one single-flight fetch.
+    let burst = futures_util::future::join_all((0..4).map(|_| relay.list_pods(&rotated))).await;
+    for (code, body) in burst {
+        assert_eq!(code, 200, "rotated key not followed: {body}");
+    }
+    assert_eq!(last_pods_user(&sim).username, CLIENT_ID);
+    assert_eq!(idp.hits("/jwks"), before + 1, "exactly one JWKS fetch");
+    // Now cached: the new token again, and the old one (its key is still published), fetch nothing.
+    for t in [&rotated, &token] {
+        let (code, body) = relay.list_pods(t).await;
+        assert_eq!(code, 200, "{body}");
+    }
+    assert_eq!(idp.hits("/jwks"), before + 1, "cached keys need no fetch");
+
+    // The relay counts the same fetches: one at start-up, one for the new kid.
+    let metrics = relay.metrics().await;
+    assert_eq!(
+        refreshes(&metrics, "success"),
+        Some(refreshes_at_start.unwrap() + 1),
+        "{metrics}"
+    );
+    assert_eq!(refreshes(&metrics, "failure"), None, "{metrics}");
+    assert_eq!(authn_failures(&metrics, "unknown_key"), 0, "{metrics}");
+    sim.shutdown();
+}
+
+/// oidc-provider's stock JWT access tokens (RFC 9068) carry no `nbf`; kube-relay requires one
+/// (design.md §5, security.md E4), so such a token is refused even though everything else about
+/// it is right. provider.mjs adds `nbf` = `iat` unless `--no-nbf`. If the relay ever stops
+/// requiring `nbf`, this test is the one to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_oidc_provider_tokens_without_nbf_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rsa_key();
+    let idp = Idp::start(dir.path(), &[&key], &["--no-nbf"]).await;
+    let (sim, sim_ca) = start_cluster().await;
+    let relay = Relay::start(dir.path(), &idp, &sim, &sim_ca).await;
+    let token = idp.token(AUDIENCE).await;
+    let claims = jwt_parts(&token).1;
+    assert!(claims.get("nbf").is_none(), "{claims}");
+    assert_eq!(claims["aud"], AUDIENCE, "{claims}");
+    let (code, body) = relay.list_pods(&token).await;
+    assert_eq!(code, 401, "{body}");
+    let metrics = relay.metrics().await;
+    assert_eq!(
+        authn_failures(&metrics, "claims"),
+        1,
+        "refused for nbf: {metrics}"
+    );
+    assert!(
+        sim.record.matching("/api/").is_empty(),
+        "nothing reached the cluster"
+    );
+    sim.shutdown();
+}
