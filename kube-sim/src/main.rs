@@ -40,6 +40,19 @@ enum Command {
         /// latter may impersonate). Repeatable.
         #[arg(long = "token", value_name = "TOKEN:USER[:impersonator]", value_parser = parse_token)]
         tokens: Vec<StaticToken>,
+        /// An extra DNS name or IP for the certificate (with --tls-dir). Repeatable.
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
+    },
+    /// Serve the dev OIDC issuer (discovery and JWKS over HTTPS) until interrupted. Writes
+    /// DIR/ca.crt, DIR/issuer.key (the PKCS#8 signing key, for minting test tokens) and
+    /// DIR/issuer.json.
+    Issuer {
+        /// Address to listen on; the issuer URL is https://<this address>.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
     },
 }
 
@@ -76,18 +89,25 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
-    let Command::Serve {
-        listen,
-        name,
-        git_version,
-        tls_dir,
-        tokens,
-    } = Cli::parse().command;
+    let (listen, name, git_version, tls_dir, tokens, sans) = match Cli::parse().command {
+        Command::Serve {
+            listen,
+            name,
+            git_version,
+            tls_dir,
+            tokens,
+            sans,
+        } => (listen, name, git_version, tls_dir, tokens, sans),
+        Command::Issuer { listen, dir } => return serve_issuer(listen, &dir).await,
+    };
     let tls = match &tls_dir {
         None => None,
         Some(dir) => {
             let ca = kube_sim::pki::TestCa::new(&format!("kube-sim {name} CA"))?;
-            let leaf = ca.issue(&["localhost", "127.0.0.1"])?;
+            let ip = listen.ip().to_string();
+            let mut names: Vec<&str> = vec!["localhost", "127.0.0.1", &ip];
+            names.extend(sans.iter().map(String::as_str));
+            let leaf = ca.issue(&names)?;
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             let ca_path = dir.join("ca.crt");
             std::fs::write(&ca_path, ca.cert_pem())
@@ -109,6 +129,33 @@ async fn main() -> anyhow::Result<()> {
     };
     let handle = server::start(listener, tls, cfg).await?;
     println!("listening on {scheme}://{}", handle.addr);
+    tokio::signal::ctrl_c().await?;
+    handle.shutdown();
+    Ok(())
+}
+
+/// `kube-sim issuer`: the dev issuer as its own process (e.g. inside a test network namespace).
+async fn serve_issuer(listen: std::net::SocketAddr, dir: &std::path::Path) -> anyhow::Result<()> {
+    use kube_sim::issuer::{DevIssuer, KeyAlg};
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
+    let url = format!("https://{addr}");
+    let ca = kube_sim::pki::TestCa::new("kube-sim issuer CA")?;
+    let ip = addr.ip().to_string();
+    let leaf = ca.issue(&["localhost", "127.0.0.1", &ip])?;
+    let issuer = DevIssuer::generate(&url, KeyAlg::Es256)?;
+    std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
+    std::fs::write(dir.join("issuer.key"), issuer.signing_key_pem())?;
+    std::fs::write(
+        dir.join("issuer.json"),
+        format!("{{\"issuer\":\"{url}\",\"alg\":\"ES256\"}}"),
+    )?;
+    let handle =
+        kube_sim::issuer::serve(listener, Some(server::tls_config(&leaf)?), issuer).await?;
+    println!("issuer {url}");
     tokio::signal::ctrl_c().await?;
     handle.shutdown();
     Ok(())
