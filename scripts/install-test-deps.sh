@@ -119,3 +119,23 @@ else
     printf '%s\n' "$deploy_want" >"$DEPLOY_STAMP"
     log "deploy check deps installed: $("$DEPLOY_VENV/bin/python" -m pip show checkov 2>/dev/null | sed -n 's/^Version: /checkov /p')"
 fi
+
+# --- Benchmark harness tools (scripts/bench, tests/bench_harness.rs) ---
+# h2load (nghttp2-client), nginx (nginx-light, the peer proxy) and wrk, from Debian; only what
+# is missing, and only as root with apt-get (tests/bench_harness.rs skips itself without them).
+bench_missing=()
+command -v h2load >/dev/null || bench_missing+=(nghttp2-client)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || bench_missing+=(nginx-light)
+command -v wrk >/dev/null || bench_missing+=(wrk)
+if [ "${#bench_missing[@]}" -eq 0 ]; then
+    log "benchmark tools present (h2load, nginx, wrk)"
+elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    log "apt-get install ${bench_missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y -qq "${bench_missing[@]}" >/dev/null 2>&1; then
+        apt-get update -qq
+        apt-get install -y -qq "${bench_missing[@]}" >/dev/null
+    fi
+else
+    log "benchmark tools missing (${bench_missing[*]}): tests/bench_harness.rs will skip"
+fi

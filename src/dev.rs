@@ -231,6 +231,7 @@ timeouts:
   # Dev mode stops quickly on Ctrl-C; production defaults are 5s / 20s.
   drain_delay: 200ms
   drain_window: 1s
+  drain_timeout: 3s
 routing:
   host_suffix: {HOST_SUFFIX}
   path_prefix: /clusters

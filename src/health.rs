@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::upstream::Upstream;
 
+/// The probe's `User-Agent`, so cluster logs (and tests) can tell probes from user traffic.
+pub const PROBE_USER_AGENT: &str = "kube-relay/health-probe";
+
 /// Consecutive failed probes before requests fail fast.
 pub const FAILURES_TO_MARK_DOWN: u32 = 2;
 
@@ -115,6 +118,7 @@ async fn probe(
     let path = uri.path_and_query().map_or("/readyz", |p| p.as_str());
     let req = http::Request::get(path)
         .header(http::header::HOST, authority)
+        .header(http::header::USER_AGENT, PROBE_USER_AGENT)
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
     sender

@@ -180,6 +180,13 @@ fn host_cluster(
     public_host: &str,
     host: &str,
 ) -> Result<Option<String>, RouteError> {
+    if !host.is_ascii() {
+        // Hosts arrive ASCII on the wire (IDNs as punycode); anything else is malformed, and
+        // byte offsets below assume ASCII.
+        return Err(RouteError::BadRequest(
+            "host names must be ASCII (punycode for IDNs)",
+        ));
+    }
     let host = host.strip_suffix('.').unwrap_or(host);
     if host.is_empty() || host.starts_with('[') || host.parse::<std::net::IpAddr>().is_ok() {
         return Ok(None);
@@ -524,6 +531,9 @@ mod tests {
             go(Some("relay.example.com"), None, "/api"),
             Err(RouteError::NoCluster(_))
         ));
+        // Non-ASCII never panics and never routes.
+        assert!(go(Some("ééééééééééééééééé.x"), None, "/api").is_err());
+        assert!(go(None, Some("é.relay.example.com"), "/api").is_err());
         let long: &'static str =
             Box::leak(format!("{}.relay.example.com", "a".repeat(64)).into_boxed_str());
         assert!(go(Some(long), None, "/api").is_err());

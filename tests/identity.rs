@@ -243,7 +243,7 @@ impl Entra {
         let r = self
             .sim
             .record
-            .all()
+            .traffic()
             .pop()
             .expect("a request reached the cluster");
         let groups = r
@@ -369,7 +369,10 @@ async fn foreign_and_mismatched_tenants_are_refused() {
     }
     // A v2 token claiming the v1 issuer form is checked against v1 metadata and still needs to
     // satisfy every rule; with a v2-only audience the relay accepts it only if configured.
-    assert!(e.sim.record.all().is_empty(), "nothing reached the cluster");
+    assert!(
+        e.sim.record.traffic().is_empty(),
+        "nothing reached the cluster"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -659,7 +662,7 @@ async fn audit_records_mirror_kubernetes_events_and_never_hold_tokens() {
     }
     // The cluster saw the same audit id, so AKS rows join relay rows.
     assert_eq!(
-        e.sim.record.all().last().unwrap().header("audit-id"),
+        e.sim.record.traffic().last().unwrap().header("audit-id"),
         Some("audit-abc-1")
     );
 
@@ -830,14 +833,14 @@ async fn kubectl_as_needs_a_rule_and_is_recorded() {
     let (c, _, b) = send(as_admin(&alice)).await;
     assert_eq!(c, 403, "{b}");
     assert!(b.contains("may not impersonate"), "{b}");
-    assert!(e.sim.record.all().is_empty());
+    assert!(e.sim.record.traffic().is_empty());
     // carol's rule allows it: the cluster sees the requested identity.
     let carol = e.issuer.mint(e.v1_user(OID_CAROL, json!({})));
     let (c, _, b) = send(as_admin(&carol)).await;
     assert_eq!(c, 201, "{b}");
     let v: Value = serde_json::from_str(&b[b.find('{').unwrap()..=b.rfind('}').unwrap()]).unwrap();
     assert_eq!(v["status"]["userInfo"]["username"], "ops-robot");
-    let r = e.sim.record.all().pop().unwrap();
+    let r = e.sim.record.traffic().pop().unwrap();
     assert_eq!(r.header_values("impersonate-user"), vec!["ops-robot"]);
     assert_eq!(r.header_values("impersonate-group"), vec!["ops"]);
     assert_eq!(

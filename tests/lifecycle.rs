@@ -357,7 +357,7 @@ async fn sighup_reloads_and_sigterm_drains_the_serve_process() {
         .replace(&listen_line, "listen: 127.0.0.1:0")
         .replace(&admin_line, "  listen: 127.0.0.1:0")
         .replace(
-            "  drain_delay: 200ms\n  drain_window: 1s\n",
+            "  drain_delay: 200ms\n  drain_window: 1s\n  drain_timeout: 3s\n",
             "  drain_delay: 1s\n  drain_window: 1s\n  drain_timeout: 10s\n",
         )
         .replace("path: audit.jsonl", "path: serve-audit.jsonl");

@@ -169,7 +169,7 @@ clusters:
         v["status"]["userInfo"]["username"], "alice@contoso.test",
         "{out}"
     );
-    let r = sim.record.all().pop().unwrap();
+    let r = sim.record.traffic().pop().unwrap();
     assert!(r.header("impersonate-user").is_none());
     let sent = r
         .header("authorization")

@@ -100,7 +100,7 @@ async fn path_and_sni_routing_forward_the_suffix_byte_for_byte() {
         .dev
         .beta
         .record
-        .all()
+        .traffic()
         .iter()
         .any(|r| r.path_and_query == "/version"));
     // Bare cluster path is the root.
@@ -117,7 +117,7 @@ async fn path_and_sni_routing_forward_the_suffix_byte_for_byte() {
         .dev
         .alpha
         .record
-        .all()
+        .traffic()
         .iter()
         .any(|r| r.path_and_query == "/"));
     env.dev.stop().await;
@@ -161,7 +161,7 @@ async fn disagreeing_names_are_421_and_bad_segments_400() {
     let (c, h, b) = request(&env, PUBLIC, "GET", "/clusters/gamma/api", &auth).await;
     assert_status(c, &h, &b, 404, "NotFound");
     assert!(
-        env.dev.alpha.record.all().is_empty() && env.dev.beta.record.all().is_empty(),
+        env.dev.alpha.record.traffic().is_empty() && env.dev.beta.record.traffic().is_empty(),
         "nothing may reach a cluster"
     );
     env.dev.stop().await;
@@ -204,7 +204,7 @@ async fn h2_coalesced_authority_for_another_cluster_is_421() {
         serde_json::from_slice::<Value>(&body).unwrap()["reason"],
         "Misdirected"
     );
-    assert!(env.dev.beta.record.all().is_empty());
+    assert!(env.dev.beta.record.traffic().is_empty());
     env.dev.stop().await;
 }
 
@@ -310,7 +310,13 @@ async fn header_hygiene_in_impersonate_and_passthrough_modes() {
         .to_owned();
     assert_eq!(minted.len(), 36);
     assert_eq!(
-        env.dev.beta.record.all().last().unwrap().header("audit-id"),
+        env.dev
+            .beta
+            .record
+            .traffic()
+            .last()
+            .unwrap()
+            .header("audit-id"),
         Some(minted.as_str())
     );
     env.dev.stop().await;
@@ -366,7 +372,7 @@ async fn client_impersonation_is_refused_and_underscored_names_rejected() {
     )
     .await;
     assert_status(c, &h, &b, 400, "BadRequest");
-    assert!(env.dev.alpha.record.all().is_empty());
+    assert!(env.dev.alpha.record.traffic().is_empty());
     env.dev.stop().await;
 }
 
@@ -516,7 +522,7 @@ async fn bad_tokens_are_401_with_challenge() {
         );
     }
     assert!(
-        env.dev.beta.record.all().is_empty(),
+        env.dev.beta.record.traffic().is_empty(),
         "no bad token may reach a cluster"
     );
     // A 40 KiB header block is refused as a Status, before the token is even looked at.
@@ -597,11 +603,11 @@ async fn access_rules_default_deny_and_verbs() {
     .await;
     assert_status(c, &head, &body, 403, "Forbidden");
     assert_eq!(
-        env.dev.beta.record.all().len(),
+        env.dev.beta.record.traffic().len(),
         1,
         "only bob's read reached beta"
     );
-    assert!(env.dev.alpha.record.all().is_empty());
+    assert!(env.dev.alpha.record.traffic().is_empty());
     env.dev.stop().await;
 }
 
@@ -638,7 +644,7 @@ async fn only_websocket_and_spdy_on_streaming_subresources() {
         assert_status(c, &h, &b, 400, "BadRequest");
         assert!(h.to_ascii_lowercase().contains("connection: close"), "{h}");
     }
-    assert!(env.dev.alpha.record.all().is_empty());
+    assert!(env.dev.alpha.record.traffic().is_empty());
     env.dev.stop().await;
 }
 
@@ -945,7 +951,7 @@ async fn websocket_bearer_subprotocol_is_validated_and_stripped() {
     );
     let resp = raw_exchange(&env, PUBLIC, raw.as_bytes()).await;
     assert!(resp.starts_with("HTTP/1.1 101"), "{resp}");
-    let r = env.dev.beta.record.all().pop().unwrap();
+    let r = env.dev.beta.record.traffic().pop().unwrap();
     assert!(r.headers.iter().all(|(_, v)| !v.contains("forged")));
     // A forged token alone is refused before anything reaches the cluster.
     env.dev.beta.record.clear();
@@ -958,6 +964,6 @@ async fn websocket_bearer_subprotocol_is_validated_and_stripped() {
     );
     let (c, _, _) = parse_response(&raw_exchange(&env, PUBLIC, raw.as_bytes()).await);
     assert_eq!(c, 401);
-    assert!(env.dev.beta.record.all().is_empty());
+    assert!(env.dev.beta.record.traffic().is_empty());
     env.dev.stop().await;
 }

@@ -538,7 +538,17 @@ async fn forward(
     let uri = upstream
         .uri(target)
         .map_err(|e| ProxyError::BadRequest(format!("cannot forward this request-target: {e}")))?;
-    let mut up_req = Request::new(body.boxed());
+    // A client body that breaks mid-way (bad chunk framing, reset) is the client's fault: note
+    // it so the failed exchange is reported as 400, not blamed on the cluster.
+    let client_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = client_body_failed.clone();
+    let body = body
+        .map_err(move |e| {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            e
+        })
+        .boxed();
+    let mut up_req = Request::new(body);
     *up_req.method_mut() = parts.method;
     *up_req.uri_mut() = uri;
     *up_req.headers_mut() = headers;
@@ -559,6 +569,11 @@ async fn forward(
         ),
     })?
     .map_err(|e| {
+        if client_body_failed.load(std::sync::atomic::Ordering::Relaxed) {
+            return ProxyError::BadRequest(
+                "the request body is malformed (invalid chunked framing or cut short)".into(),
+            );
+        }
         let (failure, detail) = crate::upstream::classify(&e);
         ProxyError::Upstream {
             cluster: cluster.clone(),

@@ -14,6 +14,20 @@ use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// What a simulated cluster received from users, without the relay's health probes.
+pub trait Traffic {
+    fn traffic(&self) -> Vec<kube_sim::record::RecordedRequest>;
+}
+
+impl Traffic for kube_sim::record::Record {
+    fn traffic(&self) -> Vec<kube_sim::record::RecordedRequest> {
+        self.all()
+            .into_iter()
+            .filter(|r| r.header("user-agent") != Some(kube_relay::health::PROBE_USER_AGENT))
+            .collect()
+    }
+}
+
 pub const KUBECTL_VERSIONS: &[&str] = &["1.27", "1.29", "1.30", "1.31", "1.33"];
 
 /// A dev environment in a temporary directory, on ephemeral ports.
@@ -241,25 +255,42 @@ impl FakeUpstream {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                *conns.lock().unwrap() += 1;
                 let acceptor = acceptor.clone();
-                let rec = rec.clone();
+                let (rec, conns) = (rec.clone(), conns.clone());
                 tokio::spawn(async move {
                     let Ok(mut s) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let mut answered = false;
+                    // The relay's health probes get a plain 200 and are neither recorded nor
+                    // counted: tests count the connections user requests arrived on.
+                    let mut mine = Vec::new();
+                    let mut state = 0u8; // 0 reading headers, 1 user connection, 2 probe
                     let mut buf = [0u8; 4096];
                     loop {
                         match tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await
                         {
                             Ok(Ok(n)) if n > 0 => {
-                                rec.lock().unwrap().extend_from_slice(&buf[..n]);
-                                let seen = rec.lock().unwrap().windows(4).any(|w| w == b"\r\n\r\n");
-                                if seen && !answered {
-                                    answered = true;
-                                    let _ = s.write_all(response).await;
-                                    let _ = s.flush().await;
+                                if state == 1 {
+                                    rec.lock().unwrap().extend_from_slice(&buf[..n]);
+                                    continue;
+                                }
+                                mine.extend_from_slice(&buf[..n]);
+                                if state == 0 && mine.windows(4).any(|w| w == b"\r\n\r\n") {
+                                    let text = String::from_utf8_lossy(&mine).into_owned();
+                                    if text.contains(kube_relay::health::PROBE_USER_AGENT) {
+                                        state = 2;
+                                        let _ = s
+                                            .write_all(
+                                                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+                                            )
+                                            .await;
+                                    } else {
+                                        state = 1;
+                                        *conns.lock().unwrap() += 1;
+                                        rec.lock().unwrap().extend_from_slice(&mine);
+                                        let _ = s.write_all(response).await;
+                                        let _ = s.flush().await;
+                                    }
                                 }
                             }
                             _ => return,

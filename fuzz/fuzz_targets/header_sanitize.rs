@@ -1,0 +1,4 @@
+//! Fuzz target `header_sanitize`: see `harness.rs` for the input layout and the invariants checked.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kube_relay_fuzz::header_sanitize_bytes(data));
