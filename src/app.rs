@@ -302,6 +302,7 @@ impl App {
         let permits = Arc::new(Semaphore::new(
             relay.state().cfg.limits.max_connections as usize,
         ));
+        let sources = Arc::new(crate::limits::SourceConnections::default());
         loop {
             let permit = tokio::select! {
                 () = stop_accepting.cancelled() => break,
@@ -322,8 +323,15 @@ impl App {
             let _ = tcp.set_nodelay(true);
             let relay = relay.clone();
             let close = close_connections.clone();
+            let sources = sources.clone();
             tracker.spawn(async move {
                 let _permit = permit;
+                let limit = relay.state().cfg.limits.max_connections_per_source;
+                // Over the per-source cap: close before TLS, so a flood costs no handshake.
+                let Some(_slot) = sources.acquire(peer.ip(), limit) else {
+                    tracing::debug!(peer = %peer, "per-source connection limit reached");
+                    return;
+                };
                 serve_connection(relay, tcp, peer, close).await;
             });
         }

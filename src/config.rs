@@ -117,6 +117,7 @@ struct FileAudit {
 #[serde(deny_unknown_fields)]
 struct FileLimits {
     max_connections: Option<u32>,
+    max_connections_per_source: Option<u32>,
     auth_failures_per_minute: Option<u32>,
     per_identity_requests_per_second: Option<u32>,
     per_identity_burst: Option<u32>,
@@ -327,6 +328,8 @@ impl Default for Timeouts {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_connections: u32,
+    /// Open connections one source address may hold (NAT gateways: size generously).
+    pub max_connections_per_source: u32,
     /// Failed authentications per source address per minute before 429.
     pub auth_failures_per_minute: u32,
     /// Sustained requests per second per identity (issuer, subject), and the burst above it.
@@ -340,6 +343,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
+            max_connections_per_source: 1_000,
             auth_failures_per_minute: 60,
             per_identity_requests_per_second: 100,
             per_identity_burst: 400,
@@ -717,6 +721,12 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
             Some(n) => n,
             None => Limits::default().max_connections,
         },
+        max_connections_per_source: at_least_one(
+            limits.max_connections_per_source,
+            "limits.max_connections_per_source",
+            Limits::default().max_connections_per_source,
+            &mut errs,
+        ),
         auth_failures_per_minute: at_least_one(
             limits.auth_failures_per_minute,
             "limits.auth_failures_per_minute",

@@ -63,6 +63,43 @@ impl FailureLimiter {
     }
 }
 
+/// Open connections per source address (security.md F1: one address cannot hold every slot).
+#[derive(Default)]
+pub struct SourceConnections {
+    open: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// Holds one connection slot of a source; dropping it frees the slot.
+pub struct SourceSlot<'a> {
+    owner: &'a SourceConnections,
+    ip: IpAddr,
+}
+
+impl SourceConnections {
+    /// A slot for `ip`, unless it already holds `limit` connections.
+    pub fn acquire(&self, ip: IpAddr, limit: u32) -> Option<SourceSlot<'_>> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot { owner: self, ip })
+    }
+}
+
+impl Drop for SourceSlot<'_> {
+    fn drop(&mut self) {
+        let mut open = self.owner.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// A token bucket per identity: `rate` requests per second sustained, bursts up to `burst`.
 pub struct IdentityRate {
     rate: f64,
@@ -119,6 +156,18 @@ mod tests {
         assert!(l.check(b).is_ok(), "another source is unaffected");
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(l.check(a).is_ok(), "a new window starts clean");
+    }
+
+    #[test]
+    fn source_slots_are_capped_and_freed() {
+        let c = SourceConnections::default();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let s1 = c.acquire(a, 2).unwrap();
+        let _s2 = c.acquire(a, 2).unwrap();
+        assert!(c.acquire(a, 2).is_none());
+        assert!(c.acquire("10.0.0.2".parse().unwrap(), 2).is_some());
+        drop(s1);
+        assert!(c.acquire(a, 2).is_some());
     }
 
     #[tokio::test(start_paused = true)]

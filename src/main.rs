@@ -94,13 +94,21 @@ enum DevCmd {
     },
 }
 
-fn init_tracing() {
+/// Logs go to stderr through a background writer: the access log line of every request must not
+/// cost the request path a blocking write (measured ~0.25 ms of p50 at 2,000 req/s, docs/perf).
+/// Not lossy: under pressure the queue applies backpressure rather than dropping lines. Keep
+/// the guard alive until exit; dropping it flushes.
+fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .init();
+    guard
 }
 
 fn main() -> ExitCode {
@@ -132,7 +140,7 @@ fn main() -> ExitCode {
         },
         Cmd::Serve { config } => {
             kube_relay::install_crypto_provider();
-            init_tracing();
+            let _log = init_tracing();
             let cfg = match kube_relay::config::load(&config) {
                 Ok(c) => c,
                 Err(errs) => {
@@ -219,7 +227,7 @@ fn main() -> ExitCode {
                 }
             }
             None => {
-                init_tracing();
+                let _log = init_tracing();
                 run(async move {
                     let exe = std::env::current_exe()?;
                     let env = kube_relay::dev::start(kube_relay::dev::DevOptions {

@@ -389,11 +389,7 @@ async fn sighup_reloads_and_sigterm_drains_the_serve_process() {
             .nth(1)
             .unwrap_or_else(|| panic!("{key} in {started}"));
         let rest = rest.trim_start_matches("Some(");
-        rest.split(|c: char| c == ' ' || c == ')')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
+        rest.split([' ', ')']).next().unwrap().parse().unwrap()
     };
     let addr = grab("listen=");
     let admin = grab("admin=");
@@ -709,5 +705,109 @@ async fn a_down_cluster_fails_fast_and_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    env.dev.stop().await;
+}
+
+async fn try_tls(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::pem::PemObject::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("handshake timed out"))?
+}
+
+/// security.md F1: one source address cannot hold more than its share of connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_source_connection_cap() {
+    let env = dev_env().await;
+    edit(&env, |s| {
+        s.replace(
+            "audit:\n",
+            "limits: {max_connections_per_source: 3}\naudit:\n",
+        )
+    });
+    env.dev.relay_handle.reload().await.unwrap();
+    let ca = env.dev.relay_ca_pem.clone();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            try_tls(env.dev.relay_addr, &ca)
+                .await
+                .expect("within the cap"),
+        );
+    }
+    assert!(
+        try_tls(env.dev.relay_addr, &ca).await.is_err(),
+        "a 4th connection from the same address was served"
+    );
+    held.pop();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if try_tls(env.dev.relay_addr, &ca).await.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a closed connection never freed its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(held);
+    env.dev.stop().await;
+}
+
+/// Scenario 6: a reload swaps the serving certificate for new handshakes; live connections
+/// keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_rotates_the_serving_certificate() {
+    let env = dev_env().await;
+    let old_ca = env.dev.relay_ca_pem.clone();
+    let token = env.dev.token("alice");
+    let mut live = try_tls(env.dev.relay_addr, &old_ca).await.unwrap();
+    let new_ca = kube_sim::pki::TestCa::new("rotated relay CA").unwrap();
+    let leaf = new_ca
+        .issue(&["localhost", "127.0.0.1", "*.relay.localhost"])
+        .unwrap();
+    std::fs::write(env.dev.dir.join("relay.crt"), &leaf.cert_pem).unwrap();
+    std::fs::write(env.dev.dir.join("relay.key"), &leaf.key_pem).unwrap();
+    env.dev.relay_handle.reload().await.unwrap();
+    assert!(
+        try_tls(env.dev.relay_addr, new_ca.cert_pem()).await.is_ok(),
+        "new handshakes get the new certificate"
+    );
+    assert!(
+        try_tls(env.dev.relay_addr, &old_ca).await.is_err(),
+        "the old certificate is no longer served"
+    );
+    live.write_all(format!("GET /clusters/beta/version HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), live.read_to_end(&mut buf)).await;
+    assert!(
+        buf.starts_with(b"HTTP/1.1 200"),
+        "the live connection broke"
+    );
+    // A broken key file is rejected whole; the rotated certificate keeps serving.
+    std::fs::write(env.dev.dir.join("relay.key"), "not a key").unwrap();
+    assert!(env.dev.relay_handle.reload().await.is_err());
+    assert!(try_tls(env.dev.relay_addr, new_ca.cert_pem()).await.is_ok());
     env.dev.stop().await;
 }

@@ -394,7 +394,15 @@ where
         bytes: 0,
     };
     let result = {
-        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        // 64 KiB per direction instead of tokio's 8 KiB default: measured exec throughput 0.82× →
+        // ~1.0× of direct and port-forward 0.73× → ~0.9× (docs/perf); the buffers bound memory
+        // per tunnel and give backpressure both ways.
+        let copy = tokio::io::copy_bidirectional_with_sizes(
+            &mut client,
+            &mut upstream,
+            64 * 1024,
+            64 * 1024,
+        );
         tokio::pin!(copy);
         let check = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(30));
         let expiry = tokio::time::sleep_until(deadline);
