@@ -58,6 +58,8 @@ pub struct Principal {
     pub issuer: Arc<str>,
     /// The stable identity key: `oid` for Entra, the configured claim for OIDC.
     pub subject: String,
+    /// `issuer-name/subject`, computed once: rules, limits and logs all key on it.
+    user_key: String,
     /// The name shown upstream: `upn`, else `oid` (Entra); the subject (OIDC).
     pub username: String,
     pub groups: Vec<String>,
@@ -88,8 +90,8 @@ impl std::fmt::Debug for Principal {
 
 impl Principal {
     /// `issuer-name/subject`, the form access rules name users by.
-    pub fn user_key(&self) -> String {
-        format!("{}/{}", self.issuer, self.subject)
+    pub fn user_key(&self) -> &str {
+        &self.user_key
     }
 
     /// The caller's own token, to forward unchanged in passthrough mode.
@@ -506,6 +508,7 @@ fn principal_from(
                 .map(str::to_owned);
             Ok(Principal {
                 issuer: src.name.clone(),
+                user_key: format!("{}/{subject}", src.name),
                 username: subject.clone(),
                 subject,
                 groups,
@@ -571,6 +574,7 @@ fn principal_from(
                 .map(str::to_owned);
             Ok(Principal {
                 issuer: src.name.clone(),
+                user_key: format!("{}/{oid}", src.name),
                 subject: oid.clone(),
                 username,
                 groups_overage: has_groups_overage(&claims),

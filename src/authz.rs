@@ -229,7 +229,7 @@ fn subject_matches(rule: &AccessRule, p: &Principal) -> Match {
             return Match::No;
         }
     }
-    if !rule.users.is_empty() && !rule.users.contains(&p.user_key()) {
+    if !rule.users.is_empty() && !rule.users.iter().any(|u| u == p.user_key()) {
         return Match::No;
     }
     if !rule.apps.is_empty() && !p.app_id.as_ref().is_some_and(|a| rule.apps.contains(a)) {

@@ -712,44 +712,36 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
     let limits = optional::<FileLimits>(&root, "limits", &mut errs)
         .flatten()
         .unwrap_or_default();
+    let d = Limits::default();
+    let mut limit = |v: Option<u32>, key: &str, default: u32| {
+        at_least_one(v, &format!("limits.{key}"), default, &mut errs)
+    };
     let limits = Limits {
-        max_connections: match limits.max_connections {
-            Some(0) => {
-                errs.add("limits.max_connections", "must be at least 1");
-                1
-            }
-            Some(n) => n,
-            None => Limits::default().max_connections,
-        },
-        max_connections_per_source: at_least_one(
+        max_connections: limit(limits.max_connections, "max_connections", d.max_connections),
+        max_connections_per_source: limit(
             limits.max_connections_per_source,
-            "limits.max_connections_per_source",
-            Limits::default().max_connections_per_source,
-            &mut errs,
+            "max_connections_per_source",
+            d.max_connections_per_source,
         ),
-        auth_failures_per_minute: at_least_one(
+        auth_failures_per_minute: limit(
             limits.auth_failures_per_minute,
-            "limits.auth_failures_per_minute",
-            Limits::default().auth_failures_per_minute,
-            &mut errs,
+            "auth_failures_per_minute",
+            d.auth_failures_per_minute,
         ),
-        per_identity_requests_per_second: at_least_one(
+        per_identity_requests_per_second: limit(
             limits.per_identity_requests_per_second,
-            "limits.per_identity_requests_per_second",
-            Limits::default().per_identity_requests_per_second,
-            &mut errs,
+            "per_identity_requests_per_second",
+            d.per_identity_requests_per_second,
         ),
-        per_identity_burst: at_least_one(
+        per_identity_burst: limit(
             limits.per_identity_burst,
-            "limits.per_identity_burst",
-            Limits::default().per_identity_burst,
-            &mut errs,
+            "per_identity_burst",
+            d.per_identity_burst,
         ),
-        per_identity_streams: at_least_one(
+        per_identity_streams: limit(
             limits.per_identity_streams,
-            "limits.per_identity_streams",
-            Limits::default().per_identity_streams,
-            &mut errs,
+            "per_identity_streams",
+            d.per_identity_streams,
         ),
     };
 

@@ -126,7 +126,13 @@ impl IdentityRate {
             map.retain(|_, (tokens, at)| *tokens + at.elapsed().as_secs_f64() * rate < burst);
         }
         let now = Instant::now();
-        let (tokens, at) = map.entry(identity.to_owned()).or_insert((self.burst, now));
+        // Look up by &str first: the key is copied only for a new identity.
+        if !map.contains_key(identity) {
+            map.insert(identity.to_owned(), (self.burst, now));
+        }
+        let Some((tokens, at)) = map.get_mut(identity) else {
+            return Ok(());
+        };
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.burst);
         *at = now;
         if *tokens >= 1.0 {

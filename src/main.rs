@@ -166,15 +166,9 @@ fn main() -> ExitCode {
         }
         Cmd::Doctor { config, timeout } => {
             kube_relay::install_crypto_provider();
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match runtime() {
                 Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("kube-relay: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             let opts = kube_relay::doctor::Options { timeout };
             let report = rt.block_on(kube_relay::doctor::run_file(&config, &opts));
@@ -245,16 +239,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .map_err(|e| {
             eprintln!("kube-relay: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+            ExitCode::FAILURE
+        })
+}
+
+fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
     };
     match rt.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,

@@ -76,10 +76,10 @@ impl Drop for StreamGuard {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let key = self.entry.principal.user_key();
-        if let Some(n) = counts.get_mut(&key) {
+        if let Some(n) = counts.get_mut(key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                counts.remove(&key);
+                counts.remove(key);
             }
         }
     }
@@ -98,7 +98,7 @@ impl StreamRegistry {
     ) -> Option<StreamGuard> {
         {
             let mut counts = self.per_identity.lock().unwrap_or_else(|e| e.into_inner());
-            let n = counts.entry(principal.user_key()).or_insert(0);
+            let n = counts.entry(principal.user_key().to_owned()).or_insert(0);
             if *n >= limit {
                 return None;
             }

@@ -267,10 +267,7 @@ clusters:
     let home_s = home.display().to_string();
     let kcfg = kubeconfig.display().to_string();
     let k = |args: &[&str], stdin: Option<&[u8]>| {
-        let mut all = vec!["env", &*format!("HOME={home_s}")]
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>();
+        let mut all = vec!["env".to_string(), format!("HOME={home_s}")];
         all.push(kc.display().to_string());
         all.extend(["--kubeconfig".to_string(), kcfg.clone()]);
         all.extend(args.iter().map(|s| s.to_string()));

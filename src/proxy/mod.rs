@@ -291,7 +291,7 @@ async fn proxy(
     // Phase: authenticate.
     let principal = authenticate(state, conn, req.headers()).await?;
     out.audit.user = Some(audit_user(&principal));
-    if let Err(wait) = state.identity_rate.take(&principal.user_key()) {
+    if let Err(wait) = state.identity_rate.take(principal.user_key()) {
         return Err(ProxyError::TooManyRequests {
             message: format!("too many requests from {}; slow down", principal.username),
             retry_after: wait.as_secs().max(1),
