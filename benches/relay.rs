@@ -27,11 +27,18 @@ use kube_sim::issuer::{DevIssuer, IssuerHandle, KeyAlg};
 use kube_sim::pki::TestCa;
 use serde_json::json;
 
+const TID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+
 struct Fixture {
     rt: tokio::runtime::Runtime,
     cfg: Config,
     issuer: DevIssuer,
     _issuer_handle: IssuerHandle,
+    /// An Entra-shaped tenant signing with RS256 (what Entra uses), and its token endpoint.
+    entra: DevIssuer,
+    entra_authority: String,
+    _entra_handle: IssuerHandle,
+    _token_endpoint: kube_sim::token_endpoint::TokenEndpointHandle,
     auth: Authenticator,
     _dir: tempfile::TempDir,
 }
@@ -82,6 +89,35 @@ fn fixture() -> Fixture {
             .expect("serve");
         (issuer, handle)
     });
+    let (entra, entra_authority, entra_handle, te) = rt.block_on(async {
+        let tls = kube_sim::server::tls_config(&leaf).expect("tls");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let authority = format!("https://127.0.0.1:{}", l.local_addr().expect("addr").port());
+        let entra =
+            DevIssuer::generate(&format!("{authority}/{TID}/v2.0"), KeyAlg::Rs256).expect("issuer");
+        let h = kube_sim::issuer::serve_entra(l, Some(tls.clone()), &authority, TID, entra.clone())
+            .await
+            .expect("serve");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let signer = DevIssuer::generate(&format!("https://sts.windows.net/{TID}/"), KeyAlg::Rs256)
+            .expect("signer");
+        let mut tcfg = kube_sim::token_endpoint::TokenEndpointConfig::new(TID, signer);
+        tcfg.assertion_issuers = vec![entra.clone()];
+        tcfg.client_secrets.insert(
+            "0b1c8a2e-7d3f-4e5a-9b6c-1d2e3f4a5b6c".into(),
+            "s3cret".into(),
+        );
+        let te = kube_sim::token_endpoint::serve(l, Some(tls), tcfg)
+            .await
+            .expect("token endpoint");
+        (entra, authority, h, te)
+    });
+    std::fs::write(dir.path().join("obo-secret"), "s3cret").expect("write");
+    let te_authority = format!("https://{}", te.addr);
     let yaml = format!(
         r#"listen: 127.0.0.1:0
 public_url: https://localhost:8443
@@ -90,6 +126,8 @@ routing: {{host_suffix: relay.localhost, path_prefix: /clusters}}
 identity:
   issuers:
     - {{name: dev, kind: oidc, issuer: {}, audiences: [kube-relay], ca_file: ca.crt}}
+    - {{name: contoso, kind: entra, tenant_id: {TID}, authority_host: "{entra_authority}", ca_file: ca.crt,
+        audiences: [api://kube-relay], required_scopes: [user_impersonation]}}
 clusters:
   - name: alpha
     server: https://alpha.kube-sim.localhost:6443
@@ -97,6 +135,12 @@ clusters:
     ca_file: alpha-ca.crt
     upstream_auth: {{mode: impersonate, token_file: relay-token}}
     access: [{{users: [dev/alice]}}]
+  - name: obo
+    server: https://obo.kube-sim.localhost:6443
+    ca_file: alpha-ca.crt
+    upstream_auth: {{mode: on_behalf_of, client_id: 0b1c8a2e-7d3f-4e5a-9b6c-1d2e3f4a5b6c,
+                    client_secret_file: obo-secret, authority_host: "{te_authority}", ca_file: ca.crt}}
+    access: [{{issuer: contoso}}]
 "#,
         issuer.issuer_url()
     );
@@ -112,6 +156,10 @@ clusters:
         cfg,
         issuer,
         _issuer_handle: handle,
+        entra,
+        entra_authority,
+        _entra_handle: entra_handle,
+        _token_endpoint: te,
         auth,
         _dir: dir,
     }
@@ -196,6 +244,60 @@ fn benches(c: &mut Criterion) {
             })
         })
     });
+    // The same with RS256, the algorithm Entra signs with (v2 user token shape).
+    let mut uti = 0u64;
+    let entra_claims = |uti: u64| {
+        json!({
+            "iss": format!("{}/{TID}/v2.0", f.entra_authority), "aud": "api://kube-relay",
+            "tid": TID, "oid": "a1a1a1a1-0000-0000-0000-000000000001", "scp": "user_impersonation",
+            "groups": ["0f0f0f0f-0000-0000-0000-00000000000f"], "ver": "2.0",
+            "iat": now(), "nbf": now(), "exp": now() + 3600, "uti": uti.to_string(),
+        })
+    };
+    c.bench_function("token/cold-rs256", |b| {
+        b.iter_custom(|iters| {
+            let tokens: Vec<String> = (0..iters)
+                .map(|_| {
+                    uti += 1;
+                    f.entra.mint(entra_claims(uti))
+                })
+                .collect();
+            f.rt.block_on(async {
+                let t0 = Instant::now();
+                for t in &tokens {
+                    black_box(f.auth.authenticate(t).await.is_ok());
+                }
+                t0.elapsed()
+            })
+        })
+    });
+
+    // An on-behalf-of cache hit: the exchanged token for a user already in the cache.
+    let obo_cluster = f
+        .cfg
+        .clusters
+        .iter()
+        .find(|c| c.name.as_str() == "obo")
+        .expect("obo cluster");
+    let creds =
+        kube_relay::credentials::UpstreamCredentials::new(obo_cluster).expect("credentials");
+    let (obo_user, _) =
+        f.rt.block_on(f.auth.authenticate(&f.entra.mint(entra_claims(0))))
+            .expect("entra token");
+    f.rt.block_on(creds.authorization(&obo_user))
+        .expect("first exchange");
+    c.bench_function("credentials/obo-cache-hit", |b| {
+        b.iter_custom(|iters| {
+            f.rt.block_on(async {
+                let t0 = Instant::now();
+                for _ in 0..iters {
+                    black_box(creds.authorization(black_box(&obo_user)).await.is_ok());
+                }
+                t0.elapsed()
+            })
+        })
+    });
+
     let token = mint(&f.issuer, u64::MAX);
     c.bench_function("token/cached", |b| {
         b.iter_custom(|iters| {
