@@ -811,3 +811,76 @@ async fn reload_rotates_the_serving_certificate() {
     assert!(try_tls(env.dev.relay_addr, new_ca.cert_pem()).await.is_ok());
     env.dev.stop().await;
 }
+
+/// Scenario 10: the upstream caps HTTP/2 streams per connection (kube-sim: 200); the relay opens
+/// more upstream connections instead of queueing, so 230 concurrent watches all start at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_watches_than_the_upstream_stream_cap_all_start() {
+    use http_body_util::Empty;
+    let env = dev_env().await;
+    let token = env.dev.token("alice");
+    let tls = tls_connect(
+        env.dev.relay_addr,
+        &env.relay_ca(),
+        "alpha.relay.localhost",
+        &[b"h2"],
+    )
+    .await;
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_max_send_streams(1000)
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut started = tokio::task::JoinSet::new();
+    for _ in 0..230 {
+        let mut send = send.clone();
+        let token = token.clone();
+        started.spawn(async move {
+            let req = http::Request::get(
+                "https://alpha.relay.localhost/api/v1/namespaces/default/pods?watch=true",
+            )
+            .header("authorization", format!("Bearer {token}"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            let status = resp.status();
+            // Keep the watch open until the test ends: hand the body back.
+            (status, resp.into_body())
+        });
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut bodies = Vec::new();
+    while let Some(r) = tokio::time::timeout_at(deadline, started.join_next())
+        .await
+        .expect("all watches start within 30 s")
+    {
+        let (status, body) = r.unwrap();
+        assert_eq!(status, 200);
+        bodies.push(body);
+    }
+    assert_eq!(bodies.len(), 230);
+    // Each delivers its initial events.
+    let first = bodies.pop().unwrap();
+    let frame = tokio::time::timeout(Duration::from_secs(10), first.collect_first()).await;
+    assert!(frame.is_ok());
+    drop(bodies);
+    env.dev.stop().await;
+}
+
+trait CollectFirst {
+    async fn collect_first(self) -> Option<bytes::Bytes>;
+}
+
+impl CollectFirst for hyper::body::Incoming {
+    async fn collect_first(mut self) -> Option<bytes::Bytes> {
+        use http_body_util::BodyExt;
+        while let Some(f) = self.frame().await {
+            if let Ok(d) = f.ok()?.into_data() {
+                return Some(d);
+            }
+        }
+        None
+    }
+}
