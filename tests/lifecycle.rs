@@ -427,6 +427,42 @@ async fn sighup_reloads_and_sigterm_drains_the_serve_process() {
         .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 
+    // A live exec session (kubectl 1.33, WebSocket) on the draining process.
+    let kc = std::fs::read_to_string(env.kubeconfig()).unwrap().replace(
+        &format!("127.0.0.1:{}", env.dev.relay_addr.port()),
+        &format!("127.0.0.1:{}", addr.port()),
+    );
+    let serve_kubeconfig = env.dev.dir.join("serve-kubeconfig");
+    std::fs::write(&serve_kubeconfig, kc).unwrap();
+    let mut exec = Command::new(kubectl("1.33"))
+        .arg("--kubeconfig")
+        .arg(&serve_kubeconfig)
+        .args(["exec", "-i", "web-0", "--", "cat"])
+        .env("HOME", &env.home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _exec_stdin = exec.stdin.take();
+    // Wait (bounded) until the session is established on the relay.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, m) = admin_get(admin, "/metrics").await;
+        if m.lines().any(|l| {
+            l.starts_with("relay_longrunning_requests{")
+                && l.contains("protocol=\"websocket\"")
+                && l.ends_with(" 1")
+        }) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "exec never started:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -458,6 +494,25 @@ async fn sighup_reloads_and_sigterm_drains_the_serve_process() {
         rest.ends_with("0\r\n\r\n"),
         "the watch was cut, not ended: {:?}",
         &rest[rest.len().saturating_sub(40)..]
+    );
+    // The exec session is ended by the drain (after its grace, the window), not left hanging.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if exec.try_wait().unwrap().is_some() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = exec.kill();
+            panic!("kubectl exec still running after the drain window");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let audit = std::fs::read_to_string(env.dev.dir.join("serve-audit.jsonl")).unwrap_or_default();
+    assert!(
+        audit.lines().any(|l| l.contains("\"exec\"")
+            && l.contains("ResponseComplete")
+            && l.contains("\"draining\"")),
+        "no draining close for the exec:\n{audit}"
     );
     // The process exits on its own, successfully, before the deadline.
     let (tx2, rx2) = std::sync::mpsc::channel();
