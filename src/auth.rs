@@ -47,6 +47,8 @@ pub const LEEWAY_SECS: u64 = 60;
 pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
 const MAX_KID_BYTES: usize = 256;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request with an unknown `kid` waits for the key fetch it triggered.
+const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(2);
 const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
 /// Verified tokens remembered; each entry is a few hundred bytes.
 const TOKEN_CACHE_ENTRIES: usize = 50_000;
@@ -398,7 +400,12 @@ impl Authenticator {
         let key = match src.usable_keys().get(kid).cloned() {
             Some(k) => k,
             None => {
-                src.refresh_for_unknown_kid(&self.metrics).await;
+                // The fetch runs in its own task: a request waits at most
+                // UNKNOWN_KID_WAIT for it, however long a struggling IdP takes; the fetch goes
+                // on and serves the requests after it.
+                let (s, m) = (src.clone(), self.metrics.clone());
+                let fetch = tokio::spawn(async move { s.refresh_for_unknown_kid(&m).await });
+                let _ = tokio::time::timeout(UNKNOWN_KID_WAIT, fetch).await;
                 let keys = src.usable_keys();
                 if keys.is_empty() && src.has_stale_keys() {
                     return Err(fail(

@@ -70,26 +70,38 @@ async fn black_holed_and_silent_upstreams_fail_fast_and_alone() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
-/// Scenario 3: an IdP that answers garbage leaves the relay not ready, refusing tokens fast.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idp_answering_garbage_keeps_the_relay_unready_and_refusing_fast() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let garbage = FakeUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\n\r\n{\"keys\":[").await;
+/// A relay whose only issuer is `idp` (a scripted, broken IdP) in front of a healthy cluster.
+struct BrokenIdpRelay {
+    addr: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+    issuer_url: String,
+    shutdown: tokio_util::sync::CancellationToken,
+    _dir: tempfile::TempDir,
+    _upstream: FakeUpstream,
+}
+
+impl Drop for BrokenIdpRelay {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn relay_with_broken_idp(idp: &FakeUpstream) -> BrokenIdpRelay {
     let upstream = FakeUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("idp-ca.crt"), &garbage.ca_pem).unwrap();
-    // A relay whose only issuer is the broken IdP.
     let ca = kube_sim::pki::TestCa::new("relay CA").unwrap();
     let leaf = ca.issue(&["localhost", "127.0.0.1"]).unwrap();
     std::fs::write(dir.path().join("relay.crt"), &leaf.cert_pem).unwrap();
     std::fs::write(dir.path().join("relay.key"), &leaf.key_pem).unwrap();
     std::fs::write(dir.path().join("up-ca.crt"), &upstream.ca_pem).unwrap();
+    std::fs::write(dir.path().join("idp-ca.crt"), &idp.ca_pem).unwrap();
+    let issuer_url = format!("https://127.0.0.1:{}", idp.addr.port());
     let yaml = format!(
         "listen: 127.0.0.1:0\npublic_url: https://localhost\ntls: {{cert_file: relay.crt, key_file: relay.key}}\n\
          admin: {{listen: 127.0.0.1:0}}\naudit: {{path: off}}\n\
-         identity: {{issuers: [{{name: broken, kind: oidc, issuer: \"https://127.0.0.1:{}\", audiences: [x], ca_file: idp-ca.crt}}]}}\n\
+         identity: {{issuers: [{{name: broken, kind: oidc, issuer: \"{issuer_url}\", audiences: [x], ca_file: idp-ca.crt}}]}}\n\
          clusters: [{{name: ok, server: \"https://fake.upstream.test:{p}\", connect: \"127.0.0.1:{p}\", ca_file: up-ca.crt, upstream_auth: {{mode: passthrough}}, access: [{{users: [broken/x]}}]}}]\n",
-        garbage.addr.port(),
         p = upstream.addr.port()
     );
     let path = dir.path().join("relay.yaml");
@@ -101,41 +113,83 @@ async fn an_idp_answering_garbage_keeps_the_relay_unready_and_refusing_fast() {
     let addr = app.local_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(app.run(shutdown.clone()));
-    // Not ready, and saying why.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut c = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let ca = rustls_pki_types::pem::PemObject::pem_slice_iter(ca.cert_pem().as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    BrokenIdpRelay {
+        addr,
+        admin,
+        ca,
+        issuer_url,
+        shutdown,
+        _dir: dir,
+        _upstream: upstream,
+    }
+}
+
+impl BrokenIdpRelay {
+    async fn readyz(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(self.admin).await.unwrap();
         c.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
         let mut m = String::new();
         let _ = c.read_to_string(&mut m).await;
+        m
+    }
+
+    /// A request with a token of the broken issuer: (status, how long it took).
+    async fn request(&self) -> (u16, Duration) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let issuer = kube_sim::issuer::DevIssuer::generate(
+            &self.issuer_url,
+            kube_sim::issuer::KeyAlg::Es256,
+        )
+        .unwrap();
+        let tok = issuer.mint(serde_json::json!({"sub": "x", "aud": "x"}));
+        let started = Instant::now();
+        let mut s = tls_connect(self.addr, &self.ca, "localhost", &[b"http/1.1"]).await;
+        s.write_all(format!("GET /clusters/ok/api HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {tok}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
+        (
+            parse_response(&String::from_utf8_lossy(&buf)).0,
+            started.elapsed(),
+        )
+    }
+}
+
+/// Scenario 3: an IdP that answers garbage leaves the relay unready, refusing tokens fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idp_answering_garbage_keeps_the_relay_unready_and_refusing_fast() {
+    let garbage = FakeUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\n\r\n{\"keys\":[").await;
+    let r = relay_with_broken_idp(&garbage).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = r.readyz().await;
         if m.starts_with("HTTP/1.1 503") && m.contains("no usable signing keys") {
             break;
         }
         assert!(Instant::now() < deadline, "{m}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // A token for that issuer is refused quickly, whatever the IdP says.
-    let issuer = kube_sim::issuer::DevIssuer::generate(
-        &format!("https://127.0.0.1:{}", garbage.addr.port()),
-        kube_sim::issuer::KeyAlg::Es256,
-    )
-    .unwrap();
-    let tok = issuer.mint(serde_json::json!({"sub": "x", "aud": "x"}));
-    let cas = rustls_pki_types::pem::PemObject::pem_slice_iter(ca.cert_pem().as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let started = Instant::now();
-    let mut s = tls_connect(addr, &cas, "localhost", &[b"http/1.1"]).await;
-    s.write_all(format!("GET /clusters/ok/api HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {tok}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
-    assert_eq!(parse_response(&String::from_utf8_lossy(&buf)).0, 401);
+    let (code, took) = r.request().await;
+    assert_eq!(code, 401);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+}
+
+/// Scenario 3: an IdP that accepts and never answers: a request with an unknown key waits for
+/// the fetch it triggered at most ~2 s (not the 10 s fetch timeout), then gets 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_idp_costs_a_request_at_most_a_bounded_wait() {
+    let hanging = FakeUpstream::start(b"").await;
+    let r = relay_with_broken_idp(&hanging).await;
+    assert!(r.readyz().await.starts_with("HTTP/1.1 503"));
+    let (code, took) = r.request().await;
+    assert_eq!(code, 401);
     assert!(
-        started.elapsed() < Duration::from_secs(12),
-        "{:?}",
-        started.elapsed()
+        took < Duration::from_secs(4),
+        "a request waited {took:?} on a hanging IdP"
     );
-    shutdown.cancel();
 }
