@@ -158,6 +158,35 @@ async fn hundred_reloads_under_traffic_lose_nothing() {
         })
     };
 
+    // A live exec session (kubectl 1.33, WebSocket) that must survive every reload too.
+    let mut exec = Command::new(kubectl("1.33"))
+        .arg("--kubeconfig")
+        .arg(env.kubeconfig())
+        .args(["exec", "-i", "web-0", "--", "cat"])
+        .env("HOME", &env.home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut exec_in = exec.stdin.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    let exec_out = exec.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(exec_out).lines() {
+            let Ok(l) = l else { break };
+            let _ = line_tx.send(l);
+        }
+    });
+    {
+        use std::io::Write as _;
+        writeln!(exec_in, "before reloads").unwrap();
+    }
+    assert_eq!(
+        line_rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+        "before reloads"
+    );
+
     let original = std::fs::read_to_string(config_path(&env)).unwrap();
     let variant = original.replace(
         "        verbs: [get, list, watch]\n",
@@ -206,6 +235,18 @@ async fn hundred_reloads_under_traffic_lose_nothing() {
         0,
         "failed probe requests during 100 reloads"
     );
+
+    // The exec session lived through all of it.
+    {
+        use std::io::Write as _;
+        writeln!(exec_in, "after reloads").unwrap();
+    }
+    assert_eq!(
+        line_rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+        "after reloads"
+    );
+    drop(exec_in);
+    let _ = exec.wait();
 
     // The watch lived through all of it and still delivers events.
     let doc = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: after-reloads\n";
