@@ -42,6 +42,12 @@ enum Cmd {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Write or merge kubeconfig contexts for every cluster this relay lets you use.
+    Kubeconfig(kube_relay::kubeconfig::KubeconfigArgs),
+    /// Exec credential plugin for kubectl (client.authentication.k8s.io/v1): prints a token for
+    /// the relay, signing in (browser, device code, Azure CLI, client secret, workload or managed
+    /// identity) only when the on-disk cache has no usable one.
+    Token(kube_relay::login::TokenArgs),
     /// Certificates for trials (production issuance: certs/README.md).
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -114,6 +120,8 @@ fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Kubeconfig(args) => kube_relay::kubeconfig::main(args),
+        Cmd::Token(args) => kube_relay::login::main(args),
         Cmd::CheckConfig { config } => match kube_relay::config::load(&config) {
             Ok(cfg) => match kube_relay::tls::server_config(&cfg.tls) {
                 Ok(_) => {

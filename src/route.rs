@@ -144,6 +144,8 @@ pub fn resolve<'a>(
             cluster,
             upstream_target: UpstreamTarget::Whole(target),
         }),
+        // The portal: `/` on a request that names no cluster anywhere (the public host).
+        (None, None) if path == "/" => Ok(Route::Relay { path: "/" }),
         (None, _) => Err(RouteError::NoCluster(routing.path_prefix.clone())),
     }
 }
@@ -480,6 +482,15 @@ mod tests {
             })
         );
         assert!(go(Some("alpha.relay.example.com"), None, "/-/clusters").is_err());
+        // The portal is `/` on the public host; `/` on a cluster's host is that cluster's root.
+        assert_eq!(
+            go(None, Some("relay.example.com"), "/?x=1"),
+            Ok(Route::Relay { path: "/" })
+        );
+        assert!(matches!(
+            go(Some("alpha.relay.example.com"), None, "/"),
+            Ok(Route::Cluster { .. })
+        ));
     }
 
     #[test]

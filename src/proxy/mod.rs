@@ -268,9 +268,8 @@ async fn proxy(
     })?;
     let (cluster_name, upstream_target) = match route {
         Route::Relay { path } => {
-            return Err(ProxyError::NotFound(format!(
-                "kube-relay has no page at {path}"
-            )))
+            let path = path.to_owned();
+            return crate::portal::handle(state, conn, req, &path).await;
         }
         Route::Cluster {
             cluster,
@@ -465,7 +464,7 @@ fn token_deadline(p: &Principal, grace: std::time::Duration) -> Instant {
 /// Extracts and validates the caller's bearer token (`Authorization`, else the WebSocket
 /// subprotocol entry browsers use). A source that keeps failing is refused with 429 before any
 /// verification work, except for tokens already verified (security.md F5).
-async fn authenticate(
+pub(crate) async fn authenticate(
     state: &State,
     conn: &ConnCtx,
     h: &http::HeaderMap,

@@ -1,0 +1,33 @@
+//! The relay's own pages and APIs, on the public host only (design.md §4): the portal at `/`
+//! and everything under `/-/`. Nothing here is ever forwarded to a cluster.
+//!
+//! - [`api`]: `/-/clusters`, `/-/kubeconfig` (bearer token or portal session) and
+//!   `/-/login-config` (public: what `kube-relay token` needs to sign in).
+//! - [`web`]: the browser portal: `/`, `/-/login`, `/-/callback`, `/-/logout`, `/-/static/…`.
+
+pub mod api;
+pub mod web;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::app::State;
+use crate::error::ProxyError;
+use crate::proxy::body::RelayBody;
+use crate::proxy::ConnCtx;
+
+/// Serves a relay page or API. Errors become Status responses in `proxy::handle` like any
+/// other; HTML pages render their own friendly errors.
+pub async fn handle(
+    state: &State,
+    conn: &ConnCtx,
+    req: Request<Incoming>,
+    path: &str,
+) -> Result<Response<RelayBody>, ProxyError> {
+    match path {
+        "/-/clusters" | "/-/kubeconfig" | "/-/login-config" => {
+            api::handle(state, conn, req, path).await
+        }
+        _ => web::handle(state, conn, req, path).await,
+    }
+}
