@@ -3,6 +3,8 @@
 
 use std::process::ExitCode;
 
+pub mod http;
+
 use serde::{Deserialize, Serialize};
 
 /// What a client needs to sign in to a relay; served publicly at `/-/login-config` and built
