@@ -4,6 +4,8 @@
 //! from KEP-4006: exec, attach and portforward are `create` whatever the HTTP method, because
 //! kubectl ≥ 1.30 opens them with a WebSocket GET (security.md A4).
 
+use std::collections::BTreeSet;
+
 use crate::auth::Principal;
 use crate::config::{AccessRule, ClusterConfig};
 
@@ -214,6 +216,46 @@ pub fn authorize(
             p.username, cluster.name
         ))
     }
+}
+
+/// What a caller may do on a cluster, as far as the relay's rules say (the cluster's own RBAC
+/// may narrow it further). `None` fields mean "any". For listings (`/-/clusters`, the portal);
+/// requests are decided by [`authorize`] alone.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Permissions {
+    /// Verbs admitted by some rule; `None`: every verb.
+    pub verbs: Option<Vec<String>>,
+    /// Namespaces admitted; `None`: all (and cluster-scoped resources).
+    pub namespaces: Option<Vec<String>>,
+}
+
+/// The union of what the rules matching `p` admit on `cluster`; `None` when no rule matches
+/// (the cluster is not listed for this caller). Group rules under an overage do not match, as
+/// in [`authorize`].
+pub fn permissions(p: &Principal, cluster: &ClusterConfig) -> Option<Permissions> {
+    let mut verbs: Option<BTreeSet<String>> = Some(BTreeSet::new());
+    let mut namespaces: Option<BTreeSet<String>> = Some(BTreeSet::new());
+    let mut any = false;
+    for rule in &cluster.access {
+        if !matches!(subject_matches(rule, p), Match::Yes) {
+            continue;
+        }
+        any = true;
+        match (&mut verbs, &rule.verbs) {
+            (Some(acc), Some(v)) => acc.extend(v.iter().cloned()),
+            (_, None) => verbs = None,
+            (None, Some(_)) => {}
+        }
+        match (&mut namespaces, &rule.namespaces) {
+            (Some(acc), Some(n)) => acc.extend(n.iter().cloned()),
+            (_, None) => namespaces = None,
+            (None, Some(_)) => {}
+        }
+    }
+    any.then(|| Permissions {
+        verbs: verbs.map(|v| v.into_iter().collect()),
+        namespaces: namespaces.map(|n| n.into_iter().collect()),
+    })
 }
 
 enum Match {

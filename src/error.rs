@@ -60,6 +60,8 @@ pub enum ProxyError {
     NotFound(String),
     #[error("misdirected request: {0}")]
     Misdirected(String),
+    #[error("method not allowed: {0}")]
+    MethodNotAllowed(String),
     #[error("request header fields too large")]
     HeaderTooLarge,
     #[error("too many requests: {message}")]
@@ -100,6 +102,7 @@ impl ProxyError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Upstream { failure, .. } => match failure {
@@ -128,6 +131,7 @@ impl ProxyError {
             Self::NotFound(_) => "NotFound",
             // Kubernetes has no reason for 421; a distinct word tells users what to fix.
             Self::Misdirected(_) => "Misdirected",
+            Self::MethodNotAllowed(_) => "MethodNotAllowed",
             Self::HeaderTooLarge => "RequestHeaderFieldsTooLarge",
             Self::TooManyRequests { .. } => "TooManyRequests",
             Self::Upstream { failure, .. } => match failure {
