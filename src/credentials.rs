@@ -470,14 +470,20 @@ async fn bounded<T>(
 /// An HTTPS client for Entra: webpki roots for the public authority, or exactly `ca` for a
 /// private one (tests on loopback). The same rustls provider as everything else in the relay.
 fn entra_tls(ca: Option<&[CertificateDer<'static>]>) -> anyhow::Result<Arc<ClientConfig>> {
-    let mut store = rustls::RootCertStore::empty();
     match ca {
-        Some(certs) => {
-            for c in certs {
-                store.add(c.clone())?;
-            }
-        }
-        None => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        Some(certs) => roots_tls(certs, false),
+        None => roots_tls(&[], true),
+    }
+}
+
+/// A client config trusting `certs`, plus the public web PKI when `webpki` is set.
+fn roots_tls(certs: &[CertificateDer<'static>], webpki: bool) -> anyhow::Result<Arc<ClientConfig>> {
+    let mut store = rustls::RootCertStore::empty();
+    if webpki {
+        store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    for c in certs {
+        store.add(c.clone())?;
     }
     let mut cfg = ClientConfig::builder_with_provider(crate::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
@@ -916,18 +922,28 @@ fn azure_error(what: &str, e: &azure_core::Error) -> CredentialError {
 }
 
 fn client_options(ep: &EntraEndpoint) -> anyhow::Result<azure_core::http::ClientOptions> {
+    Ok(azure_client_options(
+        ep.authority_host.as_str(),
+        HyperTransport::new(ep.ca.as_deref())?,
+    ))
+}
+
+/// Options for azure_identity's Entra credentials: `authority_host` (sovereign clouds, test
+/// stand-ins) and our transport. Shared with `kube-relay token` (src/login).
+pub(crate) fn azure_client_options(
+    authority_host: &str,
+    transport: HyperTransport,
+) -> azure_core::http::ClientOptions {
     let mut cloud = azure_core::cloud::CustomConfiguration::default();
-    cloud.authority_host = ep.authority_host.as_str().trim_end_matches('/').to_owned();
-    Ok(azure_core::http::ClientOptions {
-        transport: Some(azure_core::http::Transport::new(Arc::new(
-            HyperTransport::new(ep.ca.as_deref())?,
-        ))),
+    cloud.authority_host = authority_host.trim_end_matches('/').to_owned();
+    azure_core::http::ClientOptions {
+        transport: Some(azure_core::http::Transport::new(Arc::new(transport))),
         // Our cache and FETCH_TIMEOUT bound the wait; the SDK's retries (up to a minute) would
         // hold requests past it.
         retry: azure_core::http::RetryOptions::none(),
         cloud: Some(Arc::new(cloud.into())),
         ..Default::default()
-    })
+    }
 }
 
 /// The relay's managed identity. azure_identity picks the source from the environment
@@ -936,12 +952,19 @@ fn managed_identity(
     client_id: Option<&str>,
     ca: Option<&[CertificateDer<'static>]>,
 ) -> anyhow::Result<Arc<dyn TokenCredential>> {
+    managed_identity_over(client_id, HyperTransport::new(ca)?)
+}
+
+/// A managed identity credential over `transport` (`kube-relay token --login msi` passes one
+/// that also trusts the public web PKI).
+pub(crate) fn managed_identity_over(
+    client_id: Option<&str>,
+    transport: HyperTransport,
+) -> anyhow::Result<Arc<dyn TokenCredential>> {
     let options = azure_identity::ManagedIdentityCredentialOptions {
         user_assigned_id: client_id.map(|c| azure_identity::UserAssignedId::ClientId(c.to_owned())),
         client_options: azure_core::http::ClientOptions {
-            transport: Some(azure_core::http::Transport::new(Arc::new(
-                HyperTransport::new(ca)?,
-            ))),
+            transport: Some(azure_core::http::Transport::new(Arc::new(transport))),
             ..Default::default()
         },
     };
@@ -953,7 +976,7 @@ fn managed_identity(
 /// azure_core's transport over hyper: https through our rustls config (webpki roots or the
 /// configured CA: no platform store, no second TLS stack), plain http only for the managed
 /// identity endpoints (IMDS and App Service/AKS style `IDENTITY_ENDPOINT`), which are http.
-struct HyperTransport {
+pub(crate) struct HyperTransport {
     https: PooledClient,
     http: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
@@ -969,10 +992,25 @@ impl fmt::Debug for HyperTransport {
 
 impl HyperTransport {
     fn new(ca: Option<&[CertificateDer<'static>]>) -> anyhow::Result<Self> {
+        Self::over(entra_client(ca)?)
+    }
+
+    /// Trusts the public web PKI plus `extra_ca`: the CLI's `--ca-file` adds a CA, it does not
+    /// replace the public ones (the managed identity endpoint and Entra may differ).
+    pub(crate) fn with_extra_roots(extra_ca: &[CertificateDer<'static>]) -> anyhow::Result<Self> {
+        Self::over(pooled_client(TlsDialer::new(
+            roots_tls(extra_ca, true)?,
+            None,
+            None,
+            CONNECT_TIMEOUT,
+        )))
+    }
+
+    fn over(https: PooledClient) -> anyhow::Result<Self> {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         Ok(Self {
-            https: entra_client(ca)?,
+            https,
             http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build(connector),
         })
