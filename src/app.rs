@@ -38,6 +38,8 @@ pub struct State {
     pub upstreams: HashMap<String, Upstream>,
     pub auth: Arc<Authenticator>,
     pub audit: crate::audit::AuditLog,
+    /// The browser portal's identity provider client, when `login.portal` is configured.
+    pub portal: Option<Arc<crate::portal::web::Portal>>,
     tls: TlsAcceptor,
     /// Stops this generation's background tasks (key refresh) when it is replaced.
     generation: CancellationToken,
@@ -185,11 +187,13 @@ fn build_state(cfg: Config, previous: Option<&State>) -> anyhow::Result<State> {
             .map(|(name, u): (&String, &Upstream)| (name.clone(), u.credentials.clone()))
             .collect(),
     );
+    let portal = crate::portal::web::Portal::build(&cfg)?;
     Ok(State {
         cfg,
         upstreams,
         auth,
         audit,
+        portal,
         tls,
         generation: CancellationToken::new(),
         metrics,

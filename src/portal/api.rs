@@ -63,11 +63,11 @@ pub async fn handle(
                 relay_args: list
                     .login
                     .as_ref()
-                    .map(|l| crate::login::LoginArgs::from_params(l, false).to_exec_args()),
+                    .map(|l| kubeconfig::token_args(&crate::login::LoginArgs::from_params(l, false))),
                 passthrough_args: list
                     .login
                     .as_ref()
-                    .map(|l| crate::login::LoginArgs::from_params(l, true).to_exec_args()),
+                    .map(|l| kubeconfig::token_args(&crate::login::LoginArgs::from_params(l, true))),
             };
             let doc = kubeconfig::build(&list, &opts).map_err(|e| {
                 ProxyError::BadRequest(format!("cannot build a kubeconfig: {e:#}"))

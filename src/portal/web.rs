@@ -1,28 +1,690 @@
-//! The browser portal (placeholder until the portal lands).
+//! The browser portal (server side): `/`, `/-/login`, `/-/callback`, `/-/logout` and
+//! `/-/static/portal.css`.
+//!
+//! ```text
+//!  GET /-/login ──► sealed login cookie {state, PKCE verifier, nonce, next} (10 min)
+//!               ──► 302 to the provider's authorization endpoint
+//!  GET /-/callback?code&state ──► state matches the cookie (constant time)
+//!               ──► code + secret + verifier → tokens ──► ID token nonce/aud
+//!               ──► access token through auth::Authenticator (kubectl's checks)
+//!               ──► sealed session cookie {token, issued_at, expires_at, csrf} ──► 302 next
+//!  GET / ──► session opens and its token still authenticates? clusters page : landing page
+//!  POST /-/logout ──► same origin + CSRF field equals the session's ──► cookies cleared
+//! ```
+//!
+//! Nothing is stored server-side: any replica with the same cookie key serves any browser.
+//! Expected failures (cancelled sign-in, stale links, expired sessions) are friendly HTML
+//! pages, never Status JSON; only unknown paths fall through to the relay's 404.
+//!
+//! Every response carries [`SECURITY_HEADERS`]; every dynamic value in the HTML goes through
+//! [`html::esc`]; anything that changes state is a POST checked for CSRF.
+
+pub mod html;
+pub mod oidc;
+pub mod session;
 
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::{Request, Response};
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+
+pub use oidc::Portal;
 
 use crate::app::State;
 use crate::auth::Principal;
+use crate::config::{IssuerKind, LoginConfig, PortalConfig};
 use crate::error::ProxyError;
 use crate::proxy::body::RelayBody;
 use crate::proxy::ConnCtx;
+use session::Session;
+
+/// How long a sign-in attempt may take at the provider.
+const LOGIN_TTL_SECS: u64 = 600;
+/// The sign-out form is one short field; anything bigger is not ours.
+const MAX_FORM_BYTES: usize = 4096;
+const CSS: &str = include_str!("web/portal.css");
+
+/// Sent with every portal response. No script runs at all (`default-src 'none'`), the pages
+/// cannot be framed (clickjacking the sign-out button) and forms only post back here.
+pub const SECURITY_HEADERS: &[(&str, &str)] = &[
+    (
+        "content-security-policy",
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    ),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+    ("x-frame-options", "DENY"),
+];
 
 pub async fn handle(
-    _state: &State,
+    state: &State,
     _conn: &ConnCtx,
-    _req: Request<Incoming>,
+    req: Request<Incoming>,
     path: &str,
 ) -> Result<Response<RelayBody>, ProxyError> {
-    Err(ProxyError::NotFound(format!(
-        "kube-relay has no page at {path}"
-    )))
+    let method = req.method().clone();
+    let is_get = method == Method::GET || method == Method::HEAD;
+    match path {
+        "/-/static/portal.css" if is_get => Ok(respond(
+            StatusCode::OK,
+            "text/css; charset=utf-8",
+            // Not a page: a short cache is fine and saves a request per page view.
+            "public, max-age=300",
+            CSS.into(),
+            &[],
+            None,
+        )),
+        "/" | "/-/static/portal.css" if !is_get => Ok(method_not_allowed("GET, HEAD")),
+        // GET only: these start or finish a sign-in, which a HEAD probe must not do.
+        "/-/login" | "/-/callback" if method != Method::GET => Ok(method_not_allowed("GET")),
+        "/" => Ok(root(state, &req).await),
+        "/-/login" => Ok(login(state, &req).await),
+        "/-/callback" => Ok(callback(state, &req).await),
+        "/-/logout" if method == Method::POST => Ok(logout(state, req).await),
+        "/-/logout" => Ok(method_not_allowed("POST")),
+        _ => Err(ProxyError::NotFound(format!(
+            "kube-relay has no page at {path}"
+        ))),
+    }
 }
 
-/// The signed-in portal user behind the request's session cookie, if any and still valid.
-pub async fn session_principal(_state: &State, _h: &http::HeaderMap) -> Option<Arc<Principal>> {
-    None
+/// The signed-in portal user behind the request's session cookie, if any and still valid:
+/// the cookie opens under the configured key, the session has not ended, and its token still
+/// passes every check a kubectl token must pass.
+pub async fn session_principal(state: &State, h: &http::HeaderMap) -> Option<Arc<Principal>> {
+    let (_, portal, _) = enabled(state)?;
+    let session = Session::open(&portal.cookie_key, &session::sealed_session(h)?, now())?;
+    state
+        .auth
+        .authenticate(&session.token)
+        .await
+        .ok()
+        .map(|(p, _)| p)
+}
+
+/// The login section, its portal part and this generation's provider client, when the portal
+/// is configured.
+fn enabled(state: &State) -> Option<(&LoginConfig, &PortalConfig, &Portal)> {
+    let login = state.cfg.login.as_ref()?;
+    Some((login, login.portal.as_ref()?, state.portal.as_deref()?))
+}
+
+// === pages ===
+
+async fn root(state: &State, req: &Request<Incoming>) -> Response<RelayBody> {
+    let public_url = public_url(state);
+    let notice = query(req, "signed_out").map(|_| html::Notice::SignedOut);
+    let Some((login, portal, _)) = enabled(state) else {
+        return page(
+            StatusCode::OK,
+            html::landing(&html::Landing {
+                issuer: None,
+                public_url: &public_url,
+                notice,
+                expired: false,
+            }),
+            &[],
+        );
+    };
+    let sealed = session::sealed_session(req.headers());
+    let signed_in = match &sealed {
+        None => None,
+        Some(sealed) => match Session::open(&portal.cookie_key, sealed, now()) {
+            None => None,
+            Some(s) => match state.auth.authenticate(&s.token).await {
+                Ok((p, _)) => Some((s, p)),
+                Err(e) => {
+                    tracing::info!(reason = e.failure.as_label(), detail = %e.detail, "portal session token no longer valid");
+                    None
+                }
+            },
+        },
+    };
+    match signed_in {
+        Some((s, p)) => signed_in_page(state, &s, &p, &public_url),
+        None => {
+            // A cookie that came but could not be used is cleared, and the page says why.
+            let expired = sealed.is_some();
+            let clear = if expired {
+                session::clear_session_cookies()
+            } else {
+                Vec::new()
+            };
+            page(
+                StatusCode::OK,
+                html::landing(&html::Landing {
+                    issuer: Some(&issuer_display(login)),
+                    public_url: &public_url,
+                    notice,
+                    expired,
+                }),
+                &clear,
+            )
+        }
+    }
+}
+
+fn signed_in_page(
+    state: &State,
+    s: &Session,
+    p: &Principal,
+    public_url: &str,
+) -> Response<RelayBody> {
+    let clusters: Vec<html::ClusterView> = state
+        .cfg
+        .clusters
+        .iter()
+        .filter_map(|c| {
+            let perms = crate::authz::permissions(p, c)?;
+            Some(html::ClusterView {
+                name: c.name.to_string(),
+                up: state
+                    .upstreams
+                    .get(c.name.as_str())
+                    .is_some_and(|u| u.health.is_up()),
+                verbs: perms.verbs,
+                namespaces: perms.namespaces,
+            })
+        })
+        .collect();
+    let ends = s.expires_at.min(p.expires_at);
+    page(
+        StatusCode::OK,
+        html::home(&html::Home {
+            username: &p.username,
+            issuer: &p.issuer,
+            groups: p.groups.len(),
+            minutes_left: ends.saturating_sub(now()).div_ceil(60),
+            clusters: &clusters,
+            public_url,
+            csrf: &s.csrf,
+        }),
+        &[],
+    )
+}
+
+async fn login(state: &State, req: &Request<Incoming>) -> Response<RelayBody> {
+    let Some((login, portal_cfg, portal)) = enabled(state) else {
+        return portal_off();
+    };
+    let next = query(req, "next")
+        .and_then(|n| safe_next(&n).map(str::to_owned))
+        .unwrap_or_else(|| "/".to_owned());
+    let provider = match portal.provider().await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "portal: identity provider discovery failed");
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The sign-in service cannot be reached",
+                "kube-relay could not reach the identity provider. Try again in a minute; if it keeps happening, tell the relay's administrators.",
+                true,
+            );
+        }
+    };
+    let attempt = match new_attempt(next) {
+        Ok(a) => a,
+        Err(_) => return internal("no randomness for a sign-in attempt"),
+    };
+    let url = match oidc::authorization_url(
+        &provider.authorization_endpoint,
+        login,
+        portal_cfg,
+        &redirect_uri(state),
+        &attempt,
+    ) {
+        Ok(u) => u,
+        Err(e) => return internal(&format!("authorization URL: {e}")),
+    };
+    let sealed = serde_json::to_vec(&attempt)
+        .ok()
+        .and_then(|j| session::seal(&portal_cfg.cookie_key, session::LOGIN_PURPOSE, &j).ok());
+    let Some(sealed) = sealed else {
+        return internal("sealing the login cookie");
+    };
+    redirect(
+        StatusCode::FOUND,
+        url.as_str(),
+        &[session::set_cookie(
+            session::LOGIN_COOKIE,
+            &sealed,
+            LOGIN_TTL_SECS,
+        )],
+    )
+}
+
+fn new_attempt(next: String) -> Result<oidc::Attempt, aws_lc_rs::error::Unspecified> {
+    Ok(oidc::Attempt {
+        state: session::random_token(32)?,
+        verifier: session::random_token(32)?,
+        nonce: session::random_token(32)?,
+        next,
+        expires_at: now() + LOGIN_TTL_SECS,
+    })
+}
+
+async fn callback(state: &State, req: &Request<Incoming>) -> Response<RelayBody> {
+    let Some((login, portal_cfg, portal)) = enabled(state) else {
+        return portal_off();
+    };
+    // The login cookie is good for one callback, whatever its outcome.
+    let clear_login = session::clear_cookie(session::LOGIN_COOKIE);
+    if let Some(error) = query(req, "error") {
+        tracing::info!(error = %error, description = query(req, "error_description").as_deref().unwrap_or(""), "portal: the identity provider did not sign the user in");
+        // Only a plain OAuth error code is echoed; free text from the URL is not shown, so a
+        // crafted link cannot put words in the relay's mouth.
+        let code = if !error.is_empty()
+            && error.len() <= 64
+            && error.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        {
+            format!(" (the provider said: {error})")
+        } else {
+            String::new()
+        };
+        return problem_with(
+            StatusCode::FORBIDDEN,
+            "Sign-in was denied",
+            &format!("Sign-in was cancelled or denied at the identity provider{code}. Nothing was changed; you can try again."),
+            true,
+            &[clear_login],
+        );
+    }
+    let attempt = session::cookie(req.headers(), session::LOGIN_COOKIE)
+        .and_then(|c| session::open(&portal_cfg.cookie_key, session::LOGIN_PURPOSE, c))
+        .and_then(|j| serde_json::from_slice::<oidc::Attempt>(&j).ok())
+        .filter(|a| a.expires_at > now());
+    let returned_state = query(req, "state");
+    let code = query(req, "code");
+    let (attempt, code) = match (attempt, returned_state, code) {
+        (Some(a), Some(s), Some(c)) if session::secrets_equal(&a.state, &s) && !c.is_empty() => {
+            (a, c)
+        }
+        _ => return stale(&[clear_login]),
+    };
+    let tokens = match portal
+        .exchange(
+            login,
+            portal_cfg,
+            &redirect_uri(state),
+            &code,
+            &attempt.verifier,
+        )
+        .await
+    {
+        Ok(t) => t,
+        // A used, expired or mismatched code: the link is stale, not the provider broken.
+        Err(oidc::ExchangeError::Refused { error, description }) if error == "invalid_grant" => {
+            tracing::info!(%description, "portal: code exchange refused (invalid_grant)");
+            return stale(&[clear_login]);
+        }
+        Err(e) => {
+            tracing::warn!(error = ?e, "portal: code exchange failed");
+            return problem_with(
+                StatusCode::BAD_GATEWAY,
+                "Sign-in could not be completed",
+                "The identity provider did not complete the sign-in for kube-relay. Try again; if it keeps happening, tell the relay's administrators (the relay's log has the details).",
+                true,
+                &[clear_login],
+            );
+        }
+    };
+    let id_ok = tokens
+        .id_token
+        .as_deref()
+        .is_some_and(|t| oidc::id_token_matches(t, &attempt.nonce, &portal_cfg.client_id));
+    if !id_ok {
+        tracing::warn!(
+            id_token = tokens.id_token.is_some(),
+            "portal: the token response's ID token is missing or not for this sign-in (nonce or audience)"
+        );
+        return stale(&[clear_login]);
+    }
+    let principal = match state.auth.authenticate(&tokens.access_token).await {
+        Ok((p, _)) => p,
+        Err(e) => {
+            tracing::warn!(reason = e.failure.as_label(), detail = %e.detail, "portal: the signed-in user's access token is not accepted by this relay");
+            return not_accepted(&[clear_login]);
+        }
+    };
+    let now = now();
+    let expires_at = (now + portal_cfg.session_lifetime.as_secs()).min(principal.expires_at);
+    if expires_at <= now {
+        return not_accepted(&[clear_login]);
+    }
+    let cookies = Session::new(tokens.access_token, now, expires_at)
+        .and_then(|s| s.seal(&portal_cfg.cookie_key))
+        .ok()
+        .map(|sealed| session::set_session_cookies(&sealed, expires_at - now));
+    let mut cookies = match cookies {
+        Some(Some(c)) => c,
+        Some(None) => {
+            tracing::warn!(
+                token_bytes = principal.bearer_token().len(),
+                "portal: the access token is too large for a browser session"
+            );
+            return problem_with(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Your sign-in is too large for a browser session",
+                "Your access token (often: membership in very many groups) does not fit in the browser's cookies. Use the command line instead: kube-relay kubeconfig.",
+                false,
+                &[clear_login],
+            );
+        }
+        None => return internal("sealing the session"),
+    };
+    cookies.push(clear_login);
+    tracing::info!(user = %principal.user_key(), "portal: signed in");
+    redirect(StatusCode::FOUND, &attempt.next, &cookies)
+}
+
+async fn logout(state: &State, req: Request<Incoming>) -> Response<RelayBody> {
+    let Some((_, portal_cfg, _)) = enabled(state) else {
+        return portal_off();
+    };
+    if !same_origin(req.headers(), &state.cfg.public_url) {
+        return refused_logout();
+    }
+    let sealed = session::sealed_session(req.headers());
+    let body = match Limited::new(req.into_body(), MAX_FORM_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return refused_logout(),
+    };
+    let csrf = url::form_urlencoded::parse(&body)
+        .find(|(k, _)| k == "csrf")
+        .map(|(_, v)| v.into_owned());
+    // An expired session can still sign out (it is only being deleted); a session cookie that
+    // does not open is no session, and deleting it needs no proof either.
+    if let Some(s) = sealed.and_then(|v| session_any_age(&portal_cfg.cookie_key, &v)) {
+        if !csrf.is_some_and(|c| session::secrets_equal(&c, &s.csrf)) {
+            return refused_logout();
+        }
+    }
+    redirect(
+        StatusCode::SEE_OTHER,
+        "/?signed_out=1",
+        &session::clear_session_cookies(),
+    )
+}
+
+/// A session that opens under `key`, however old.
+fn session_any_age(key: &crate::config::CookieKey, sealed: &str) -> Option<Session> {
+    Session::open(key, sealed, 0)
+}
+
+// === helpers ===
+
+/// `next` must stay on this origin: an absolute path, not `//host` or `/\host` (browsers
+/// read both as another host), no control characters or spaces (stripped by browsers into
+/// the former) and not back into the sign-in flow.
+pub fn safe_next(next: &str) -> Option<&str> {
+    let ok = next.starts_with('/')
+        && !next.starts_with("//")
+        && next.len() <= 512
+        && next
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b'\\')
+        && !["/-/login", "/-/callback", "/-/logout"]
+            .iter()
+            .any(|p| next.starts_with(p));
+    ok.then_some(next)
+}
+
+/// Is this POST from the portal's own page? `Origin` when sent (every current browser sends
+/// it on form POSTs), else the fetch metadata; neither means no.
+fn same_origin(h: &http::HeaderMap, public_url: &url::Url) -> bool {
+    match h.get(header::ORIGIN) {
+        Some(o) => o
+            .to_str()
+            .is_ok_and(|o| o == public_url.origin().ascii_serialization()),
+        None => h
+            .get("sec-fetch-site")
+            .is_some_and(|v| v.as_bytes() == b"same-origin"),
+    }
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
+    url::form_urlencoded::parse(req.uri().query()?.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn public_url(state: &State) -> String {
+    state
+        .cfg
+        .public_url
+        .as_str()
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+fn redirect_uri(state: &State) -> String {
+    format!("{}/-/callback", public_url(state))
+}
+
+fn issuer_display(login: &LoginConfig) -> String {
+    match login.issuer.kind {
+        IssuerKind::Entra { .. } => "Microsoft Entra ID".to_owned(),
+        IssuerKind::Oidc { .. } => login.issuer.name.clone(),
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+// === responses ===
+
+fn stale(cookies: &[String]) -> Response<RelayBody> {
+    problem_with(
+        StatusCode::BAD_REQUEST,
+        "Sign-in link expired or invalid",
+        "This sign-in link is stale, was already used, or was opened in another browser than the one that started signing in. Start again from this browser.",
+        true,
+        cookies,
+    )
+}
+
+fn not_accepted(cookies: &[String]) -> Response<RelayBody> {
+    problem_with(
+        StatusCode::FORBIDDEN,
+        "Sign-in was not accepted",
+        "You signed in, but the identity provider issued a token this relay does not accept (for example, for another audience or without the required scope). Tell the relay's administrators.",
+        false,
+        cookies,
+    )
+}
+
+fn refused_logout() -> Response<RelayBody> {
+    problem(
+        StatusCode::FORBIDDEN,
+        "Sign-out could not be verified",
+        "The sign-out request did not come from this portal's own page, so it was ignored. Use the Sign out button on the start page.",
+        false,
+    )
+}
+
+fn portal_off() -> Response<RelayBody> {
+    problem(
+        StatusCode::NOT_FOUND,
+        "Browser sign-in is not enabled",
+        "This relay does not offer browser sign-in. Use the command line: kube-relay kubeconfig.",
+        false,
+    )
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<RelayBody> {
+    let mut r = problem(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method not allowed",
+        "This page cannot be used this way. Go to the start page and use its links and buttons.",
+        false,
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+fn internal(what: &str) -> Response<RelayBody> {
+    tracing::error!(what, "portal: internal error");
+    problem(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Something went wrong",
+        "kube-relay could not handle this request. Try again; if it keeps happening, tell the relay's administrators.",
+        false,
+    )
+}
+
+fn problem(status: StatusCode, heading: &str, text: &str, retry: bool) -> Response<RelayBody> {
+    problem_with(status, heading, text, retry, &[])
+}
+
+fn problem_with(
+    status: StatusCode,
+    heading: &str,
+    text: &str,
+    retry: bool,
+    cookies: &[String],
+) -> Response<RelayBody> {
+    page(status, html::problem(heading, text, retry), cookies)
+}
+
+fn page(status: StatusCode, html: String, cookies: &[String]) -> Response<RelayBody> {
+    respond(
+        status,
+        "text/html; charset=utf-8",
+        "no-store",
+        html.into(),
+        cookies,
+        None,
+    )
+}
+
+fn redirect(status: StatusCode, location: &str, cookies: &[String]) -> Response<RelayBody> {
+    respond(
+        status,
+        "text/plain; charset=utf-8",
+        "no-store",
+        Bytes::new(),
+        cookies,
+        Some(location),
+    )
+}
+
+/// Builds a response with the security headers. Header values we cannot encode (never the
+/// case for our base64url cookies and checked or URL-serialised locations) are dropped and
+/// logged rather than panicking.
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    cache: &'static str,
+    body: Bytes,
+    cookies: &[String],
+    location: Option<&str>,
+) -> Response<RelayBody> {
+    let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+    for (k, v) in SECURITY_HEADERS {
+        h.insert(HeaderName::from_static(k), HeaderValue::from_static(v));
+    }
+    for c in cookies {
+        match HeaderValue::try_from(c.as_str()) {
+            Ok(v) => {
+                h.append(header::SET_COOKIE, v);
+            }
+            Err(_) => tracing::error!("portal: a Set-Cookie value is not a valid header value"),
+        }
+    }
+    if let Some(l) = location {
+        match HeaderValue::try_from(l) {
+            Ok(v) => {
+                h.insert(header::LOCATION, v);
+            }
+            Err(_) => tracing::error!("portal: a redirect location is not a valid header value"),
+        }
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_stays_on_this_origin() {
+        for good in ["/", "/?x=1", "/-/kubeconfig?style=sni", "/a/b%2F"] {
+            assert_eq!(safe_next(good), Some(good), "{good}");
+        }
+        for bad in [
+            "//evil",
+            "//evil.example/x",
+            "https://evil",
+            "/\\evil",
+            "\\\\evil",
+            "/\t/evil",
+            "/ /evil",
+            "evil",
+            "",
+            "/-/login?next=/",
+            "/-/callback",
+            "/-/logout",
+            "/caf\u{e9}",
+        ] {
+            assert_eq!(safe_next(bad), None, "{bad:?}");
+        }
+        assert_eq!(safe_next(&format!("/{}", "a".repeat(600))), None);
+    }
+
+    #[test]
+    fn same_origin_checks() {
+        let public = url::Url::parse("https://relay.example.com/").unwrap();
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = http::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_static(v));
+            }
+            m
+        };
+        assert!(same_origin(
+            &h(&[("origin", "https://relay.example.com")]),
+            &public
+        ));
+        assert!(!same_origin(
+            &h(&[("origin", "https://evil.example")]),
+            &public
+        ));
+        assert!(!same_origin(&h(&[("origin", "null")]), &public));
+        assert!(!same_origin(
+            &h(&[
+                ("origin", "https://evil.example"),
+                ("sec-fetch-site", "same-origin")
+            ]),
+            &public
+        ));
+        assert!(same_origin(
+            &h(&[("sec-fetch-site", "same-origin")]),
+            &public
+        ));
+        assert!(!same_origin(
+            &h(&[("sec-fetch-site", "cross-site")]),
+            &public
+        ));
+        assert!(!same_origin(&h(&[]), &public));
+        let with_port = url::Url::parse("https://localhost:8443").unwrap();
+        assert!(same_origin(
+            &h(&[("origin", "https://localhost:8443")]),
+            &with_port
+        ));
+    }
 }
