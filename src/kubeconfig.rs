@@ -538,6 +538,9 @@ pub struct KubeconfigArgs {
     /// secret, workloadidentity, msi, github. Default: browser.
     #[arg(long, env = "KUBE_RELAY_LOGIN")]
     pub login: Option<String>,
+    /// Audience of the GitHub Actions OIDC token (with --login github).
+    #[arg(long)]
+    pub audience: Option<String>,
     /// Use this bearer token to list clusters instead of signing in (e.g. in CI).
     #[arg(long, env = "KUBE_RELAY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -611,11 +614,29 @@ async fn run(args: KubeconfigArgs) -> anyhow::Result<()> {
             )))
         }
     };
+    let mode = match &args.login {
+        Some(m) => Some(crate::login::LoginMode::from_name(m).with_context(|| {
+            format!("--login {m}: expected browser, devicecode, azurecli, secret, workloadidentity, msi or github")
+        })?),
+        None => None,
+    };
     let login_args = |passthrough: bool| {
         login_params.as_ref().map(|p| {
             let mut l = crate::login::LoginArgs::from_params(p, passthrough);
-            if let Some(mode) = &args.login {
-                l.set_mode(mode);
+            if let Some(m) = mode {
+                l.login = m;
+                if !m.needs_human() {
+                    // The published client id is the relay's public sign-in app; unattended
+                    // logins are their own app (AZURE_CLIENT_ID and friends at run time), and
+                    // app-only tokens are asked for with `<resource>/.default`.
+                    l.client_id = None;
+                    if p.kind == "entra" {
+                        l.scopes = l.scopes.iter().map(|s| default_scope(s)).collect();
+                    }
+                }
+            }
+            if let Some(a) = &args.audience {
+                l.audience = Some(a.clone());
             }
             if let Some(ca) = &args.idp_ca_file {
                 l.ca_file = Some(ca.clone());
@@ -651,8 +672,16 @@ async fn run(args: KubeconfigArgs) -> anyhow::Result<()> {
             String::from_utf8_lossy(resp.body()).chars().take(300).collect::<String>()
         ),
     }
-    let list: ClusterList =
+    let mut list: ClusterList =
         serde_json::from_slice(resp.body()).context("the relay's cluster list is not valid")?;
+    // The CA that just verified the relay is the one kubectl needs too, when the relay does not
+    // publish its own.
+    if list.relay.certificate_authority_data.is_none() {
+        if let Some(f) = &args.relay_ca_file {
+            let pem = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            list.relay.certificate_authority_data = Some(ca_data(&pem));
+        }
+    }
     if list.clusters.is_empty() {
         bail!(
             "{} may not use any cluster on this relay; ask its operators for access",
@@ -664,8 +693,8 @@ async fn run(args: KubeconfigArgs) -> anyhow::Result<()> {
         plugin: args.plugin,
         exec_command: args.exec_command.clone(),
         name_prefix: args.context_prefix.clone(),
-        relay_args: login_args(false).map(|l| l.to_exec_args()),
-        passthrough_args: login_args(true).map(|l| l.to_exec_args()),
+        relay_args: login_args(false).map(|l| token_args(&l)),
+        passthrough_args: login_args(true).map(|l| token_args(&l)),
     };
     let doc = build(&list, &opts)?;
     let target = match &args.kubeconfig {
@@ -709,6 +738,22 @@ async fn run(args: KubeconfigArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `api://kube-relay/user_impersonation` → `api://kube-relay/.default`: app-only tokens (client
+/// credentials, federated, managed identity) can only ask for an application's `.default`.
+fn default_scope(scope: &str) -> String {
+    match scope.rsplit_once('/') {
+        Some((resource, _)) => format!("{resource}/.default"),
+        None => format!("{scope}/.default"),
+    }
+}
+
+/// The exec `args` for a login: `token` and its flags.
+pub fn token_args(l: &crate::login::LoginArgs) -> Vec<String> {
+    std::iter::once("token".to_owned())
+        .chain(l.to_exec_args())
+        .collect()
 }
 
 fn join_or_none(v: &[String]) -> String {

@@ -19,12 +19,34 @@
 //                `nbf` = `iat` claim is added, because kube-relay requires `nbf` (design.md §5).
 // --parent-stdin exit when stdin reaches EOF (the parent died), besides on SIGTERM / SIGINT.
 //
+// People signing in (kube-relay token, the browser portal), all off unless a flag names them:
+// --cli-client-id ID   a public native client (token_endpoint_auth_method none) for
+//                `kube-relay token`: authorization_code (PKCE required), refresh_token and
+//                device_code grants; redirect http://127.0.0.1/callback, any port (RFC 8252 §7.3:
+//                oidc-provider ignores the port of a loopback http redirect of a native client).
+// --portal-client-id ID --portal-client-secret SECRET --portal-redirect URI
+//                a confidential web client for the relay's portal: authorization_code (PKCE
+//                required) and refresh_token, the one redirect URI given.
+// --portal-client-auth METHOD  how the portal client authenticates at the token endpoint:
+//                client_secret_basic (default) or client_secret_post.
+// --access-token-ttl SECONDS  lifetime of access tokens for a resource (default 300), short in
+//                tests of refresh.
+// With either client the provider enables its development sign-in pages (devInteractions): a
+// login form (accounts below, any password) then a consent page with [ Cancel ] (access_denied),
+// and the device flow (verification page /device). Accounts: `alice` (groups ["sre"]) and `bob`
+// (groups ["dev"]); any other login is an account without groups. Access tokens for a resource
+// carry sub = login name and `groups`; so do ID tokens. A refresh token is issued to every
+// client allowed the refresh_token grant, with or without the offline_access scope (which
+// oidc-provider drops unless prompt=consent), and it does not end with the IdP's browser session.
+//
 // Key rotation: send SIGHUP. The --keys file is re-read and a fresh Provider (same issuer,
 // client and port; the listener stays up) takes over every later request.
 //
 // stdout carries one JSON object per line:
 //   {"event":"listening","port":N,"issuer":"https://127.0.0.1:N","kids":[...]}   once, when ready
 //   {"event":"request","method":"GET","path":"/jwks"}                        each request
+//   {"event":"token","grant_type":"refresh_token","client_id":"...","status":200,"error":null}
+//                                                              after each token endpoint answer
 //   {"event":"reloaded","kids":[...]}                                         after a SIGHUP
 //   {"event":"reload_failed","error":"..."}                                   bad key file on SIGHUP
 // Diagnostics go to stderr (oidc-provider prints a few notices of its own on stdout: readers
@@ -47,6 +69,12 @@ const { values: args } = parseArgs({
     'client-secret': { type: 'string', default: 'ci-secret' },
     resource: { type: 'string', multiple: true },
     'no-nbf': { type: 'boolean', default: false },
+    'cli-client-id': { type: 'string' },
+    'portal-client-id': { type: 'string' },
+    'portal-client-secret': { type: 'string' },
+    'portal-redirect': { type: 'string' },
+    'portal-client-auth': { type: 'string', default: 'client_secret_basic' },
+    'access-token-ttl': { type: 'string', default: '300' },
     'parent-stdin': { type: 'boolean', default: false },
   },
   strict: true,
@@ -60,6 +88,60 @@ for (const required of ['cert', 'key', 'keys']) {
 }
 
 const resources = new Set(args.resource?.length ? args.resource : ['api://kube-relay']);
+
+const accessTokenTTL = Number(args['access-token-ttl']);
+if (!Number.isInteger(accessTokenTTL) || accessTokenTTL < 1) {
+  process.stderr.write('provider.mjs: --access-token-ttl must be a positive whole number of seconds\n');
+  process.exit(2);
+}
+const portalFlags = ['portal-client-id', 'portal-client-secret', 'portal-redirect'];
+if (portalFlags.some((f) => args[f]) && !portalFlags.every((f) => args[f])) {
+  process.stderr.write(`provider.mjs: ${portalFlags.map((f) => `--${f}`).join(', ')} go together\n`);
+  process.exit(2);
+}
+if (!['client_secret_basic', 'client_secret_post'].includes(args['portal-client-auth'])) {
+  process.stderr.write('provider.mjs: --portal-client-auth is client_secret_basic or client_secret_post\n');
+  process.exit(2);
+}
+// People can sign in (login + consent pages, device flow) when a client for them exists.
+const interactive = Boolean(args['cli-client-id'] || args['portal-client-id']);
+
+// The people who can sign in: login name -> groups. Any other login is an account without groups.
+const ACCOUNTS = { alice: ['sre'], bob: ['dev'] };
+const groupsOf = (accountId) => ACCOUNTS[accountId] ?? [];
+
+function clients() {
+  const list = [{
+    client_id: args['client-id'],
+    client_secret: args['client-secret'],
+    grant_types: ['client_credentials'],
+    response_types: [],
+    redirect_uris: [],
+    token_endpoint_auth_method: 'client_secret_basic',
+  }];
+  if (args['cli-client-id']) {
+    list.push({
+      client_id: args['cli-client-id'],
+      application_type: 'native',
+      token_endpoint_auth_method: 'none',
+      grant_types: ['authorization_code', 'refresh_token', 'urn:ietf:params:oauth:grant-type:device_code'],
+      response_types: ['code'],
+      redirect_uris: ['http://127.0.0.1/callback'],
+    });
+  }
+  if (args['portal-client-id']) {
+    list.push({
+      client_id: args['portal-client-id'],
+      client_secret: args['portal-client-secret'],
+      application_type: 'web',
+      token_endpoint_auth_method: args['portal-client-auth'],
+      grant_types: ['authorization_code', 'refresh_token'],
+      response_types: ['code'],
+      redirect_uris: [args['portal-redirect']],
+    });
+  }
+  return list;
+}
 
 function emit(event) {
   process.stdout.write(`${JSON.stringify(event)}\n`);
@@ -98,20 +180,37 @@ function makeProvider(issuer, keys) {
   if (!signer) throw new Error('the key set needs at least one RSA key (RS256)');
   const provider = new Provider(issuer, {
     jwks: { keys },
-    clients: [{
-      client_id: args['client-id'],
-      client_secret: args['client-secret'],
-      grant_types: ['client_credentials'],
-      response_types: [],
-      redirect_uris: [],
-      token_endpoint_auth_method: 'client_secret_basic',
-    }],
-    // Only ever used for interaction cookies, which this flow never sets; fixed so oidc-provider
-    // does not warn about generated keys.
-    cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
-    ttl: { ClientCredentials: 300 },
+    clients: clients(),
+    // Signs the IdP's own session and interaction cookies (sign-in pages); random per process
+    // and fixed across SIGHUP reloads.
+    cookies: { keys: [cookieKey] },
+    ttl: {
+      ClientCredentials: 300,
+      AccessToken: accessTokenTTL,
+      RefreshToken: 24 * 3600,
+      DeviceCode: 600,
+    },
+    async findAccount(_ctx, sub) {
+      return {
+        accountId: sub,
+        async claims() {
+          return { sub, groups: groupsOf(sub) };
+        },
+      };
+    },
+    // `groups` with the openid scope, in ID tokens as well as from userinfo.
+    claims: { openid: ['sub', 'groups'] },
+    conformIdTokenClaims: false,
+    pkce: { required: () => true },
+    async issueRefreshToken(_ctx, client) {
+      return client.grantTypeAllowed('refresh_token');
+    },
+    async expiresWithSession() {
+      return false;
+    },
     features: {
-      devInteractions: { enabled: false },
+      devInteractions: { enabled: interactive },
+      deviceFlow: { enabled: interactive },
       clientCredentials: { enabled: true },
       introspection: { enabled: false },
       revocation: { enabled: false },
@@ -126,7 +225,7 @@ function makeProvider(issuer, keys) {
           return {
             scope: 'kube',
             audience: resourceIndicator,
-            accessTokenTTL: 300,
+            accessTokenTTL,
             accessTokenFormat: 'jwt',
             jwt: { sign: { alg: 'RS256', kid: signer.kid } },
           };
@@ -135,17 +234,34 @@ function makeProvider(issuer, keys) {
     },
     formats: {
       customizers: {
-        async jwt(_ctx, _token, jwt) {
+        async jwt(_ctx, token, jwt) {
           if (!args['no-nbf']) jwt.payload.nbf = jwt.payload.iat;
+          // A person's token (not client credentials): sub is already the login name.
+          if (token.accountId) jwt.payload.groups = groupsOf(token.accountId);
         },
       },
     },
+  });
+  // One line per token endpoint answer, so tests can count sign-ins, refreshes and device polls.
+  provider.use(async (ctx, next) => {
+    await next();
+    if (ctx.oidc?.route === 'token') {
+      emit({
+        event: 'token',
+        grant_type: ctx.oidc.params?.grant_type ?? null,
+        client_id: ctx.oidc.client?.clientId ?? null,
+        status: ctx.status,
+        error: ctx.body?.error ?? null,
+      });
+    }
   });
   provider.on('server_error', (_ctx, err) => {
     process.stderr.write(`provider.mjs: server_error: ${err?.stack ?? err}\n`);
   });
   return provider;
 }
+
+const cookieKey = crypto.randomBytes(32).toString('hex');
 
 const tls = {
   cert: fs.readFileSync(args.cert),

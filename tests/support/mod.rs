@@ -2,6 +2,8 @@
 //! chosen SNI, and scriptable fake upstreams. Every wait is bounded.
 #![allow(dead_code)]
 
+pub mod idp;
+
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -352,8 +354,12 @@ impl CustomRelay {
         )
         .await
         .unwrap();
+        // Bound first so public_url can carry the real port (kubeconfigs the relay generates
+        // point at it).
+        let relay_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay_port = relay_listener.local_addr().unwrap().port();
         let mut yaml = format!(
-            "listen: 127.0.0.1:0\npublic_url: https://localhost\ntls: {{cert_file: relay.crt, key_file: relay.key}}\naudit: {{path: audit.jsonl}}\n\
+            "listen: 127.0.0.1:0\npublic_url: https://localhost:{relay_port}\ntls: {{cert_file: relay.crt, key_file: relay.key}}\naudit: {{path: audit.jsonl}}\n\
              routing: {{host_suffix: relay.test}}\nidentity:\n  issuers:\n    - {{name: dev, kind: oidc, issuer: \"{issuer_url}\", audiences: [kube-relay], ca_file: ca.crt}}\nclusters:\n"
         );
         for (name, up) in clusters {
@@ -367,7 +373,7 @@ impl CustomRelay {
         let path = dir.path().join("relay.yaml");
         std::fs::write(&path, yaml).unwrap();
         let cfg = kube_relay::config::load(&path).unwrap();
-        let app = kube_relay::app::App::bind(cfg).await.unwrap();
+        let app = kube_relay::app::App::with_listeners(cfg, relay_listener, None).unwrap();
         let addr = app.local_addr().unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(app.run(shutdown.clone()));
