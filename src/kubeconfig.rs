@@ -650,9 +650,9 @@ async fn run(args: KubeconfigArgs) -> anyhow::Result<()> {
     let token = match &args.token {
         Some(t) => t.clone(),
         None => {
-            let l = login_args(false).context(
+            let l = with_environment(login_args(false).context(
                 "the relay publishes no login settings; pass a token with --token (or KUBE_RELAY_TOKEN)",
-            )?;
+            )?);
             crate::login::get_token(&l, std::io::IsTerminal::is_terminal(&std::io::stdin()))
                 .await?
                 .access_token
@@ -738,6 +738,26 @@ async fn run(args: KubeconfigArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// What `kube-relay token` would read from the environment (AZURE_CLIENT_SECRET,
+/// AZURE_FEDERATED_TOKEN_FILE, AZURESUBSCRIPTION_SERVICE_CONNECTION_ID), for this command's own
+/// sign-in. Kept out of the written kubeconfig: the plugin reads them again at run time.
+fn with_environment(mut l: crate::login::LoginArgs) -> crate::login::LoginArgs {
+    #[derive(clap::Parser)]
+    struct FromEnv {
+        #[command(flatten)]
+        login: crate::login::LoginArgs,
+    }
+    if let Ok(e) = <FromEnv as clap::Parser>::try_parse_from(["kube-relay"]) {
+        let e = e.login;
+        l.client_secret = l.client_secret.or(e.client_secret);
+        l.federated_token_file = l.federated_token_file.or(e.federated_token_file);
+        l.azure_pipelines_service_connection_id = l
+            .azure_pipelines_service_connection_id
+            .or(e.azure_pipelines_service_connection_id);
+    }
+    l
 }
 
 /// `api://kube-relay/user_impersonation` → `api://kube-relay/.default`: app-only tokens (client

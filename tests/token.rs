@@ -36,6 +36,8 @@ const APP_OID: &str = "99999999-9999-9999-9999-999999999999";
 const OID_AZ_USER: &str = "a1a1a1a1-0000-0000-0000-000000000001";
 const SP_APP: &str = "e5e5e5e5-0000-0000-0000-000000000005";
 const MI_CLIENT: &str = "f6f6f6f6-0000-0000-0000-000000000006";
+/// The relay's public sign-in app (`login.client_id`): never used by unattended logins.
+const CLI_APP: &str = "c1c1c1c1-0000-0000-0000-00000000000c";
 const SP_SECRET: &str = "sp-s3cr3t-value-do-not-print";
 const SCOPE: &str = "api://kube-relay/.default";
 const GH_REQUEST_TOKEN: &str = "gh-request-bearer";
@@ -116,6 +118,9 @@ async fn world() -> World {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let te_authority = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());
     let mut tcfg = TokenEndpointConfig::new(TID, te_signer.clone());
+    // One authority for the relay's key fetches and the CLI's token requests, as with Entra
+    // (the recipes run `kube-relay kubeconfig`, which takes the authority from the relay).
+    tcfg.metadata_authority = Some(te_authority.clone());
     tcfg.assertion_issuers = vec![k8s.clone(), github.clone(), ado.clone()];
     tcfg.client_secrets.insert(SP_APP.into(), SP_SECRET.into());
     let te = kube_sim::token_endpoint::serve(l, Some(tls.clone()), tcfg)
@@ -165,10 +170,17 @@ async fn world() -> World {
     .await
     .unwrap();
 
+    // Bound first so public_url (and the kubeconfigs the relay hands out) carry the real port.
+    let relay_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_port = relay_listener.local_addr().unwrap().port();
     let yaml = format!(
         r#"listen: 127.0.0.1:0
-public_url: https://localhost
-tls: {{cert_file: relay.crt, key_file: relay.key}}
+public_url: https://localhost:{relay_port}
+login:
+  issuer: contoso
+  client_id: {CLI_APP}
+  scopes: [api://kube-relay/user_impersonation]
+tls: {{cert_file: relay.crt, key_file: relay.key, ca_file: ca.crt}}
 admin: {{listen: 127.0.0.1:0}}
 audit: {{path: audit.jsonl}}
 routing: {{host_suffix: relay.test}}
@@ -177,7 +189,7 @@ identity:
     - name: contoso
       kind: entra
       tenant_id: {TID}
-      authority_host: {idp_authority}
+      authority_host: {te_authority}
       ca_file: ca.crt
       audiences: [api://kube-relay]
     - name: github
@@ -202,7 +214,9 @@ clusters:
     let path = dir.path().join("relay.yaml");
     std::fs::write(&path, yaml).unwrap();
     let cfg = kube_relay::config::load(&path).unwrap();
-    let app = kube_relay::app::App::bind(cfg).await.unwrap();
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = kube_relay::app::App::with_listeners(cfg, relay_listener, Some(admin_listener))
+        .unwrap();
     let relay = app.local_addr().unwrap();
     let admin = app.admin_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -975,4 +989,114 @@ fn help_explains_every_mode_and_the_cache() {
     ] {
         assert!(help.contains(mode), "--help lacks {mode}:\n{help}");
     }
+}
+
+// === the CI recipes in docs/ci.md, step by step ===
+
+impl World {
+    /// Step 1 of every CI recipe: `kube-relay kubeconfig --relay URL --login MODE`, with the CI
+    /// system's environment. Returns the kubeconfig it wrote.
+    async fn recipe_kubeconfig(&self, extra: &[&str], env: &[(String, String)]) -> PathBuf {
+        let kubeconfig = self.path(&format!("recipe-{}", uuid::Uuid::new_v4()));
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kube-relay"));
+        c.arg("kubeconfig")
+            .args(["--relay", &format!("https://localhost:{}", self.relay.port())])
+            .args(extra)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            // Loopback stand-ins only: the relay and Entra stand-in are on a private CA, and
+            // kubeconfigs must name this test binary instead of `kube-relay` on PATH.
+            .arg("--relay-ca-file")
+            .arg(self.path("ca.crt"))
+            .arg("--idp-ca-file")
+            .arg(self.path("ca.crt"))
+            .arg("--exec-command")
+            .arg(env!("CARGO_BIN_EXE_kube-relay"));
+        let r = Run {
+            args: vec![],
+            api_version: "client.authentication.k8s.io/v1",
+            interactive_mode: "Never",
+            env: env.to_vec(),
+        };
+        self.base_env(&mut c, &r);
+        let out = tokio::task::spawn_blocking(move || support::run(c, None, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert!(out.status.success(), "kube-relay kubeconfig: {}", stderr(&out));
+        assert!(stderr(&out).contains("aks"), "{}", stderr(&out));
+        kubeconfig
+    }
+
+    /// Step 2: `kubectl --context aks get pods` with that kubeconfig, same environment.
+    async fn recipe_kubectl(&self, kubeconfig: &Path, env: &[(String, String)]) -> Output {
+        let mut c = Command::new(support::kubectl(KUBECTL));
+        c.arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["--context", "aks", "get", "pods", "-o", "name"]);
+        let r = Run {
+            args: vec![],
+            api_version: "client.authentication.k8s.io/v1",
+            interactive_mode: "Never",
+            env: env.to_vec(),
+        };
+        self.base_env(&mut c, &r);
+        tokio::task::spawn_blocking(move || support::run(c, None, Duration::from_secs(60)))
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipe_github_actions_with_entra_federation() {
+    let w = world().await;
+    // What a job with `permissions: id-token: write` and the two non-secret variables has.
+    let mut env = w.ci.github_env();
+    env.push(("AZURE_CLIENT_ID".into(), SP_APP.into()));
+    env.push(("AZURE_TENANT_ID".into(), TID.into()));
+    let kc = w
+        .recipe_kubeconfig(&["--login", "workloadidentity"], &env)
+        .await;
+    let text = std::fs::read_to_string(&kc).unwrap();
+    assert!(
+        !text.contains(CLI_APP),
+        "unattended logins never use the relay's public sign-in app: {text}"
+    );
+    assert!(text.contains("api://kube-relay/.default"), "{text}");
+    assert_listed(&w.recipe_kubectl(&kc, &env).await, "recipe: GitHub Actions + Entra");
+    assert_eq!(w.te.last_form()["client_id"], SP_APP);
+    assert_eq!(w.te.last_form()["scope"], "api://kube-relay/.default");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipe_github_actions_trusted_directly() {
+    let w = world().await;
+    let env = w.ci.github_env();
+    let kc = w
+        .recipe_kubeconfig(&["--login", "github", "--audience", "api://kube-relay"], &env)
+        .await;
+    assert_listed(&w.recipe_kubectl(&kc, &env).await, "recipe: GitHub OIDC directly");
+    assert_eq!(w.token_requests(), 0, "no Entra involved");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipe_azure_pipelines_workload_identity_connection() {
+    let w = world().await;
+    // What an AzureCLI@2 step with a workload-identity service connection exposes, plus
+    // SYSTEM_ACCESSTOKEN mapped in explicitly.
+    let env = vec![
+        ("AZURESUBSCRIPTION_CLIENT_ID".to_owned(), SP_APP.to_owned()),
+        ("AZURESUBSCRIPTION_TENANT_ID".into(), TID.into()),
+        (
+            "AZURESUBSCRIPTION_SERVICE_CONNECTION_ID".into(),
+            ADO_CONNECTION.into(),
+        ),
+        ("SYSTEM_OIDCREQUESTURI".into(), w.ci.ado_url.clone()),
+        ("SYSTEM_ACCESSTOKEN".into(), ADO_ACCESS_TOKEN.into()),
+    ];
+    let kc = w
+        .recipe_kubeconfig(&["--login", "workloadidentity"], &env)
+        .await;
+    assert_listed(&w.recipe_kubectl(&kc, &env).await, "recipe: Azure Pipelines");
+    assert!(w.ci.ado_requests.load(Ordering::SeqCst) >= 1);
+    assert_eq!(w.te.last_form()["client_id"], SP_APP);
 }

@@ -92,6 +92,10 @@ pub struct TokenEndpointConfig {
     pub identity_header: String,
     /// Object id of the managed identity / app-only principal in minted app tokens.
     pub app_oid: String,
+    /// When set (this endpoint's own `https://host:port`), also serve the tenant's v1 and v2
+    /// OpenID metadata and keys as Entra does on the same host, so one authority serves a
+    /// relay's key fetches and a client's token requests.
+    pub metadata_authority: Option<String>,
 }
 
 impl TokenEndpointConfig {
@@ -104,6 +108,7 @@ impl TokenEndpointConfig {
             client_certificates: HashMap::new(),
             identity_header: "kube-sim-identity-header".to_owned(),
             app_oid: "99999999-9999-9999-9999-999999999999".to_owned(),
+            metadata_authority: None,
         }
     }
 }
@@ -273,10 +278,45 @@ fn oauth_error(
     )
 }
 
+/// Entra's metadata documents and keys for the tenant, when configured.
+fn metadata(cfg: &TokenEndpointConfig, path: &str) -> Option<Value> {
+    let authority = cfg.metadata_authority.as_deref()?.trim_end_matches('/');
+    let t = &cfg.tenant;
+    let doc = |iss: String, jwks: String| {
+        json!({
+            "issuer": iss,
+            "jwks_uri": jwks,
+            "token_endpoint": format!("{authority}/{t}/oauth2/v2.0/token"),
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["pairwise"],
+        })
+    };
+    if path == format!("/{t}/.well-known/openid-configuration") {
+        Some(doc(
+            format!("https://sts.windows.net/{t}/"),
+            format!("{authority}/{t}/discovery/keys"),
+        ))
+    } else if path == format!("/{t}/v2.0/.well-known/openid-configuration") {
+        Some(doc(
+            format!("{authority}/{t}/v2.0"),
+            format!("{authority}/{t}/discovery/v2.0/keys"),
+        ))
+    } else if path == format!("/{t}/discovery/keys") || path == format!("/{t}/discovery/v2.0/keys")
+    {
+        serde_json::to_value(cfg.signer.jwks()).ok()
+    } else {
+        None
+    }
+}
+
 async fn respond(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
     let token_path = format!("/{}/oauth2/v2.0/token", state.cfg.tenant);
     let is_mi = path == "/metadata/identity/oauth2/token" || path == "/msi/token";
+    if let Some(doc) = metadata(&state.cfg, &path) {
+        return json_response(StatusCode::OK, doc);
+    }
     if path != token_path && !is_mi {
         return json_response(StatusCode::NOT_FOUND, json!({"error": "not_found"}));
     }
