@@ -124,7 +124,7 @@ async fn hundred_reloads_under_traffic_lose_nothing() {
             let mut i = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 i += 1;
-                let code = if i % 2 == 0 {
+                let code = if i.is_multiple_of(2) {
                     let req = http::Request::get(
                         "https://alpha.relay.localhost/api/v1/namespaces/default/pods",
                     )

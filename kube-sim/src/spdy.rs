@@ -1275,7 +1275,7 @@ impl Reader {
     ) -> Result<(), SpdyError> {
         // Client streams are odd and strictly increasing (§2.3.2); spdystream answers a bad id
         // with RST_STREAM(PROTOCOL_ERROR) and carries on, and so do we.
-        if stream_id % 2 == 0 || stream_id <= self.last_peer_stream {
+        if stream_id.is_multiple_of(2) || stream_id <= self.last_peer_stream {
             self.send(Out::Frame(Frame::RstStream {
                 stream_id,
                 status: rst::PROTOCOL_ERROR,

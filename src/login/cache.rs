@@ -143,10 +143,6 @@ pub(crate) struct Locked {
 }
 
 impl Drop for Locked {
-    // `File::lock` and friends are std since 1.89, above the workspace's declared MSRV (1.85):
-    // raising it is the lead's call (it turns on newer lints elsewhere); until then this module
-    // needs 1.89 to build.
-    #[allow(clippy::incompatible_msrv)]
     fn drop(&mut self) {
         // Closing the file releases the lock too; unlocking first makes it explicit.
         let _ = self.file.unlock();
@@ -161,7 +157,6 @@ impl Entry {
 
     /// Takes the entry's exclusive lock, waiting at most `wait` for another process to finish.
     /// Polls `try_lock` so the wait is bounded and never blocks the async runtime.
-    #[allow(clippy::incompatible_msrv)] // std since 1.89: see `Locked`'s Drop.
     pub async fn lock(&self, wait: Duration) -> anyhow::Result<Locked> {
         let file = OpenOptions::new()
             .read(true)
