@@ -10,6 +10,11 @@
 //!   `connect: 127.0.0.1:<port>` and verified as `alpha.kube-sim.localhost` against its own CA.
 //! - `beta`: upstream mode `passthrough` (the caller's own token reaches the cluster).
 //! - users: `alice` may do everything on both; `bob` may only read `beta`.
+//! - sign-in: the dev issuer is also an authorization server (kube-sim's `oauth`) whose sign-in
+//!   page offers exactly these users, with a public client for `kube-relay token` (browser and
+//!   device code) and a confidential client for the relay's portal; `relay.yaml`'s `login`
+//!   section names both, so the portal at `/` and `kube-relay kubeconfig` work with no external
+//!   identity provider.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +23,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use base64::Engine as _;
 use kube_sim::issuer::{DevIssuer, IssuerHandle, KeyAlg};
+use kube_sim::oauth::{ClientKind, DevUser, OAuthClient, OAuthConfig};
 use kube_sim::pki::TestCa;
 use kube_sim::record::UserInfo;
 use kube_sim::server::{JwtIssuer, SimAuth, SimConfig, SimHandle, StaticToken};
@@ -31,6 +37,21 @@ pub const DEV_AUDIENCE: &str = "kube-relay";
 pub const HOST_SUFFIX: &str = "relay.localhost";
 /// The dev issuer's name in `relay.yaml` (so users are `dev/alice`, `dev/bob`).
 pub const ISSUER_NAME: &str = "dev";
+/// The public client `kube-relay token` signs in as (any loopback redirect, PKCE, device code).
+pub const CLI_CLIENT_ID: &str = "kube-relay-dev-cli";
+/// The portal's confidential client (secret in `DIR/portal-secret`).
+pub const PORTAL_CLIENT_ID: &str = "kube-relay-dev-portal";
+/// The scope that asks the dev issuer for a relay token. The relay requires no scope of dev
+/// tokens (they carry none, like `kube-relay dev token`'s); the login section still names one so
+/// clients ask for this API, as they would ask a real provider.
+pub const DEV_SCOPE: &str = DEV_AUDIENCE;
+/// The dev users and what they may do (the `access` rules in `relay.yaml` say the same).
+pub const DEV_USERS: &[(&str, &str)] = &[
+    ("alice", "may do everything on alpha and beta"),
+    ("bob", "may only read beta"),
+];
+/// Lifetime of dev access tokens, minted by `kube-relay dev token` and by the issuer alike.
+const TOKEN_TTL: Duration = Duration::from_secs(3600);
 
 /// Options for [`start`].
 pub struct DevOptions {
@@ -62,7 +83,7 @@ pub struct DevEnv {
 impl DevEnv {
     /// Mints a dev token for `user` (what `kube-relay dev token` prints).
     pub fn token(&self, user: &str) -> String {
-        mint_for(&self.issuer, user, Duration::from_secs(3600))
+        mint_for(&self.issuer, user, TOKEN_TTL)
     }
 
     /// Stops the relay, the simulated clusters and the issuer.
@@ -104,6 +125,49 @@ fn mint_for(issuer: &DevIssuer, user: &str, ttl: Duration) -> String {
         "nbf": now,
         "exp": now + ttl.as_secs(),
     }))
+}
+
+/// The issuer's authorization server: the dev users, the CLI's public client and the portal's
+/// confidential one, and access tokens minted exactly as `kube-relay dev token` mints them.
+fn oauth_config(issuer: &DevIssuer, public_url: &str, portal_secret: String) -> OAuthConfig {
+    let minter = issuer.clone();
+    OAuthConfig {
+        users: DEV_USERS
+            .iter()
+            .map(|(name, description)| DevUser {
+                name: (*name).to_owned(),
+                description: (*description).to_owned(),
+            })
+            .collect(),
+        clients: vec![
+            OAuthClient {
+                client_id: CLI_CLIENT_ID.to_owned(),
+                kind: ClientKind::PublicLoopback,
+            },
+            OAuthClient {
+                client_id: PORTAL_CLIENT_ID.to_owned(),
+                kind: ClientKind::Confidential {
+                    secret: portal_secret,
+                    redirect_uris: vec![format!("{public_url}/-/callback")],
+                },
+            },
+        ],
+        api_scopes: vec![DEV_SCOPE.to_owned()],
+        audience: DEV_AUDIENCE.to_owned(),
+        mint_access_token: std::sync::Arc::new(move |user| mint_for(&minter, user, TOKEN_TTL)),
+        access_token_lifetime: TOKEN_TTL,
+        // Shorter than RFC 8628's 5 s default: the person is right here, on the same machine.
+        device_interval: Duration::from_secs(2),
+        max_pending: 256,
+    }
+}
+
+/// `len` random bytes, encoded: secrets written to the dev directory.
+fn random_text(len: usize, engine: &impl base64::Engine) -> anyhow::Result<String> {
+    let mut bytes = vec![0u8; len];
+    aws_lc_rs::rand::fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("the random number generator failed"))?;
+    Ok(engine.encode(bytes))
 }
 
 fn unix_now() -> u64 {
@@ -183,14 +247,33 @@ pub async fn start(opts: DevOptions) -> anyhow::Result<DevEnv> {
     std::fs::write(dir.join("relay.crt"), &relay_leaf.cert_pem)?;
     write_private(&dir.join("relay.key"), &relay_leaf.key_pem)?;
 
+    // Bound first: the portal's redirect URI, registered with the issuer, names its port.
+    let listener = TcpListener::bind(opts.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {} (is another kube-relay dev running? use --listen)",
+            opts.listen
+        )
+    })?;
+    let relay_addr = listener.local_addr()?;
+    let public_url = format!("https://localhost:{}", relay_addr.port());
+
+    // The portal's client secret and cookie key, fresh for every run like the CA.
+    let portal_secret = random_text(32, &base64::engine::general_purpose::URL_SAFE_NO_PAD)?;
+    write_private(&dir.join("portal-secret"), &portal_secret)?;
+    write_private(
+        &dir.join("cookie-key"),
+        &random_text(48, &base64::engine::general_purpose::STANDARD)?,
+    )?;
+
     let issuer_listener = TcpListener::bind("127.0.0.1:0").await?;
     let issuer_url = format!("https://127.0.0.1:{}", issuer_listener.local_addr()?.port());
     let issuer = DevIssuer::generate(&issuer_url, KeyAlg::Es256)?;
     let issuer_leaf = relay_ca.issue(&["127.0.0.1", "localhost"])?;
-    let issuer_handle = kube_sim::issuer::serve(
+    let issuer_handle = kube_sim::issuer::serve_oauth(
         issuer_listener,
         Some(kube_sim::server::tls_config(&issuer_leaf)?),
         issuer.clone(),
+        oauth_config(&issuer, &public_url, portal_secret),
     )
     .await?;
     write_private(&dir.join("issuer.key"), &issuer.signing_key_pem())?;
@@ -206,23 +289,17 @@ pub async fn start(opts: DevOptions) -> anyhow::Result<DevEnv> {
     std::fs::write(dir.join("alpha-ca.crt"), &alpha_ca)?;
     std::fs::write(dir.join("beta-ca.crt"), &beta_ca)?;
 
-    let listener = TcpListener::bind(opts.listen).await.with_context(|| {
-        format!(
-            "cannot listen on {} (is another kube-relay dev running? use --listen)",
-            opts.listen
-        )
-    })?;
-    let relay_addr = listener.local_addr()?;
     let admin_listener = TcpListener::bind(opts.admin_listen).await?;
     let admin_addr = admin_listener.local_addr()?;
 
     let relay_yaml = format!(
         r#"# Written by `kube-relay dev`: a working example of every part of the configuration.
 listen: {relay_addr}
-public_url: https://localhost:{port}
+public_url: {public_url}
 tls:
   cert_file: relay.crt
   key_file: relay.key
+  ca_file: ca.crt        # private CA: published in /-/clusters and downloaded kubeconfigs
 admin:
   listen: {admin_addr}
 audit:
@@ -243,6 +320,17 @@ identity:
       audiences: [{DEV_AUDIENCE}]
       username_claim: sub
       ca_file: ca.crt
+login:
+  # `kube-relay token`, `kube-relay kubeconfig` and the portal at / sign in here: the dev issuer
+  # shows a page to pick alice or bob (no passwords).
+  issuer: {ISSUER_NAME}
+  client_id: {CLI_CLIENT_ID}
+  scopes: [{DEV_SCOPE}]
+  portal:
+    client_id: {PORTAL_CLIENT_ID}
+    client_secret_file: portal-secret
+    cookie_key_file: cookie-key
+    session_lifetime: 1h
 clusters:
   - name: alpha
     server: https://{alpha_host}:{alpha_port}
@@ -264,7 +352,6 @@ clusters:
       - users: [{ISSUER_NAME}/bob]
         verbs: [get, list, watch]
 "#,
-        port = relay_addr.port(),
         alpha_port = alpha.addr.port(),
         beta_port = beta.addr.port(),
     );
@@ -369,7 +456,7 @@ pub fn token_credential(dir: &Path, user: &str, exec_info: Option<&str>) -> anyh
         .context("issuer.json has no issuer")?;
     let pem = std::fs::read_to_string(dir.join("issuer.key"))?;
     let issuer = DevIssuer::from_pkcs8_pem(url, KeyAlg::Es256, &pem)?;
-    let ttl = Duration::from_secs(3600);
+    let ttl = TOKEN_TTL;
     let token = mint_for(&issuer, user, ttl);
     let api_version = exec_info
         .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
@@ -396,6 +483,8 @@ pub fn banner(env: &DevEnv) -> String {
     format!(
         r#"kube-relay dev: ready
   relay:      https://{relay}  (SNI *.{HOST_SUFFIX}, path /clusters/<cluster>){admin}
+  portal:     {public}/  (sign in as alice or bob; trust {ca} in the browser, or accept the warning)
+  issuer:     {issuer}  (dev sign-in page: pick a user, no password)
   kubeconfig: {k}
   config:     {cfg}
   audit log:  {audit}
@@ -410,8 +499,16 @@ Try:
   kubectl port-forward pod/web-0 8080:8080    # the simulated pod echoes what you send
   kubectl --context bob@beta get pods         # bob may read beta ...
   kubectl --context bob@beta delete pod web-0 # ... and nothing else (403)
+
+Sign in like production users do (browser or device code at the dev issuer, cached tokens):
+  kube-relay kubeconfig --relay {public} --relay-ca-file {ca} --idp-ca-file {ca} --kubeconfig {sso}
+  KUBECONFIG={sso} kubectl get pods
 Ctrl-C stops everything."#,
         relay = env.relay_addr,
+        public = format_args!("https://localhost:{}", env.relay_addr.port()),
+        ca = env.dir.join("ca.crt").display(),
+        issuer = env.issuer.issuer_url(),
+        sso = env.dir.join("kubeconfig-sso").display(),
         cfg = env.dir.join("relay.yaml").display(),
         audit = env.dir.join("audit.jsonl").display(),
     )

@@ -15,12 +15,14 @@
 //!   [`from_pkcs8_pem`](DevIssuer::from_pkcs8_pem) keeps its `kid` across processes.
 //! - [`serve`] answers `GET <issuer path>/.well-known/openid-configuration` and
 //!   `GET <issuer path>/keys` over HTTPS (or plain HTTP), counts fetches, and can be told to fail
-//!   (500 for everything) for outage tests.
+//!   (500 for everything) for outage tests. [`serve_oauth`] adds the authorization server of
+//!   [`crate::oauth`] (sign-in pages, token and device endpoints) and advertises it in discovery.
 //!
 //! Invariants:
 //! - Private keys never leave this module except through `signing_key_pem` (dev CLI use).
 //! - The JWKS only ever contains public parameters.
-//! - Nothing here panics on network input: the server only routes on method and path.
+//! - Nothing here panics on network input: the server routes on method and path, and only the
+//!   authorization server's endpoints read bodies (bounded).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -474,6 +476,8 @@ struct ServeState {
     discovery_fetches: Arc<AtomicU64>,
     jwks_fetches: Arc<AtomicU64>,
     failing: Arc<AtomicBool>,
+    /// The authorization server, when started with [`serve_oauth`].
+    oauth: Option<crate::oauth::OAuthServer>,
 }
 
 /// Serves `/.well-known/openid-configuration` (issuer, jwks_uri = issuer_url + "/keys",
@@ -504,6 +508,37 @@ pub async fn serve(
             document,
         )],
         vec![format!("{base_path}/keys")],
+        None,
+    )
+}
+
+/// Like [`serve`], and also an OAuth 2.0 / OIDC authorization server for `oauth`'s users and
+/// clients (see [`crate::oauth`]): `/authorize`, `/token`, `/device/code` and `/device` under
+/// the issuer path, listed in the discovery document.
+pub async fn serve_oauth(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    issuer: DevIssuer,
+    oauth: crate::oauth::OAuthConfig,
+) -> anyhow::Result<IssuerHandle> {
+    let issuer_uri: http::Uri = issuer
+        .issuer_url()
+        .parse()
+        .with_context(|| format!("issuer URL {:?} is not a URI", issuer.issuer_url()))?;
+    let base_path = issuer_uri.path().trim_end_matches('/').to_owned();
+    let server = crate::oauth::OAuthServer::new(issuer.clone(), oauth, &base_path);
+    let mut document = issuer.discovery_document();
+    server.extend_discovery(&mut document);
+    start_server(
+        listener,
+        tls,
+        issuer,
+        vec![(
+            format!("{base_path}/.well-known/openid-configuration"),
+            document,
+        )],
+        vec![format!("{base_path}/keys")],
+        Some(server),
     )
 }
 
@@ -551,7 +586,7 @@ pub async fn serve_entra(
         format!("/{tenant}/discovery/keys"),
         format!("/{tenant}/discovery/v2.0/keys"),
     ];
-    start_server(listener, tls, issuer, discovery, jwks)
+    start_server(listener, tls, issuer, discovery, jwks, None)
 }
 
 fn start_server(
@@ -560,6 +595,7 @@ fn start_server(
     issuer: DevIssuer,
     discovery: Vec<(String, Value)>,
     jwks_paths: Vec<String>,
+    oauth: Option<crate::oauth::OAuthServer>,
 ) -> anyhow::Result<IssuerHandle> {
     let addr = listener
         .local_addr()
@@ -571,6 +607,7 @@ fn start_server(
         discovery_fetches: Arc::new(AtomicU64::new(0)),
         jwks_fetches: Arc::new(AtomicU64::new(0)),
         failing: Arc::new(AtomicBool::new(false)),
+        oauth,
     });
     let handle = IssuerHandle {
         addr,
@@ -632,9 +669,19 @@ async fn serve_connection(
     acceptor: Option<tokio_rustls::TlsAcceptor>,
     state: Arc<ServeState>,
 ) {
-    let service = hyper::service::service_fn(move |request| {
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(respond(&state, &request)) }
+        async move {
+            let oauth = state
+                .oauth
+                .as_ref()
+                .filter(|o| o.serves(request.uri().path()));
+            // An outage covers the authorization server too: `respond` answers 500.
+            if let Some(oauth) = oauth.filter(|_| !state.failing.load(Ordering::SeqCst)) {
+                return Ok::<_, Infallible>(oauth.handle(request).await);
+            }
+            Ok(respond(&state, &request))
+        }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let result = match acceptor {
@@ -664,7 +711,8 @@ async fn serve_connection(
     }
 }
 
-/// Routes one request. Only the method and path are looked at; the body is never read.
+/// Routes one discovery or JWKS request (and answers everything while failing). Only the method
+/// and path are looked at; the body is never read.
 fn respond(state: &ServeState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     // Count before the failing check: outage tests assert how often the relay retried.

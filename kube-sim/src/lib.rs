@@ -9,6 +9,8 @@
 //! Layout:
 //! - [`pki`]: throwaway CAs and leaf certificates (dev mode and tests).
 //! - [`issuer`]: the dev OIDC issuer (discovery, JWKS, token minting).
+//! - [`oauth`]: the dev issuer's optional authorization server (code + PKCE, refresh, device
+//!   code) with a "pick a dev user" sign-in page, for `kube-relay dev`.
 //! - [`server`]: the API server: listener, TLS, ALPN h2/http1.1, auth, REST, watch, logs.
 //! - [`store`]: in-memory namespaces / pods / configmaps with resource versions and watch events.
 //! - [`stream`]: exec / attach / port-forward over SPDY/3.1 and WebSocket.
@@ -18,6 +20,7 @@
 //!   identity endpoint, for upstream-credential tests.
 
 pub mod issuer;
+pub mod oauth;
 pub mod pki;
 pub mod record;
 pub mod server;
