@@ -16,7 +16,6 @@ use kube_relay::portal::web::session::{
 use support::{parse_response, CustomRelay, FakeUpstream};
 
 const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
-const ORIGIN: &str = "https://localhost";
 
 struct Portal {
     relay: CustomRelay,
@@ -297,13 +296,16 @@ async fn unusable_sessions_show_the_expired_page_and_are_cleared() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sign_out_needs_csrf_and_same_origin() {
     let p = portal().await;
+    // The relay's public_url origin (the test relay's URL carries its port).
+    let origin = format!("https://localhost:{}", p.relay.addr.port());
+    let origin = origin.as_str();
     let (cookie, s) = session_cookie(&p.key, p.relay.token("alice"), now() + 600);
     let form = |csrf: &str| format!("csrf={csrf}");
     let ct = ("Content-Type", "application/x-www-form-urlencoded");
     type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, String);
     let cases: [Case; 5] = [
-        ("no csrf", vec![("Origin", ORIGIN), ct], String::new()),
-        ("wrong csrf", vec![("Origin", ORIGIN), ct], form("AAAA")),
+        ("no csrf", vec![("Origin", origin), ct], String::new()),
+        ("wrong csrf", vec![("Origin", origin), ct], form("AAAA")),
         (
             "foreign origin",
             vec![("Origin", "https://evil.example"), ct],
@@ -335,7 +337,7 @@ async fn sign_out_needs_csrf_and_same_origin() {
         &p.relay,
         "POST",
         "/-/logout",
-        &[("Origin", ORIGIN), ct, ("Cookie", &cookie)],
+        &[("Origin", origin), ct, ("Cookie", &cookie)],
         &form(&s.csrf),
     )
     .await;
