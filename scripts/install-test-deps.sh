@@ -6,6 +6,9 @@
 #     node_modules is missing or package-lock.json changed;
 #   - tests/idp/node_modules via `npm ci` (oidc-provider, the real IdP of tests/oidc_provider.rs),
 #     on the same terms;
+#   - tests/browser/node_modules via `npm ci` (playwright-core, which drives the browser of
+#     tests/browser.rs), on the same terms, and Debian's `chromium` (apt-get, root only, only when
+#     /usr/bin/chromium is missing): playwright-core never downloads a browser of its own;
 #   - .venv-deploy/ with tests/deploy/requirements.txt (checkov, for tests/deploy.rs), a venv of
 #     its own because checkov's pins conflict with the kubernetes client's; reinstalled only
 #     when that file or the interpreter changes.
@@ -94,6 +97,34 @@ else
     (cd "$IDP_DIR" && npm ci --no-audit --no-fund --loglevel=error)
     printf '%s\n' "$idp_want" >"$IDP_STAMP"
     log "test IdP deps installed: oidc-provider $(node -p 'require("'"$IDP_DIR"'/node_modules/oidc-provider/package.json").version')"
+fi
+
+# --- Test browser (Debian chromium + playwright-core) ---
+# playwright-core is pinned to the release whose bundled Chromium matches Debian bookworm's
+# chromium major version; drive.mjs launches /usr/bin/chromium.
+BROWSER_DIR="$ROOT/tests/browser"
+BROWSER_STAMP="$BROWSER_DIR/node_modules/.kube-relay-package-lock.sha256"
+browser_want="$(fingerprint "$BROWSER_DIR/package-lock.json" "node $(node --version) npm $(npm --version 2>/dev/null)")"
+if [ -d "$BROWSER_DIR/node_modules" ] && [ -f "$BROWSER_STAMP" ] && [ "$(cat "$BROWSER_STAMP")" = "$browser_want" ]; then
+    log "test browser driver deps up to date (${BROWSER_DIR#"$ROOT"/}/node_modules)"
+else
+    log "npm ci in ${BROWSER_DIR#"$ROOT"/}"
+    (cd "$BROWSER_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+    printf '%s\n' "$browser_want" >"$BROWSER_STAMP"
+    log "test browser driver deps installed: playwright-core $(node -p 'require("'"$BROWSER_DIR"'/node_modules/playwright-core/package.json").version')"
+fi
+if [ -x /usr/bin/chromium ]; then
+    log "chromium present ($(/usr/bin/chromium --version 2>/dev/null | head -n1))"
+elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    log "apt-get install chromium"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y -qq chromium >/dev/null 2>&1; then
+        apt-get update -qq
+        apt-get install -y -qq chromium >/dev/null
+    fi
+    log "chromium installed ($(/usr/bin/chromium --version 2>/dev/null | head -n1))"
+else
+    log "chromium missing (not root: cannot apt-get install it): tests/browser.rs will fail until it is installed"
 fi
 
 # --- Deploy checks (checkov) ---

@@ -100,7 +100,7 @@ fn assert_page_headers(head: &str) {
         ["nosniff"],
         "{head}"
     );
-    assert_eq!(header(head, "referrer-policy"), ["no-referrer"], "{head}");
+    assert_eq!(header(head, "referrer-policy"), ["same-origin"], "{head}");
     assert_eq!(header(head, "cache-control"), ["no-store"], "{head}");
     assert_eq!(
         header(head, "content-type"),

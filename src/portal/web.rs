@@ -56,7 +56,10 @@ pub const SECURITY_HEADERS: &[(&str, &str)] = &[
         "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     ),
     ("x-content-type-options", "nosniff"),
-    ("referrer-policy", "no-referrer"),
+    // Not `no-referrer`: under it Chromium sends `Origin: null` on same-origin form posts, and
+    // the sign-out check needs the real origin. `same-origin` still sends nothing to other
+    // sites, so the callback's `?code=` never leaks through a Referer.
+    ("referrer-policy", "same-origin"),
     ("x-frame-options", "DENY"),
 ];
 
@@ -274,7 +277,7 @@ async fn callback(state: &State, req: &Request<Incoming>) -> Response<RelayBody>
     // The login cookie is good for one callback, whatever its outcome.
     let clear_login = session::clear_cookie(session::LOGIN_COOKIE);
     if let Some(error) = query(req, "error") {
-        tracing::info!(error = %error, description = query(req, "error_description").as_deref().unwrap_or(""), "portal: the identity provider did not sign the user in");
+        log_provider_refusal(&error, query(req, "error_description").as_deref());
         // Only a plain OAuth error code is echoed; free text from the URL is not shown, so a
         // crafted link cannot put words in the relay's mouth.
         let code = if !error.is_empty()
@@ -411,6 +414,16 @@ async fn logout(state: &State, req: Request<Incoming>) -> Response<RelayBody> {
         "/?signed_out=1",
         &session::clear_session_cookies(),
     )
+}
+
+/// Logs an `error=` redirect. Anyone can send one (no state is checked before it), so its
+/// text is logged quoted: a newline in it cannot forge a log line.
+fn log_provider_refusal(error: &str, description: Option<&str>) {
+    tracing::info!(
+        error = ?error,
+        description = ?description.unwrap_or(""),
+        "portal: the identity provider did not sign the user in"
+    );
 }
 
 /// A session that opens under `key`, however old.
@@ -644,6 +657,37 @@ mod tests {
             assert_eq!(safe_next(bad), None, "{bad:?}");
         }
         assert_eq!(safe_next(&format!("/{}", "a".repeat(600))), None);
+    }
+
+    #[test]
+    fn provider_error_text_cannot_forge_log_lines() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            log_provider_refusal(
+                "access_denied\n2030-01-01T00:00:00Z  INFO portal: signed in user=admin",
+                Some("x\r\nINFO forged"),
+            );
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(out.lines().count(), 1, "{out}");
+        assert!(out.contains("the identity provider did not sign the user in"));
     }
 
     #[test]

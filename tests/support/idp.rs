@@ -178,6 +178,24 @@ impl Idp {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Returns once every event of the requests answered so far has been read: the provider
+    /// prints a request's events before (or, for `token`, just as) it answers, but they travel
+    /// through a pipe and a reader thread. A marker request goes last; its event coming back
+    /// means all earlier lines are in. Call it before counting requests or grants.
+    pub async fn sync(&self) {
+        let marker = format!("/__sync/{}", uuid::Uuid::new_v4().simple());
+        let _ = self.request("GET", &marker, &[], "").await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.hits(&marker) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "provider.mjs: the event of {marker} did not come within {WAIT:?}; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// How many requests for `path` the provider has served.
     pub fn hits(&self, path: &str) -> usize {
         self.events

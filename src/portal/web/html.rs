@@ -158,16 +158,22 @@ pub fn home(v: &Home<'_>) -> String {
     m.push_str("<section aria-labelledby=\"your-clusters\">\n<h2 id=\"your-clusters\">Your clusters</h2>\n");
     // The list is always there when signed in (tests and assistive tech find it by id), even
     // when it is empty.
+    // The name /-/kubeconfig gives the file: one per relay host, so two relays never clash.
+    let file = esc(&url::Url::parse(v.public_url)
+        .ok()
+        .and_then(|u| u.host_str().map(|h| format!("{h}.kubeconfig")))
+        .unwrap_or_else(|| "kube-relay.kubeconfig".to_owned()));
     if v.clusters.is_empty() {
         m.push_str(
             "<p id=\"no-clusters\">No cluster admits you yet. Ask the relay's administrators \
              for access, naming the user shown above.</p>\n",
         );
     } else {
-        m.push_str(
+        let _ = write!(
+            m,
             "<p class=\"actions\">\
-             <a class=\"button\" id=\"download-kubeconfig\" href=\"/-/kubeconfig\" download=\"kube-relay.kubeconfig\">Download kubeconfig</a> \
-             <a id=\"download-kubeconfig-sni\" href=\"/-/kubeconfig?style=sni\" download=\"kube-relay.kubeconfig\">Download kubeconfig (SNI routing)</a></p>\n\
+             <a class=\"button\" id=\"download-kubeconfig\" href=\"/-/kubeconfig\" download=\"{file}\">Download kubeconfig</a> \
+             <a id=\"download-kubeconfig-sni\" href=\"/-/kubeconfig?style=sni\" download=\"{file}\">Download kubeconfig (SNI routing)</a></p>\n\
              <p class=\"muted\">The kubeconfig signs you in with <code>kube-relay token</code> when a token is needed.</p>\n",
         );
     }
@@ -183,7 +189,7 @@ pub fn home(v: &Home<'_>) -> String {
              <dt>Verbs</dt><dd>{verbs}</dd>\n\
              <dt>Namespaces</dt><dd>{namespaces}</dd>\n\
              </dl>\n\
-             <pre><code>kubectl --kubeconfig ~/Downloads/kube-relay.kubeconfig --context {name} get pods</code></pre>\n\
+             <pre><code>kubectl --kubeconfig ~/Downloads/{file} --context {name} get pods</code></pre>\n\
              </li>\n",
             verbs = list_or_all(c.verbs.as_deref(), "all"),
             namespaces = list_or_all(c.namespaces.as_deref(), "all"),
