@@ -446,9 +446,12 @@ pub fn merge(
 
 /// Writes `doc` to `path` with mode 0600 (it names credential commands, and kubeconfigs often
 /// hold secrets), via a temporary file and rename so a crash never leaves half a file. The file
-/// it replaces is kept as `<path>.bak` first.
+/// it replaces is kept as `<path>.bak` first. A symlinked kubeconfig (dotfiles) is written
+/// where the link points, as kubectl does, rather than replaced by a plain file.
 pub fn write_with_backup(path: &Path, doc: &Value) -> anyhow::Result<Option<PathBuf>> {
     let text = serde_yaml_ng::to_string(doc)?;
+    let resolved = resolve_symlink(path);
+    let path = resolved.as_path();
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -470,6 +473,23 @@ pub fn write_with_backup(path: &Path, doc: &Value) -> anyhow::Result<Option<Path
     drop(tmp.1);
     std::fs::rename(&tmp.0, path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(backup)
+}
+
+/// Where `path` really is: the target of a symlink (chains included; a dangling link's own
+/// target, so the file is created there), else `path` itself.
+fn resolve_symlink(path: &Path) -> PathBuf {
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if !is_link {
+        return path.to_owned();
+    }
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    match std::fs::read_link(path) {
+        Ok(t) if t.is_absolute() => t,
+        Ok(t) => path.parent().unwrap_or(Path::new(".")).join(t),
+        Err(_) => path.to_owned(),
+    }
 }
 
 fn tempfile_in(dir: &Path, target: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
@@ -503,8 +523,8 @@ fn set_private(p: &Path) -> anyhow::Result<()> {
 
 // === the command ===
 
-/// `kube-relay kubeconfig` arguments.
-#[derive(clap::Args, Debug, Clone)]
+/// `kube-relay kubeconfig` arguments. Debug never prints the bearer token.
+#[derive(clap::Args, Clone)]
 #[command(after_help = "Examples:\n  \
     kube-relay kubeconfig --relay https://relay.example.com\n  \
     kube-relay kubeconfig --relay https://relay.example.com --style sni --context-prefix contoso-\n  \
@@ -554,6 +574,26 @@ pub struct KubeconfigArgs {
     /// Where `kube-relay token` caches tokens (passed on).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for KubeconfigArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeconfigArgs")
+            .field("relay", &self.relay.as_str())
+            .field("kubeconfig", &self.kubeconfig)
+            .field("style", &self.style)
+            .field("plugin", &self.plugin)
+            .field("context_prefix", &self.context_prefix)
+            .field("force", &self.force)
+            .field("exec_command", &self.exec_command)
+            .field("login", &self.login)
+            .field("audience", &self.audience)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("relay_ca_file", &self.relay_ca_file)
+            .field("idp_ca_file", &self.idp_ca_file)
+            .field("cache_dir", &self.cache_dir)
+            .finish()
+    }
 }
 
 /// Runs `kube-relay kubeconfig`.
@@ -674,11 +714,21 @@ async fn run(args: KubeconfigArgs) -> anyhow::Result<()> {
     }
     let mut list: ClusterList =
         serde_json::from_slice(resp.body()).context("the relay's cluster list is not valid")?;
+    // Entries are owned by the relay URL they were written for; a relay naming another URL
+    // than the one asked for could otherwise replace or prune that relay's contexts.
+    if list.relay.public_url.trim_end_matches('/') != base {
+        bail!(
+            "the relay at {base} says its URL is {}; rerun with --relay {}",
+            list.relay.public_url,
+            list.relay.public_url
+        );
+    }
     // The CA that just verified the relay is the one kubectl needs too, when the relay does not
     // publish its own.
     if list.relay.certificate_authority_data.is_none() {
         if let Some(f) = &args.relay_ca_file {
-            let pem = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            let pem =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
             list.relay.certificate_authority_data = Some(ca_data(&pem));
         }
     }

@@ -215,8 +215,8 @@ clusters:
     std::fs::write(&path, yaml).unwrap();
     let cfg = kube_relay::config::load(&path).unwrap();
     let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = kube_relay::app::App::with_listeners(cfg, relay_listener, Some(admin_listener))
-        .unwrap();
+    let app =
+        kube_relay::app::App::with_listeners(cfg, relay_listener, Some(admin_listener)).unwrap();
     let relay = app.local_addr().unwrap();
     let admin = app.admin_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -1000,7 +1000,10 @@ impl World {
         let kubeconfig = self.path(&format!("recipe-{}", uuid::Uuid::new_v4()));
         let mut c = Command::new(env!("CARGO_BIN_EXE_kube-relay"));
         c.arg("kubeconfig")
-            .args(["--relay", &format!("https://localhost:{}", self.relay.port())])
+            .args([
+                "--relay",
+                &format!("https://localhost:{}", self.relay.port()),
+            ])
             .args(extra)
             .arg("--kubeconfig")
             .arg(&kubeconfig)
@@ -1019,10 +1022,15 @@ impl World {
             env: env.to_vec(),
         };
         self.base_env(&mut c, &r);
-        let out = tokio::task::spawn_blocking(move || support::run(c, None, Duration::from_secs(60)))
-            .await
-            .unwrap();
-        assert!(out.status.success(), "kube-relay kubeconfig: {}", stderr(&out));
+        let out =
+            tokio::task::spawn_blocking(move || support::run(c, None, Duration::from_secs(60)))
+                .await
+                .unwrap();
+        assert!(
+            out.status.success(),
+            "kube-relay kubeconfig: {}",
+            stderr(&out)
+        );
         assert!(stderr(&out).contains("aks"), "{}", stderr(&out));
         kubeconfig
     }
@@ -1030,9 +1038,14 @@ impl World {
     /// Step 2: `kubectl --context aks get pods` with that kubeconfig, same environment.
     async fn recipe_kubectl(&self, kubeconfig: &Path, env: &[(String, String)]) -> Output {
         let mut c = Command::new(support::kubectl(KUBECTL));
-        c.arg("--kubeconfig")
-            .arg(kubeconfig)
-            .args(["--context", "aks", "get", "pods", "-o", "name"]);
+        c.arg("--kubeconfig").arg(kubeconfig).args([
+            "--context",
+            "aks",
+            "get",
+            "pods",
+            "-o",
+            "name",
+        ]);
         let r = Run {
             args: vec![],
             api_version: "client.authentication.k8s.io/v1",
@@ -1062,7 +1075,10 @@ async fn recipe_github_actions_with_entra_federation() {
         "unattended logins never use the relay's public sign-in app: {text}"
     );
     assert!(text.contains("api://kube-relay/.default"), "{text}");
-    assert_listed(&w.recipe_kubectl(&kc, &env).await, "recipe: GitHub Actions + Entra");
+    assert_listed(
+        &w.recipe_kubectl(&kc, &env).await,
+        "recipe: GitHub Actions + Entra",
+    );
     assert_eq!(w.te.last_form()["client_id"], SP_APP);
     assert_eq!(w.te.last_form()["scope"], "api://kube-relay/.default");
 }
@@ -1072,9 +1088,15 @@ async fn recipe_github_actions_trusted_directly() {
     let w = world().await;
     let env = w.ci.github_env();
     let kc = w
-        .recipe_kubeconfig(&["--login", "github", "--audience", "api://kube-relay"], &env)
+        .recipe_kubeconfig(
+            &["--login", "github", "--audience", "api://kube-relay"],
+            &env,
+        )
         .await;
-    assert_listed(&w.recipe_kubectl(&kc, &env).await, "recipe: GitHub OIDC directly");
+    assert_listed(
+        &w.recipe_kubectl(&kc, &env).await,
+        "recipe: GitHub OIDC directly",
+    );
     assert_eq!(w.token_requests(), 0, "no Entra involved");
 }
 
@@ -1096,7 +1118,10 @@ async fn recipe_azure_pipelines_workload_identity_connection() {
     let kc = w
         .recipe_kubeconfig(&["--login", "workloadidentity"], &env)
         .await;
-    assert_listed(&w.recipe_kubectl(&kc, &env).await, "recipe: Azure Pipelines");
+    assert_listed(
+        &w.recipe_kubectl(&kc, &env).await,
+        "recipe: Azure Pipelines",
+    );
     assert!(w.ci.ado_requests.load(Ordering::SeqCst) >= 1);
     assert_eq!(w.te.last_form()["client_id"], SP_APP);
 }

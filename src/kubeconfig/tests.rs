@@ -262,3 +262,52 @@ fn write_keeps_a_backup_with_private_modes() {
         .collect();
     assert!(leftovers.is_empty());
 }
+
+/// A kubeconfig that is a symlink (dotfiles managers) stays one: the merge lands in its target.
+#[test]
+fn write_follows_a_symlinked_kubeconfig() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("dotfiles/kubeconfig");
+    std::fs::create_dir_all(real.parent().unwrap()).unwrap();
+    std::fs::write(&real, EXISTING).unwrap();
+    let link = dir.path().join("config");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let mut doc: Value = serde_yaml_ng::from_str(EXISTING).unwrap();
+    doc["current-context"] = Value::String("x".into());
+    let backup = write_with_backup(&link, &doc).unwrap().unwrap();
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let now: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(&real).unwrap()).unwrap();
+    assert_eq!(now["current-context"].as_str(), Some("x"));
+    let old: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(&backup).unwrap()).unwrap();
+    assert_eq!(old["current-context"].as_str(), Some("work"));
+    let mode = std::fs::metadata(&real).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn debug_never_prints_the_token() {
+    let args = KubeconfigArgs {
+        relay: url::Url::parse("https://relay.example.com").unwrap(),
+        kubeconfig: None,
+        style: Style::Path,
+        plugin: Plugin::KubeRelay,
+        context_prefix: String::new(),
+        force: false,
+        exec_command: "kube-relay".into(),
+        login: None,
+        audience: None,
+        token: Some("eyJsecret-bearer".into()),
+        relay_ca_file: None,
+        idp_ca_file: None,
+        cache_dir: None,
+    };
+    let d = format!("{args:?}");
+    assert!(
+        !d.contains("eyJsecret-bearer") && d.contains("<redacted>"),
+        "{d}"
+    );
+}

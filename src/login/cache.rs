@@ -6,7 +6,9 @@
 //!
 //! Invariants:
 //! - The directory is created 0700 and every file 0600, with that mode at creation (no window
-//!   where a token is readable by others); existing modes are never widened.
+//!   where a token is readable by others); existing modes are never widened. A directory any
+//!   user can write to is refused, and temporary files are created exclusively under random
+//!   names, so nothing another user planted is ever read or written through.
 //! - An entry is replaced by writing a temporary file in the same directory and renaming it over
 //!   the old one, so a reader sees the old entry or the new one, never half of one.
 //! - Whoever talks to the identity provider for an entry holds its lock file's exclusive lock
@@ -71,13 +73,26 @@ pub(crate) struct Cache {
 }
 
 impl Cache {
-    /// Opens `dir`, creating it (and missing parents) with mode 0700.
+    /// Opens `dir`, creating it (and missing parents) with mode 0700. An existing directory
+    /// that other users can write to (`/tmp`, a shared `--cache-dir`) is refused: anyone who can
+    /// create files in it could plant a token for us to use, or a file for us to write into.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("creating the token cache {}", dir.display()))?;
+        let mode = fs::metadata(dir)
+            .with_context(|| format!("reading the token cache {}", dir.display()))?
+            .permissions()
+            .mode();
+        anyhow::ensure!(
+            mode & 0o002 == 0,
+            "the token cache {} is writable by every user (mode {:o}); use a private directory (--cache-dir or KUBECACHEDIR) or `chmod 700` it",
+            dir.display(),
+            mode & 0o7777
+        );
         Ok(Self {
             dir: dir.to_owned(),
         })
@@ -192,7 +207,9 @@ impl Entry {
         serde_json::from_slice(&bytes).ok()
     }
 
-    /// Replaces the entry atomically (temp file + rename), the file created 0600.
+    /// Replaces the entry atomically (temp file + rename), the file created 0600. The temporary
+    /// name is random and created exclusively (`O_EXCL`: never an existing file, never through a
+    /// symlink), so the token only ever lands in a file this process just made.
     pub fn write(&self, _lock: &Locked, s: &Stored) -> anyhow::Result<()> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let tmp = dir.join(format!(
@@ -201,22 +218,25 @@ impl Entry {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            std::process::id()
+            uuid::Uuid::new_v4().simple()
         ));
         let body = serde_json::to_vec(s)?;
+        let mut created = false;
         let written = (|| -> std::io::Result<()> {
             let mut f = OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .mode(0o600)
                 .open(&tmp)?;
+            created = true;
             f.write_all(&body)?;
             f.sync_all()?;
             fs::rename(&tmp, &self.path)
         })();
         if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
+            if created {
+                let _ = fs::remove_file(&tmp);
+            }
             return Err(e).with_context(|| format!("writing {}", self.path.display()));
         }
         Ok(())
@@ -289,6 +309,47 @@ mod tests {
         );
         drop(held);
         e.lock(Duration::from_millis(200)).await.unwrap();
+    }
+
+    /// A file or symlink planted where a temporary file might go is never written through:
+    /// the token only lands in a file the writer created itself.
+    #[tokio::test]
+    async fn write_never_goes_through_a_planted_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
+        let cache = Cache::open(&dir).unwrap();
+        let key = "12".repeat(32);
+        let e = cache.entry(&key);
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        // The name the writer used to derive from the process id.
+        let guessed = dir.join(format!(".{key}.json.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &guessed).unwrap();
+        let lock = e.lock(Duration::from_secs(1)).await.unwrap();
+        e.write(&lock, &stored(unix_now() + 3600)).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(fs::symlink_metadata(e.path())
+            .unwrap()
+            .file_type()
+            .is_file());
+        assert_eq!(
+            fs::metadata(e.path()).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(e.read(&lock).is_some());
+    }
+
+    #[test]
+    fn world_writable_cache_dir_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("shared");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).unwrap();
+        let err = Cache::open(&dir).unwrap_err().to_string();
+        assert!(err.contains("writable by every user"), "{err}");
+        // Group-writable (umask 002 systems) and private directories are fine.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o770)).unwrap();
+        Cache::open(&dir).unwrap();
     }
 
     #[test]

@@ -276,7 +276,12 @@ pub(crate) async fn wait_for_code(
                 }
             }
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, _)) = accepted else {
+                    // e.g. out of file descriptors: back off instead of spinning until the
+                    // sign-in timeout.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
                 let tx = tx.clone();
                 let expected = expected.clone();
                 tokio::spawn(async move {

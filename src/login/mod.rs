@@ -123,7 +123,8 @@ impl LoginMode {
 }
 
 /// Every flag that says how to sign in. Shared by `kube-relay token` and `kube-relay kubeconfig`.
-#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+/// Debug never prints the client secret.
+#[derive(clap::Args, Clone, PartialEq, Eq)]
 pub struct LoginArgs {
     /// How to get a token (see the modes below).
     #[arg(long, value_enum, env = "KUBE_RELAY_LOGIN", default_value_t = LoginMode::Browser)]
@@ -180,6 +181,36 @@ pub struct LoginArgs {
     /// Print the sign-in URL instead of opening a browser.
     #[arg(long)]
     pub no_browser: bool,
+}
+
+impl std::fmt::Debug for LoginArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginArgs")
+            .field("login", &self.login)
+            .field("issuer", &self.issuer)
+            .field("tenant_id", &self.tenant_id)
+            .field("authority_host", &self.authority_host)
+            .field("client_id", &self.client_id)
+            .field("scopes", &self.scopes)
+            .field("resource", &self.resource)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("client_secret_file", &self.client_secret_file)
+            .field("federated_token_file", &self.federated_token_file)
+            .field(
+                "azure_pipelines_service_connection_id",
+                &self.azure_pipelines_service_connection_id,
+            )
+            .field("identity_client_id", &self.identity_client_id)
+            .field("audience", &self.audience)
+            .field("cache_dir", &self.cache_dir)
+            .field("ca_file", &self.ca_file)
+            .field("timeout", &self.timeout)
+            .field("no_browser", &self.no_browser)
+            .finish()
+    }
 }
 
 impl Default for LoginArgs {
@@ -610,12 +641,9 @@ pub async fn get_token(args: &LoginArgs, interactive: bool) -> anyhow::Result<To
     let plan = Plan::new(args)?;
     let cache = cache::Cache::open(&args.cache_dir()?)?;
     let entry = cache.entry(&plan.cache_key());
-    let wait = if plan.mode.needs_human() {
-        args.timeout + LOCK_SLACK
-    } else {
-        LOCK_SLACK
-    };
-    let lock = entry.lock(wait).await?;
+    // Whoever holds the lock may take up to --timeout (a person signing in, or a slow `az` or
+    // identity endpoint); waiting less would fail concurrent kubectl runs that only had to wait.
+    let lock = entry.lock(args.timeout + LOCK_SLACK).await?;
     let stored = entry.read(&lock);
     if let Some(s) = stored.as_ref().filter(|s| s.usable_for(REUSE_MARGIN)) {
         return Ok(s.into());
@@ -785,6 +813,14 @@ mod tests {
         ]);
         let args = a.to_exec_args();
         assert!(!args.iter().any(|s| s.contains("hunter2")));
+        // Nor in Debug output (of the flags, or of the command's whole arguments).
+        assert!(!format!("{a:?}").contains("hunter2"), "{a:?}");
+        assert!(format!("{a:?}").contains("<redacted>"), "{a:?}");
+        let token =
+            Cli::try_parse_from(["token", "--login", "secret", "--client-secret", "hunter2"])
+                .unwrap()
+                .args;
+        assert!(!format!("{token:?}").contains("hunter2"), "{token:?}");
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut back = parse(&argv);
         back.client_secret = a.client_secret.clone();
