@@ -80,10 +80,18 @@ pub fn route_resolve(sni: Option<&str>, host: Option<&str>, target: &str) -> Opt
     assert!(!path.contains('\\'), "backslash routed: {target:?}");
     match route {
         Route::Relay { path: p } => {
-            assert!(p == "/-" || p.starts_with("/-/"), "relay page {p:?}");
+            // `/-`, `/-/…`, or the portal at exactly `/` (public host only, checked below).
+            assert!(
+                p == "/-" || p.starts_with("/-/") || p == "/",
+                "relay page {p:?}"
+            );
             assert!(
                 sni.and_then(named_by_host).is_none(),
                 "relay page on a cluster SNI: {sni:?}"
+            );
+            assert!(
+                host.and_then(named_by_host).is_none(),
+                "relay page on a cluster Host: {host:?}"
             );
             None
         }
