@@ -311,3 +311,55 @@ fn debug_never_prints_the_token() {
         "{d}"
     );
 }
+
+#[test]
+fn kubelogin_for_passthrough_clusters_uses_the_aks_server_id() {
+    let mut l = list(&[("alpha", "impersonate"), ("aks", "passthrough")]);
+    l.login = Some(LoginParams {
+        kind: "entra".into(),
+        issuer: None,
+        tenant_id: Some("72f988bf-86f1-41af-91ab-2d7cd011db47".into()),
+        authority_host: None,
+        client_id: "80faf920-1908-4b52-b5ef-a8e7bedfc67a".into(),
+        scopes: vec!["api://kube-relay/user_impersonation".into()],
+        resource: None,
+        passthrough_scopes: vec!["6dae42f8-4368-4678-94ff-3960e28e3630/.default".into()],
+    });
+    let mut o = opts(Style::Path);
+    o.plugin = Plugin::Kubelogin;
+    let doc = build(&l, &o).unwrap();
+    // The relay-audience cluster keeps `kube-relay token`; the passthrough one runs kubelogin
+    // with the AKS server id, as `az aks get-credentials` + kubelogin would.
+    assert_eq!(
+        doc["users"][0]["user"]["exec"]["command"].as_str(),
+        Some("kube-relay")
+    );
+    let exec = &doc["users"][1]["user"]["exec"];
+    assert_eq!(exec["command"].as_str(), Some("kubelogin"));
+    let args: Vec<&str> = exec["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "get-token",
+            "--login",
+            "devicecode",
+            "--server-id",
+            "6dae42f8-4368-4678-94ff-3960e28e3630",
+            "--client-id",
+            "80faf920-1908-4b52-b5ef-a8e7bedfc67a",
+            "--tenant-id",
+            "72f988bf-86f1-41af-91ab-2d7cd011db47",
+            "--environment",
+            "AzurePublicCloud"
+        ]
+    );
+    // Generic OIDC relays cannot use Azure kubelogin: a clear error.
+    l.login.as_mut().unwrap().kind = "oidc".into();
+    let e = build(&l, &o).unwrap_err().to_string();
+    assert!(e.contains("Entra issuers only"), "{e}");
+}
