@@ -308,6 +308,22 @@ pub struct LoginConfig {
 }
 
 impl LoginConfig {
+    /// The `issuer` the OpenID configuration at [`Self::discovery_url`] must name: the configured
+    /// OIDC issuer, or Entra's v2 issuer for the tenant.
+    pub fn expected_issuer(&self) -> String {
+        match &self.issuer.kind {
+            IssuerKind::Oidc { issuer_str, .. } => issuer_str.clone(),
+            IssuerKind::Entra {
+                tenant_id,
+                authority_host,
+                ..
+            } => format!(
+                "{}/{tenant_id}/v2.0",
+                authority_host.as_str().trim_end_matches('/')
+            ),
+        }
+    }
+
     /// Where the issuer's OpenID configuration (authorization, token and device endpoints) is.
     pub fn discovery_url(&self) -> String {
         match &self.issuer.kind {

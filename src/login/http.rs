@@ -199,9 +199,23 @@ pub struct Discovery {
     pub end_session_endpoint: Option<String>,
 }
 
-/// Fetches and checks an OpenID configuration document.
-pub async fn discover(http: &IdpHttp, discovery_url: &str) -> anyhow::Result<Discovery> {
+/// Fetches and checks an OpenID configuration document. With `expected_issuer`, the document's
+/// `issuer` must be that URL (OpenID Connect Discovery §4.3: a document naming another issuer
+/// is not the one asked for; trailing `/` ignored).
+pub async fn discover(
+    http: &IdpHttp,
+    discovery_url: &str,
+    expected_issuer: Option<&str>,
+) -> anyhow::Result<Discovery> {
     let d: Discovery = http.get_json(discovery_url).await?;
+    if let Some(want) = expected_issuer {
+        if d.issuer.trim_end_matches('/') != want.trim_end_matches('/') {
+            anyhow::bail!(
+                "{discovery_url}: the document names issuer {:?}, expected {want:?}",
+                d.issuer
+            );
+        }
+    }
     for (name, url) in [
         ("token_endpoint", Some(&d.token_endpoint)),
         ("authorization_endpoint", d.authorization_endpoint.as_ref()),
@@ -224,6 +238,48 @@ pub async fn discover(http: &IdpHttp, discovery_url: &str) -> anyhow::Result<Dis
 
 #[cfg(test)]
 mod tests {
+    /// A loopback HTTP server answering every request with `body` (JSON).
+    async fn serve_once(body: String) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            }
+        });
+        format!("http://{addr}/.well-known/openid-configuration")
+    }
+
+    #[tokio::test]
+    async fn discovery_must_name_the_expected_issuer() {
+        crate::install_crypto_provider();
+        let http = super::IdpHttp::new(&[]).unwrap();
+        let doc = serde_json::json!({
+            "issuer": "https://idp.example.com/",
+            "token_endpoint": "https://idp.example.com/token",
+            "authorization_endpoint": "https://idp.example.com/authorize",
+        })
+        .to_string();
+        let url = serve_once(doc).await;
+        assert!(
+            super::discover(&http, &url, Some("https://idp.example.com"))
+                .await
+                .is_ok()
+        );
+        let e = super::discover(&http, &url, Some("https://other.example.com"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected \"https://other.example.com\""), "{e}");
+    }
+
     #[test]
     fn loopback_hosts() {
         assert!(super::is_loopback("127.0.0.1"));

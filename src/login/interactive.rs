@@ -59,7 +59,13 @@ async fn discovery(http: &IdpHttp, plan: &Plan) -> anyhow::Result<Discovery> {
         .authority
         .discovery_url()
         .context("this login mode has no authority to sign in at")?;
-    discover(http, &url).await.context(
+    // Entra tenants may be given by domain name while the document names the GUID: only a
+    // generic issuer URL can be compared as written.
+    let expected = match &plan.authority {
+        super::Authority::Oidc { issuer } => Some(issuer.as_str()),
+        _ => None,
+    };
+    discover(http, &url, expected).await.context(
         "discovering the identity provider (check --issuer / --tenant-id / --authority-host, and --ca-file for a private CA)",
     )
 }

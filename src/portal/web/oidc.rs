@@ -36,6 +36,8 @@ use crate::login::http::{discover, IdpHttp};
 pub struct Portal {
     http: IdpHttp,
     discovery_url: String,
+    /// The `issuer` the discovery document must name.
+    expected_issuer: String,
     provider: tokio::sync::OnceCell<Arc<Provider>>,
 }
 
@@ -73,6 +75,7 @@ impl Portal {
         Ok(Some(Arc::new(Self {
             http: IdpHttp::new(&login.issuer.ca)?,
             discovery_url: login.discovery_url(),
+            expected_issuer: login.expected_issuer(),
             provider: tokio::sync::OnceCell::new(),
         })))
     }
@@ -82,7 +85,8 @@ impl Portal {
     pub async fn provider(&self) -> anyhow::Result<Arc<Provider>> {
         self.provider
             .get_or_try_init(|| async {
-                let d = discover(&self.http, &self.discovery_url).await?;
+                let d = discover(&self.http, &self.discovery_url, Some(&self.expected_issuer))
+                    .await?;
                 let methods: AuthMethods = self.http.get_json(&self.discovery_url).await?;
                 let authorization_endpoint = d.authorization_endpoint.ok_or_else(|| {
                     anyhow::anyhow!(
