@@ -1069,12 +1069,34 @@ async fn portal_sign_in_kubeconfig_and_sign_out() {
     assert_eq!(names(&doc, "contexts"), ["beta"], "{doc}");
 
     // Both signed out at the end of their journeys.
+    assert_keyboard_and_a11y(&alice);
     assert_signed_out(&alice);
+    assert_keyboard_and_a11y(&run);
     assert_signed_out(&run);
 }
 
 /// What the portal journey recorded after "Sign out": a POST carrying a CSRF field, then a
 /// page without clusters, no session cookie, and /-/kubeconfig refused.
+/// The journey was done with the keyboard (Tab to the control, Enter) and the pages pass the
+/// basic accessibility checks drive.mjs makes.
+fn assert_keyboard_and_a11y(run: &Value) {
+    let keys: Vec<&str> = run["keyboard"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert!(keys.contains(&"sign-in"), "{keys:?}");
+    assert!(keys.contains(&"sign-out"), "{keys:?}");
+    for page in ["landing", "signed_in"] {
+        assert_eq!(
+            run["a11y"][page],
+            serde_json::json!([]),
+            "accessibility problems on the {page} page"
+        );
+    }
+}
+
 fn assert_signed_out(run: &Value) {
     assert_eq!(
         run["signout_form"]["method"], "post",

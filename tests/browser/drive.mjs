@@ -81,7 +81,9 @@ const WAIT = Number(opts.timeout) * 1000;
 const label = (opts.label ?? `${command}-${opts.user}`).replace(/[^A-Za-z0-9_.-]/g, '_');
 fs.mkdirSync(opts.artifacts, { recursive: true });
 
-const result = { ok: false, command, user: opts.user, steps: [], screenshots: [], blocked: [] };
+const result = {
+  ok: false, command, user: opts.user, steps: [], screenshots: [], blocked: [], keyboard: [], a11y: {},
+};
 
 function finish(code) {
   process.stdout.write(`${JSON.stringify(result)}\n`);
@@ -138,6 +140,42 @@ async function navigating(page, what, action) {
   } catch (err) {
     fail(`${what}: no page loaded within ${opts.timeout}s (at ${page.url()}): ${err.message}`);
   }
+}
+
+// Moves focus with Tab (as a keyboard user would) until `selector` has it, then presses Enter:
+// proves the control is reachable and operable without a mouse. Bounded by `maxTabs`.
+async function keyboardActivate(page, selector, what, maxTabs = 40) {
+  for (let i = 0; i < maxTabs; i += 1) {
+    await page.keyboard.press('Tab');
+    const focused = await page.evaluate((sel) => !!document.activeElement?.matches(sel), selector);
+    if (focused) {
+      result.keyboard.push(what);
+      await navigating(page, what, () => page.keyboard.press('Enter'));
+      return;
+    }
+  }
+  fail(`${what}: ${maxTabs} presses of Tab never focused ${selector}`);
+}
+
+// Basic accessibility facts of the current page: a language, one main landmark, an h1, a
+// label for every visible form control, a name for every button and link.
+async function a11yProblems(page) {
+  return page.evaluate(() => {
+    const problems = [];
+    if (!document.documentElement.getAttribute('lang')) problems.push('html has no lang');
+    if (document.querySelectorAll('main').length !== 1) problems.push('not exactly one <main>');
+    if (!document.querySelector('h1')) problems.push('no h1');
+    for (const el of document.querySelectorAll('input:not([type=hidden]), select, textarea')) {
+      const labelled = (el.id && document.querySelector(`label[for="${el.id}"]`))
+        || el.closest('label') || el.getAttribute('aria-label') || el.getAttribute('aria-labelledby');
+      if (!labelled) problems.push(`unlabelled ${el.outerHTML.slice(0, 80)}`);
+    }
+    for (const el of document.querySelectorAll('button, a[href]')) {
+      const name = (el.textContent || '').trim() || el.getAttribute('aria-label');
+      if (!name) problems.push(`nameless ${el.outerHTML.slice(0, 80)}`);
+    }
+    return problems;
+  });
 }
 
 async function describe(page, response) {
@@ -221,8 +259,9 @@ async function portalSignIn(page, relay, { accept = true } = {}) {
     fail(`the landing page has no "Sign in" link to /-/login: ${d.text.slice(0, 500)}`);
   }
   result.landing = await describe(page);
+  result.a11y.landing = await a11yProblems(page);
   result.steps.push('sign-in-link');
-  await navigating(page, 'Sign in link', () => signIn.click({ timeout: WAIT }));
+  await keyboardActivate(page, '#sign-in', 'sign-in');
   await screenshot(page, 'after-sign-in-link');
   if (origin(page.url()) === origin(relay)) {
     const d = await describe(page);
@@ -316,6 +355,7 @@ async function run(page, context) {
       result.clusters = await signedIn(page);
       await screenshot(page, 'signed-in');
       result.signed_in = await describe(page);
+      result.a11y.signed_in = await a11yProblems(page);
       result.cookies = await relayCookies(context, relay);
       // The kubeconfig, through the browser's own download machinery.
       fs.mkdirSync(opts.out, { recursive: true });
@@ -341,7 +381,7 @@ async function run(page, context) {
           action: f.getAttribute('action'),
           fields: [...f.querySelectorAll('input[type="hidden"]')].map((i) => i.name),
         }));
-        await navigating(page, 'Sign out', () => signOut.click({ timeout: WAIT }));
+        await keyboardActivate(page, '#sign-out', 'sign-out');
         await screenshot(page, 'signed-out');
         result.signed_out = await describe(page);
         result.signed_out.has_clusters = (await page.locator('ul#clusters').count()) > 0;
