@@ -634,6 +634,63 @@ fn respond(
 mod tests {
     use super::*;
 
+    /// WCAG relative luminance of `#rrggbb`.
+    fn luminance(hex: &str) -> f64 {
+        let h = hex.trim_start_matches('#');
+        let channel = |i: usize| {
+            let c = f64::from(u8::from_str_radix(&h[i..i + 2], 16).unwrap()) / 255.0;
+            if c <= 0.03928 {
+                c / 12.92
+            } else {
+                ((c + 0.055) / 1.055).powf(2.4)
+            }
+        };
+        0.2126 * channel(0) + 0.7152 * channel(2) + 0.0722 * channel(4)
+    }
+
+    #[test]
+    fn stylesheet_colours_meet_wcag_aa_contrast() {
+        let var = |name: &str| {
+            let needle = format!("--{name}:");
+            let at = CSS
+                .find(&needle)
+                .unwrap_or_else(|| panic!("--{name} not in portal.css"));
+            CSS[at + needle.len()..]
+                .split(';')
+                .next()
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        let ratio = |a: &str, b: &str| {
+            let (a, b) = (luminance(&var(a)), luminance(&var(b)));
+            (a.max(b) + 0.05) / (a.min(b) + 0.05)
+        };
+        // Text on the backgrounds it is drawn on: 4.5:1 (AA, normal text).
+        for (fg, bg) in [
+            ("fg", "bg"),
+            ("fg", "panel"),
+            ("muted", "bg"),
+            ("muted", "panel"),
+            ("link", "bg"),
+            ("link", "panel"),
+            ("up", "bg"),
+            ("up", "panel"),
+            ("down", "bg"),
+            ("down", "panel"),
+            ("accent-fg", "accent"),
+            ("accent", "bg"),
+        ] {
+            let r = ratio(fg, bg);
+            assert!(r >= 4.5, "--{fg} on --{bg}: {r:.2}:1 < 4.5:1");
+        }
+        // The focus ring against the page: 3:1 (non-text contrast).
+        assert!(ratio("focus", "bg") >= 3.0);
+        assert!(ratio("focus", "panel") >= 3.0);
+        // And it is used: every focusable thing shows it.
+        assert!(CSS.contains(":focus-visible"), "no visible focus style");
+    }
+
     #[test]
     fn next_stays_on_this_origin() {
         for good in ["/", "/?x=1", "/-/kubeconfig?style=sni", "/a/b%2F"] {
