@@ -241,21 +241,22 @@ pub fn permissions(p: &Principal, cluster: &ClusterConfig) -> Option<Permissions
             continue;
         }
         any = true;
-        match (&mut verbs, &rule.verbs) {
-            (Some(acc), Some(v)) => acc.extend(v.iter().cloned()),
-            (_, None) => verbs = None,
-            (None, Some(_)) => {}
-        }
-        match (&mut namespaces, &rule.namespaces) {
-            (Some(acc), Some(n)) => acc.extend(n.iter().cloned()),
-            (_, None) => namespaces = None,
-            (None, Some(_)) => {}
-        }
+        widen(&mut verbs, rule.verbs.as_ref());
+        widen(&mut namespaces, rule.namespaces.as_ref());
     }
     any.then(|| Permissions {
         verbs: verbs.map(|v| v.into_iter().collect()),
         namespaces: namespaces.map(|n| n.into_iter().collect()),
     })
+}
+
+/// Adds a rule's limit to what is admitted so far; `None` (no limit) on either side is "any".
+fn widen(acc: &mut Option<BTreeSet<String>>, rule: Option<&BTreeSet<String>>) {
+    match (acc.as_mut(), rule) {
+        (Some(a), Some(r)) => a.extend(r.iter().cloned()),
+        (_, None) => *acc = None,
+        (None, Some(_)) => {}
+    }
 }
 
 enum Match {

@@ -6,9 +6,7 @@
 //! person at the terminal; authentication failures say only "Unauthorized" on the wire and keep
 //! the detail for the log, so a probing client learns nothing about why its token failed.
 
-use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
 use serde::Serialize;
 
 use crate::proxy::body::RelayBody;
@@ -216,11 +214,7 @@ impl ProxyError {
             Self::TooManyRequests { retry_after, .. } => Some(*retry_after),
             _ => None,
         };
-        let mut resp = Response::new(
-            Full::new(Bytes::from(json))
-                .map_err(|never| match never {})
-                .boxed(),
-        );
+        let mut resp = Response::new(crate::proxy::body::full(json));
         *resp.status_mut() = status;
         let headers = resp.headers_mut();
         headers.insert(
@@ -273,6 +267,7 @@ struct Details {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt as _;
 
     async fn body_json(resp: Response<RelayBody>) -> serde_json::Value {
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();

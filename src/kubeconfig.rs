@@ -8,7 +8,6 @@
 //! without it belongs to someone else and is left alone (the merge refuses unless `--force`).
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -461,17 +460,13 @@ pub fn write_with_backup(path: &Path, doc: &Value) -> anyhow::Result<Option<Path
         let mut b = path.as_os_str().to_owned();
         b.push(".bak");
         let b = PathBuf::from(b);
-        std::fs::copy(path, &b).with_context(|| format!("backing up to {}", b.display()))?;
-        set_private(&b)?;
+        let old = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        crate::private_file::replace(&b, &old)?;
         Some(b)
     } else {
         None
     };
-    let mut tmp = tempfile_in(dir, path)?;
-    tmp.1.write_all(text.as_bytes())?;
-    tmp.1.sync_all()?;
-    drop(tmp.1);
-    std::fs::rename(&tmp.0, path).with_context(|| format!("replacing {}", path.display()))?;
+    crate::private_file::replace(path, text.as_bytes())?;
     Ok(backup)
 }
 
@@ -490,35 +485,6 @@ fn resolve_symlink(path: &Path) -> PathBuf {
         Ok(t) => path.parent().unwrap_or(Path::new(".")).join(t),
         Err(_) => path.to_owned(),
     }
-}
-
-fn tempfile_in(dir: &Path, target: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "config".into());
-    let p = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        o.mode(0o600);
-    }
-    let f = o
-        .open(&p)
-        .with_context(|| format!("creating {}", p.display()))?;
-    Ok((p, f))
-}
-
-fn set_private(p: &Path) -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("chmod 600 {}", p.display()))?;
-    }
-    Ok(())
 }
 
 // === the command ===

@@ -41,6 +41,7 @@ pub mod limits;
 pub mod login;
 pub mod metrics;
 pub mod portal;
+pub mod private_file;
 pub mod proxy;
 pub mod route;
 pub mod streams;

@@ -337,11 +337,7 @@ impl OAuthServer {
     /// RFC 6749 §4.1.2.1: until client and redirect URI are known good, errors are shown, never
     /// redirected (an open redirector otherwise); after that they go back to the client.
     fn validate_authorization(&self, params: &Params) -> Result<AuthzRequest, AuthzError> {
-        if let Some(dup) = &params.duplicate {
-            return Err(AuthzError::Page(format!(
-                "the parameter {dup:?} is given more than once"
-            )));
-        }
+        params.check_unique().map_err(AuthzError::Page)?;
         let client_id = params
             .get("client_id")
             .ok_or_else(|| AuthzError::Page("no client_id".into()))?;
@@ -524,12 +520,9 @@ impl OAuthServer {
         params: &Params,
         now: Instant,
     ) -> Result<Issue, OAuthError> {
-        if let Some(dup) = &params.duplicate {
-            return Err(OAuthError::new(
-                "invalid_request",
-                &format!("the parameter {dup:?} is given more than once"),
-            ));
-        }
+        params
+            .check_unique()
+            .map_err(|m| OAuthError::new("invalid_request", &m))?;
         let client = self.authenticate_client(headers, params)?;
         if let Some(r) = params.get("resource") {
             if r != self.config.audience {
@@ -890,12 +883,9 @@ impl OAuthServer {
         params: &Params,
         now: Instant,
     ) -> Result<Value, OAuthError> {
-        if let Some(dup) = &params.duplicate {
-            return Err(OAuthError::new(
-                "invalid_request",
-                &format!("the parameter {dup:?} is given more than once"),
-            ));
-        }
+        params
+            .check_unique()
+            .map_err(|m| OAuthError::new("invalid_request", &m))?;
         let client = self.authenticate_client(headers, params)?;
         if !matches!(client.kind, ClientKind::PublicLoopback) {
             return Err(OAuthError::new(
@@ -1343,6 +1333,14 @@ impl Params {
             }
         }
         Self { map, duplicate }
+    }
+
+    /// RFC 6749 §3.1: a parameter may appear at most once.
+    fn check_unique(&self) -> Result<(), String> {
+        match &self.duplicate {
+            Some(dup) => Err(format!("the parameter {dup:?} is given more than once")),
+            None => Ok(()),
+        }
     }
 
     /// The value, unless empty: RFC 6749 §3.1 treats empty parameters as omitted.

@@ -17,7 +17,6 @@
 //! - A file that cannot be parsed is treated as absent (it is overwritten by the next sign-in).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -211,35 +210,7 @@ impl Entry {
     /// name is random and created exclusively (`O_EXCL`: never an existing file, never through a
     /// symlink), so the token only ever lands in a file this process just made.
     pub fn write(&self, _lock: &Locked, s: &Stored) -> anyhow::Result<()> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(
-            ".{}.{}.tmp",
-            self.path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            uuid::Uuid::new_v4().simple()
-        ));
-        let body = serde_json::to_vec(s)?;
-        let mut created = false;
-        let written = (|| -> std::io::Result<()> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            created = true;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &self.path)
-        })();
-        if let Err(e) = written {
-            if created {
-                let _ = fs::remove_file(&tmp);
-            }
-            return Err(e).with_context(|| format!("writing {}", self.path.display()));
-        }
-        Ok(())
+        crate::private_file::replace(&self.path, &serde_json::to_vec(s)?)
     }
 
     /// Deletes the entry (`--logout`).

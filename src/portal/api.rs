@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
 use crate::app::State;
@@ -197,7 +196,7 @@ fn json<T: serde::Serialize>(v: &T) -> Result<Response<RelayBody>, ProxyError> {
 }
 
 fn body(b: Bytes, content_type: &'static str) -> Response<RelayBody> {
-    let mut r = Response::new(Full::new(b).map_err(|never| match never {}).boxed());
+    let mut r = Response::new(crate::proxy::body::full(b));
     *r.status_mut() = StatusCode::OK;
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

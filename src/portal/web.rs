@@ -29,7 +29,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 pub use oidc::Portal;
@@ -603,7 +603,7 @@ fn respond(
     cookies: &[String],
     location: Option<&str>,
 ) -> Response<RelayBody> {
-    let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+    let mut resp = Response::new(crate::proxy::body::full(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

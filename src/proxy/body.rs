@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt as _;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::streams::StreamGuard;
@@ -22,6 +23,13 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body type of every response the relay sends.
 pub type RelayBody = BoxBody<Bytes, BoxError>;
+
+/// A complete body the relay writes itself (Status JSON, relay pages).
+pub fn full(b: impl Into<Bytes>) -> RelayBody {
+    http_body_util::Full::new(b.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
 
 /// How a relayed stream ended, for the audit log and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
