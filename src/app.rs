@@ -48,6 +48,9 @@ pub struct State {
     pub auth_failures: Arc<crate::limits::FailureLimiter>,
     pub identity_rate: Arc<crate::limits::IdentityRate>,
     pub streams: Arc<crate::streams::StreamRegistry>,
+    /// Tunnels (exec, attach, port-forward) outlive the HTTP connection that upgraded them, so
+    /// they are tracked here for the drain to wait on.
+    pub tunnels: TaskTracker,
 }
 
 /// The relay across generations: the current [`State`], and what outlives reloads.
@@ -166,6 +169,7 @@ fn build_state(cfg: Config, previous: Option<&State>) -> anyhow::Result<State> {
         |p| p.auth_failures.clone(),
     );
     let streams = previous.map_or_else(Default::default, |p| p.streams.clone());
+    let tunnels = previous.map_or_else(TaskTracker::new, |p| p.tunnels.clone());
     // Buckets persist across reloads unless the limits themselves change.
     let identity_rate = match previous {
         Some(p)
@@ -200,6 +204,7 @@ fn build_state(cfg: Config, previous: Option<&State>) -> anyhow::Result<State> {
         auth_failures,
         identity_rate,
         streams,
+        tunnels,
     })
 }
 
@@ -341,15 +346,26 @@ impl App {
         }
         drop(self.listener);
         tracker.close();
-        let deadline = relay.state().cfg.timeouts.drain_timeout;
-        if tokio::time::timeout(deadline, tracker.wait())
-            .await
-            .is_err()
-        {
+        let st = relay.state();
+        st.tunnels.close();
+        let deadline = st.cfg.timeouts.drain_timeout;
+        let everything = async {
+            tracker.wait().await;
+            st.tunnels.wait().await;
+        };
+        if tokio::time::timeout(deadline, everything).await.is_err() {
             tracing::warn!(
                 ?deadline,
                 "drain deadline reached with connections still open"
             );
+        }
+        // The writer is a detached thread; what the last streams logged must reach the disk
+        // before the process exits. Bounded, so a stuck disk cannot hold the exit forever.
+        if tokio::time::timeout(Duration::from_secs(5), st.audit.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("audit log did not flush within 5s of shutdown");
         }
         Ok(())
     }

@@ -30,10 +30,17 @@ pub enum AuditSink {
     Off,
 }
 
+/// What the writer thread receives: a record, or a request to report once everything queued
+/// before it is on disk.
+enum Msg {
+    Line(Vec<u8>),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// A handle to the audit writer. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: Option<mpsc::Sender<Vec<u8>>>,
+    tx: Option<mpsc::Sender<Msg>>,
     metrics: Arc<Metrics>,
 }
 
@@ -56,16 +63,24 @@ impl AuditLog {
                 })?))
             }
         };
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Msg>(QUEUE);
         // A plain thread: writes are blocking I/O and must not stall the async workers.
         std::thread::Builder::new()
             .name("kube-relay-audit".into())
             .spawn(move || {
-                while let Some(line) = rx.blocking_recv() {
-                    let _ = out.write_all(&line);
-                    // Flush when the queue is drained, so bursts share one write.
-                    if rx.is_empty() {
-                        let _ = out.flush();
+                while let Some(msg) = rx.blocking_recv() {
+                    match msg {
+                        Msg::Line(line) => {
+                            let _ = out.write_all(&line);
+                            // Flush when the queue is drained, so bursts share one write.
+                            if rx.is_empty() {
+                                let _ = out.flush();
+                            }
+                        }
+                        Msg::Flush(done) => {
+                            let _ = out.flush();
+                            let _ = done.send(());
+                        }
                     }
                 }
                 let _ = out.flush();
@@ -74,6 +89,17 @@ impl AuditLog {
             tx: Some(tx),
             metrics,
         })
+    }
+
+    /// Resolves once every record emitted before the call is written and flushed. The process
+    /// exits right after draining, and the writer is a detached thread: without this the last
+    /// streams' `ResponseComplete` records could die in the queue.
+    pub async fn flush(&self) {
+        let Some(tx) = &self.tx else { return };
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if tx.send(Msg::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
     }
 
     /// Writes one record for `base` at `stage` with the response code and extra annotations.
@@ -117,7 +143,7 @@ impl AuditLog {
             return;
         };
         line.push(b'\n');
-        if tx.try_send(line).is_err() {
+        if tx.try_send(Msg::Line(line)).is_err() {
             self.metrics.audit_dropped.inc();
             tracing::warn!(audit_id = %base.audit_id, "audit queue full; record dropped");
         }

@@ -548,13 +548,6 @@ async fn sighup_reloads_and_sigterm_drains_the_serve_process() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let audit = std::fs::read_to_string(env.dev.dir.join("serve-audit.jsonl")).unwrap_or_default();
-    assert!(
-        audit.lines().any(|l| l.contains("\"exec\"")
-            && l.contains("ResponseComplete")
-            && l.contains("\"draining\"")),
-        "no draining close for the exec:\n{audit}"
-    );
     // The process exits on its own, successfully, before the deadline.
     let (tx2, rx2) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -565,6 +558,15 @@ async fn sighup_reloads_and_sigterm_drains_the_serve_process() {
         .expect("exits by the drain deadline")
         .unwrap();
     assert!(status.success(), "{status:?}");
+    // Read only after the exit: the record is written when the relay has closed the tunnel,
+    // which kubectl may notice first; the exit itself must not lose it.
+    let audit = std::fs::read_to_string(env.dev.dir.join("serve-audit.jsonl")).unwrap_or_default();
+    assert!(
+        audit.lines().any(|l| l.contains("\"exec\"")
+            && l.contains("ResponseComplete")
+            && l.contains("\"draining\"")),
+        "no draining close for the exec:\n{audit}"
+    );
     env.dev.stop().await;
 }
 

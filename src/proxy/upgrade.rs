@@ -324,7 +324,7 @@ pub async fn relay(
         .clone();
     gauge.inc();
     let log = state.audit.clone();
-    tokio::spawn(async move {
+    state.tunnels.spawn(async move {
         let (client_io, upstream_io) = match tokio::join!(client_upgrade, upstream_upgrade) {
             (Ok(c), Ok(u)) => (c, u),
             (c, u) => {
