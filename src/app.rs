@@ -213,7 +213,16 @@ pub struct App {
     relay: Arc<Relay>,
     listener: TcpListener,
     admin: Option<TcpListener>,
+    /// SIGHUP, registered by [`App::reload_from`]: from then on the signal reloads instead of
+    /// killing the process (its default), even before `run` starts.
+    hup: Option<Hup>,
 }
+
+#[cfg(unix)]
+type Hup = tokio::signal::unix::Signal;
+/// No SIGHUP elsewhere: file changes still reload.
+#[cfg(not(unix))]
+type Hup = std::convert::Infallible;
 
 impl App {
     /// Builds the state and binds the listeners (so callers can learn the ports before running).
@@ -249,13 +258,20 @@ impl App {
             }),
             listener,
             admin,
+            hup: None,
         })
     }
 
     /// Reloads from `path` on SIGHUP and when the file changes (checked every two seconds).
+    /// Must be called within the runtime: the signal handler is installed here, so a SIGHUP
+    /// that arrives before `run` is not fatal.
     pub fn reload_from(mut self, path: PathBuf) -> Self {
         if let Some(r) = Arc::get_mut(&mut self.relay) {
             r.config_path = Some(path);
+        }
+        #[cfg(unix)]
+        {
+            self.hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         }
         self
     }
@@ -294,7 +310,7 @@ impl App {
             spawn_probes(&st);
         }
         if relay.config_path.is_some() {
-            tokio::spawn(watch_config(relay.clone(), shutdown.clone()));
+            tokio::spawn(watch_config(relay.clone(), shutdown.clone(), self.hup));
         }
         {
             let (relay, shutdown, stop, close) = (
@@ -407,7 +423,7 @@ async fn drain(
 }
 
 /// Reloads on SIGHUP and when the configuration file's modification time or size changes.
-async fn watch_config(relay: Arc<Relay>, shutdown: CancellationToken) {
+async fn watch_config(relay: Arc<Relay>, shutdown: CancellationToken, mut hup: Option<Hup>) {
     let Some(path) = relay.config_path.clone() else {
         return;
     };
@@ -417,8 +433,6 @@ async fn watch_config(relay: Arc<Relay>, shutdown: CancellationToken) {
             .map(|m| (m.modified().ok(), m.len()))
     };
     let mut last = stamp(&path);
-    #[cfg(unix)]
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
         #[cfg(unix)]
         let hup_fired = async {
@@ -430,7 +444,10 @@ async fn watch_config(relay: Arc<Relay>, shutdown: CancellationToken) {
             }
         };
         #[cfg(not(unix))]
-        let hup_fired = std::future::pending::<()>();
+        let hup_fired = {
+            let _ = &mut hup;
+            std::future::pending::<()>()
+        };
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = hup_fired => {

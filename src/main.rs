@@ -166,9 +166,11 @@ fn main() -> ExitCode {
                 let app = kube_relay::app::App::bind(cfg)
                     .await?
                     .reload_from(config.clone());
-                tracing::info!(listen = %app.local_addr()?, admin = ?app.admin_addr(), "kube-relay serving");
+                // Signals are handled from before the line that says we serve: a SIGTERM right
+                // after it drains instead of killing the process.
                 let shutdown = CancellationToken::new();
                 tokio::spawn(shutdown_on_signal(shutdown.clone()));
+                tracing::info!(listen = %app.local_addr()?, admin = ?app.admin_addr(), "kube-relay serving");
                 app.run(shutdown).await
             })
         }
@@ -271,21 +273,31 @@ fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     }
 }
 
-async fn shutdown_on_signal(token: CancellationToken) {
+/// Installs the SIGTERM / Ctrl-C handlers now (not when first polled) and returns the future
+/// that cancels `token` on either.
+fn shutdown_on_signal(token: CancellationToken) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let ctrl_c = tokio::signal::ctrl_c();
+    async move {
+        #[cfg(unix)]
+        {
+            let term = async {
+                match term {
+                    Some(mut t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = term => {}
+                _ = ctrl_c => {}
+            }
         }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        token.cancel();
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-    tracing::info!("shutting down");
-    token.cancel();
 }

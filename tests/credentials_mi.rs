@@ -118,7 +118,19 @@ clusters:
         "oid": OID_ALICE, "upn": "alice@contoso.test", "scp": "user_impersonation",
         "groups": [GROUP_OPS], "ver": "1.0", "iat": now(), "nbf": now(), "exp": now() + 3600,
     }));
-    let alice = auth.authenticate(&token).await.unwrap().0;
+    // The first call starts the key fetch and waits a bounded time for it; on a loaded machine
+    // that wait can end first, so retry until the keys are in.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let alice = loop {
+        match auth.authenticate(&token).await {
+            Ok((p, _)) => break p,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "token never authenticated: {e:?}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
 
     // Impersonation with the managed identity: an AKS-audience app token, then cached.
     let c = kube_relay::credentials::UpstreamCredentials::new(&cfg.clusters[0]).unwrap();

@@ -238,11 +238,12 @@ async fn all_green_reports_versions_and_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_port_fails_tcp_and_skips_what_needs_it() {
     let lab = Lab::start().await;
-    // A port that was just free: bind, note it, close.
-    let closed = {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        l.local_addr().expect("addr").port()
-    };
+    // A port held bound but never listening: connections are refused, and no other socket
+    // can take it while the test runs.
+    let held = tokio::net::TcpSocket::new_v4().expect("socket");
+    held.bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    let closed = held.local_addr().expect("addr").port();
     let entry = format!(
         "  - {{name: gone, server: \"https://alpha.kube-sim.localhost:{closed}\", connect: \"127.0.0.1:{closed}\", ca_file: cluster-ca.crt, upstream_auth: {IMPERSONATE}}}\n"
     );

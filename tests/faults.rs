@@ -50,7 +50,7 @@ async fn black_holed_and_silent_upstreams_fail_fast_and_alone() {
         let (code, _, body) = parse_response(&resp);
         assert!(codes.contains(&code), "{cluster}: {code} {body}");
         assert!(
-            started.elapsed() < Duration::from_secs(4),
+            started.elapsed() < Duration::from_secs(7),
             "{cluster} took {:?}",
             started.elapsed()
         );
@@ -67,7 +67,7 @@ async fn black_holed_and_silent_upstreams_fail_fast_and_alone() {
             .await,
     );
     assert_eq!(code, 200);
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(started.elapsed() < Duration::from_secs(5));
 }
 
 /// A relay whose only issuer is `idp` (a scripted, broken IdP) in front of a healthy cluster.
@@ -189,7 +189,7 @@ async fn a_hanging_idp_costs_a_request_at_most_a_bounded_wait() {
     let (code, took) = r.request().await;
     assert_eq!(code, 401);
     assert!(
-        took < Duration::from_secs(4),
+        took < Duration::from_secs(7),
         "a request waited {took:?} on a hanging IdP"
     );
 }

@@ -447,7 +447,8 @@ async fn idp_outage_keeps_cached_keys_and_bounds_unknown_kid_fetches() {
         assert!(c == 401 || c == 429, "{c}");
     }
     assert!(
-        started.elapsed() < Duration::from_secs(20),
+        // Each waiting on a fetch would take ~80 s.
+        started.elapsed() < Duration::from_secs(40),
         "unknown kids are refused fast"
     );
     let after =
@@ -544,11 +545,12 @@ async fn verified_tokens_are_cached_and_failures_limited_per_source() {
 }
 
 impl Entra {
-    /// Audit records written so far.
+    /// Audit records written so far: complete lines only (the writer may be mid-line).
     fn audit_records(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.audit)
             .unwrap_or_default()
-            .lines()
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
             .map(|l| serde_json::from_str(l).expect("each audit line is JSON"))
             .collect()
     }

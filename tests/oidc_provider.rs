@@ -190,6 +190,7 @@ async fn oidc_provider_tokens_are_accepted_and_its_key_rotation_followed() {
     let mut idp = Idp::start(dir.path(), &[&first], &[]).await;
     let (sim, sim_ca) = start_cluster().await;
     let relay = Relay::start(dir.path(), &idp, &sim, &sim_ca).await;
+    idp.sync().await;
     // Readiness means the relay loaded the provider's keys: discovery, then jwks_uri.
     assert!(idp.hits("/.well-known/openid-configuration") >= 1);
     assert!(
@@ -212,12 +213,14 @@ async fn oidc_provider_tokens_are_accepted_and_its_key_rotation_followed() {
     assert_eq!(user.username, CLIENT_ID, "{user:?}");
 
     // (b) The same client, the same keys, another audience: refused, and no key fetch for it.
+    idp.sync().await;
     let jwks_at_start = idp.hits("/jwks");
     let other = idp.token(OTHER_AUDIENCE).await;
     assert_eq!(jwt_parts(&other).1["aud"], OTHER_AUDIENCE);
     let (code, body) = relay.list_pods(&other).await;
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("\"kind\":\"Status\""), "{body}");
+    idp.sync().await;
     assert_eq!(idp.hits("/jwks"), jwks_at_start);
     let metrics = relay.metrics().await;
     assert_eq!(
@@ -234,6 +237,7 @@ async fn oidc_provider_tokens_are_accepted_and_its_key_rotation_followed() {
     // fetches do, and the relay was ready (keys loaded) before the first token.
     let rotated = idp.token(AUDIENCE).await;
     assert_eq!(jwt_parts(&rotated).0["kid"], second.0.as_str());
+    idp.sync().await;
     let before = idp.hits("/jwks");
     let refreshes_at_start = refreshes(&relay.metrics().await, "success");
     assert!(refreshes_at_start.is_some_and(|n| n >= 1));
@@ -243,12 +247,14 @@ async fn oidc_provider_tokens_are_accepted_and_its_key_rotation_followed() {
         assert_eq!(code, 200, "rotated key not followed: {body}");
     }
     assert_eq!(last_pods_user(&sim).username, CLIENT_ID);
+    idp.sync().await;
     assert_eq!(idp.hits("/jwks"), before + 1, "exactly one JWKS fetch");
     // Now cached: the new token again, and the old one (its key is still published), fetch nothing.
     for t in [&rotated, &token] {
         let (code, body) = relay.list_pods(t).await;
         assert_eq!(code, 200, "{body}");
     }
+    idp.sync().await;
     assert_eq!(idp.hits("/jwks"), before + 1, "cached keys need no fetch");
 
     // The relay counts the same fetches: one at start-up, one for the new kid.

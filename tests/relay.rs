@@ -746,11 +746,12 @@ async fn mismatched_101_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_cluster_is_503_naming_it() {
-    // A cluster whose API server address refuses connections: a port that was free a moment ago.
+    // A cluster whose API server address refuses connections: a port held bound but never
+    // listening, so no other socket can take it while the test runs.
     let up = FakeUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let port = closed.local_addr().unwrap().port();
-    drop(closed);
     let fake = FakeUpstream {
         addr: format!("127.0.0.1:{port}").parse().unwrap(),
         ..up

@@ -149,12 +149,14 @@ async fn serve_issuer(listen: std::net::SocketAddr, dir: &std::path::Path) -> an
     let issuer = DevIssuer::generate(&url, KeyAlg::Es256)?;
     std::fs::write(dir.join("ca.crt"), ca.cert_pem())?;
     std::fs::write(dir.join("issuer.key"), issuer.signing_key_pem())?;
-    std::fs::write(
-        dir.join("issuer.json"),
-        format!("{{\"issuer\":\"{url}\",\"alg\":\"ES256\"}}"),
-    )?;
     let handle =
         kube_sim::issuer::serve(listener, Some(server::tls_config(&leaf)?), issuer).await?;
+    // Written last, and whole (temp file + rename): scripts wait for this file to appear and
+    // then read it, so it must never be seen half-written or before the issuer serves.
+    let meta = dir.join("issuer.json");
+    let tmp = dir.join(".issuer.json.tmp");
+    std::fs::write(&tmp, format!("{{\"issuer\":\"{url}\",\"alg\":\"ES256\"}}"))?;
+    std::fs::rename(&tmp, &meta)?;
     println!("issuer {url}");
     tokio::signal::ctrl_c().await?;
     handle.shutdown();

@@ -179,7 +179,12 @@ async function a11yProblems(page) {
 }
 
 async function describe(page, response) {
-  const h1 = await page.locator('h1').first().textContent({ timeout: 1000 }).catch(() => null);
+  // The page has loaded: a heading is there or it is not. Only a page without one returns
+  // null, never a slow renderer.
+  const heading = page.locator('h1').first();
+  const h1 = (await page.locator('h1').count().catch(() => 0)) > 0
+    ? await heading.textContent({ timeout: WAIT }).catch(() => null)
+    : null;
   const text = await page.locator('body').innerText({ timeout: WAIT }).catch(() => '');
   return {
     url: page.url(),

@@ -373,10 +373,15 @@ impl CustomRelay {
         let path = dir.path().join("relay.yaml");
         std::fs::write(&path, yaml).unwrap();
         let cfg = kube_relay::config::load(&path).unwrap();
-        let app = kube_relay::app::App::with_listeners(cfg, relay_listener, None).unwrap();
+        // An admin listener only to wait for readiness (issuer keys loaded): a first request
+        // racing the key fetch could otherwise be refused on a slow machine.
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let app = kube_relay::app::App::with_listeners(cfg, relay_listener, Some(admin)).unwrap();
         let addr = app.local_addr().unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(app.run(shutdown.clone()));
+        wait_ready(admin_addr).await;
         let ca = CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
