@@ -101,6 +101,7 @@ struct FilePortal {
     client_secret_file: String,
     cookie_key_file: String,
     session_lifetime: Option<String>,
+    sign_out_at_provider: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -352,6 +353,11 @@ pub struct PortalConfig {
     /// cookie another one sealed.
     pub cookie_key: CookieKey,
     pub session_lifetime: Duration,
+    /// Sign-out also ends the browser's session at the identity provider (OpenID Connect
+    /// RP-initiated logout), returning to `<public_url>/-/signed-out`, which must be registered
+    /// with the provider. Off by default: an unregistered return address is an error page at
+    /// some providers.
+    pub sign_out_at_provider: bool,
 }
 
 /// 32 bytes derived from `cookie_key_file`. Debug never prints them.
@@ -1645,6 +1651,7 @@ fn parse_login(
             client_secret: client_secret?,
             cookie_key: cookie_key?,
             session_lifetime,
+            sign_out_at_provider: p.sign_out_at_provider.unwrap_or(false),
         })
     });
     Some(LoginConfig {

@@ -515,6 +515,7 @@ impl LoginRelay {
         idp: &Idp,
         sims: &[(SimHandle, String)],
         cookie_key: &str,
+        sign_out_at_provider: bool,
     ) -> Self {
         kube_relay::install_crypto_provider();
         std::fs::create_dir_all(dir).unwrap();
@@ -555,6 +556,7 @@ login:
     client_secret_file: portal-secret
     cookie_key_file: cookie.key
     session_lifetime: 1h
+    sign_out_at_provider: {sign_out_at_provider}
 clusters:
 "#,
             issuer = idp.issuer,
@@ -595,10 +597,16 @@ struct LoginEnv {
 
 impl LoginEnv {
     async fn start(idp_extra: &[&str]) -> Self {
+        Self::start_with(idp_extra, false).await
+    }
+
+    /// Like [`LoginEnv::start`]; `sign_out_at_provider` sets the portal's key of that name.
+    async fn start_with(idp_extra: &[&str], sign_out_at_provider: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let redirect = format!("https://localhost:{port}/-/callback");
+        let post_logout = format!("https://localhost:{port}/-/signed-out");
         let key = rsa_key();
         let mut flags = vec![
             "--cli-client-id",
@@ -609,6 +617,8 @@ impl LoginEnv {
             PORTAL_SECRET,
             "--portal-redirect",
             redirect.as_str(),
+            "--portal-post-logout",
+            post_logout.as_str(),
         ];
         flags.extend_from_slice(idp_extra);
         let idp = Idp::start(dir.path(), &[&key], &flags).await;
@@ -622,6 +632,7 @@ impl LoginEnv {
             &idp,
             &sims,
             "cookie-key-one-0123456789abcdef0123456789abcdef",
+            sign_out_at_provider,
         )
         .await;
         let home = dir.path().join("home");
@@ -947,20 +958,7 @@ async fn portal_sign_in_kubeconfig_and_sign_out() {
     require_browser();
     let art = artifacts("portal");
     let env = LoginEnv::start(&[]).await;
-    let downloads = env.dir.path().join("downloads-alice");
-    let run = drive_async(
-        &art,
-        &[
-            "portal",
-            "--relay",
-            &env.relay.url,
-            "--user",
-            "alice",
-            "--out",
-            downloads.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let run = portal_journey(&env, &art, "alice", "downloads-alice").await;
     let alice = run.clone();
     // The landing page offers sign-in; alice sees alpha and beta, not gamma.
     assert!(
@@ -1050,20 +1048,7 @@ async fn portal_sign_in_kubeconfig_and_sign_out() {
     assert_eq!(env.idp.token_events().len(), tokens_before);
 
     // bob: beta only.
-    let downloads = env.dir.path().join("downloads-bob");
-    let run = drive_async(
-        &art,
-        &[
-            "portal",
-            "--relay",
-            &env.relay.url,
-            "--user",
-            "bob",
-            "--out",
-            downloads.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let run = portal_journey(&env, &art, "bob", "downloads-bob").await;
     assert_eq!(run["clusters"], serde_json::json!(["beta"]), "{run}");
     let doc = yaml_file(Path::new(run["kubeconfig"].as_str().unwrap()));
     assert_eq!(names(&doc, "contexts"), ["beta"], "{doc}");
@@ -1073,6 +1058,80 @@ async fn portal_sign_in_kubeconfig_and_sign_out() {
     assert_signed_out(&alice);
     assert_keyboard_and_a11y(&run);
     assert_signed_out(&run);
+    // Sign-out is local by default: the page says the provider may still know the browser,
+    // and it does (the next "Sign in" asks for no password).
+    assert!(
+        alice["signed_out"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("You may still be signed in at idp"),
+        "{}",
+        alice["signed_out"]
+    );
+    assert!(alice.get("provider_signout").is_none(), "{alice}");
+    assert_ne!(alice["sign_in_again"], "login", "{alice}");
+}
+
+/// With `login.portal.sign_out_at_provider`, "Sign out" also ends the browser's session at the
+/// provider (RP-initiated logout): the relay clears its cookies and sends the browser to the
+/// provider's end_session_endpoint, which confirms and returns it to `/-/signed-out`; the next
+/// "Sign in" asks for a password again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portal_sign_out_ends_the_provider_session_too() {
+    require_browser();
+    let art = artifacts("portal-provider-sign-out");
+    let env = LoginEnv::start_with(&[], true).await;
+    let run = portal_journey(&env, &art, "alice", "downloads").await;
+    assert_eq!(
+        run["clusters"],
+        serde_json::json!(["alpha", "beta"]),
+        "{run}"
+    );
+    // The provider's own sign-out page came between.
+    let at_provider = run["provider_signout"]["url"].as_str().unwrap_or_default();
+    assert!(
+        at_provider.starts_with(&format!("{}/session/end", env.idp.issuer)),
+        "{}",
+        run["provider_signout"]
+    );
+    assert!(
+        run["signed_out"]["url"]
+            .as_str()
+            .unwrap()
+            .ends_with("/-/signed-out"),
+        "{}",
+        run["signed_out"]
+    );
+    assert!(
+        run["signed_out"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("returned from idp's sign-out page"),
+        "{}",
+        run["signed_out"]
+    );
+    assert_keyboard_and_a11y(&run);
+    assert_signed_out(&run);
+    assert_eq!(run["sign_in_again"], "login", "{run}");
+}
+
+/// drive.mjs's portal journey for `user` on the env's relay, downloads into `downloads`
+/// (under the env's directory).
+async fn portal_journey(env: &LoginEnv, art: &Path, user: &str, downloads: &str) -> Value {
+    let downloads = env.dir.path().join(downloads);
+    drive_async(
+        art,
+        &[
+            "portal",
+            "--relay",
+            &env.relay.url,
+            "--user",
+            user,
+            "--out",
+            downloads.to_str().unwrap(),
+        ],
+    )
+    .await
 }
 
 /// What the portal journey recorded after "Sign out": a POST carrying a CSRF field, then a
@@ -1186,6 +1245,7 @@ async fn portal_refuses_denied_stale_and_tampered_sign_ins() {
         &env.idp,
         &env.sims,
         "cookie-key-two-fedcba9876543210fedcba9876543210",
+        false,
     )
     .await;
     let run = drive_async(

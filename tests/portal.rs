@@ -28,6 +28,11 @@ struct Portal {
 /// A relay with clusters `alpha` and `beta` (dev/alice) and `gamma` (dev/bob, unreachable),
 /// and the portal configured with a cookie key this test also holds.
 async fn portal() -> Portal {
+    portal_with("").await
+}
+
+/// [`portal`] with `portal_keys` (more `login.portal` keys, each line indented 4 spaces).
+async fn portal_with(portal_keys: &str) -> Portal {
     let alpha = FakeUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").await;
     let beta = FakeUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").await;
     let dir = tempfile::tempdir().unwrap();
@@ -41,7 +46,7 @@ async fn portal() -> Portal {
     let d = dir.path().display();
     let extra = format!(
         "  - {{name: gamma, server: \"https://gamma.invalid:443\", connect: \"127.0.0.1:1\", ca_file: {d}/gamma-ca.crt, upstream_auth: {{mode: passthrough}}, access: [{{users: [dev/bob], verbs: [get, list]}}]}}\n\
-         login:\n  issuer: dev\n  client_id: kube-relay-cli\n  scopes: [kube-relay]\n  portal:\n    client_id: kube-relay-portal\n    client_secret_file: {d}/secret\n    cookie_key_file: {d}/cookie.key\n    session_lifetime: 30m\n\
+         login:\n  issuer: dev\n  client_id: kube-relay-cli\n  scopes: [kube-relay]\n  portal:\n    client_id: kube-relay-portal\n    client_secret_file: {d}/secret\n    cookie_key_file: {d}/cookie.key\n    session_lifetime: 30m\n{portal_keys}\
          timeouts: {{health_interval: 300ms}}\n"
     );
     let relay = CustomRelay::start_with(&[("alpha", &alpha), ("beta", &beta)], &extra).await;
@@ -143,7 +148,21 @@ async fn signed_out_landing_page_and_stylesheet() {
 
     let (code, _, body) = send(&p.relay, "GET", "/?signed_out=1", &[], "").await;
     assert_eq!(code, 200);
-    assert!(body.contains("You have signed out."), "{body}");
+    assert!(
+        body.contains("You have signed out of kube-relay. You may still be signed in at dev"),
+        "{body}"
+    );
+    // Where a provider's sign-out page sends the browser back to.
+    let (code, head, body) = send(&p.relay, "GET", "/-/signed-out", &[], "").await;
+    assert_eq!(code, 200, "{head}");
+    assert_page_headers(&head);
+    assert!(
+        body.contains("You have signed out of kube-relay and returned from dev's sign-out page."),
+        "{body}"
+    );
+    assert!(body.contains("href=\"/-/login\">Sign in</a>"), "{body}");
+    let (code, head, _) = send(&p.relay, "POST", "/-/signed-out", &[], "").await;
+    assert_eq!(code, 405, "{head}");
 
     let (code, head, body) = send(&p.relay, "GET", "/-/static/portal.css", &[], "").await;
     assert_eq!(code, 200);
@@ -473,4 +492,38 @@ async fn portal_off_explains_the_cli() {
             "{target}"
         );
     }
+}
+
+/// `sign_out_at_provider` with a provider the relay cannot use for it (here: no sign-in
+/// endpoints at all): sign-out still happens, locally, and the signed-in page's CSP lets forms
+/// go nowhere but the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_sign_out_falls_back_to_local_when_the_provider_cannot() {
+    let p = portal_with("    sign_out_at_provider: true\n").await;
+    let origin = format!("https://localhost:{}", p.relay.addr.port());
+    let (cookie, s) = session_cookie(&p.key, p.relay.token("alice"), now() + 600);
+    let (code, head, body) = send(&p.relay, "GET", "/", &[("Cookie", &cookie)], "").await;
+    assert_eq!(code, 200);
+    assert!(body.contains("id=\"clusters\""), "{body}");
+    assert_eq!(header(&head, "content-security-policy"), [CSP], "{head}");
+    let (code, head, _) = send(
+        &p.relay,
+        "POST",
+        "/-/logout",
+        &[
+            ("Origin", &origin),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Cookie", &cookie),
+        ],
+        &format!("csrf={}", s.csrf),
+    )
+    .await;
+    assert_eq!(code, 303, "{head}");
+    assert_eq!(header(&head, "location"), ["/?signed_out=1"]);
+    assert!(
+        header(&head, "set-cookie")
+            .iter()
+            .any(|c| c.starts_with(&format!("{SESSION_COOKIE}=;"))),
+        "{head}"
+    );
 }

@@ -388,3 +388,126 @@ fn duplicate_clusters_are_refused() {
         "{errs:?}"
     );
 }
+
+/// GOOD plus a `login` section (`portal` lines appended as given).
+fn with_login(f: &Fixture, portal: &str) -> Result<Config, ConfigErrors> {
+    std::fs::write(f.dir.path().join("portal-secret"), "s3cret\n").unwrap();
+    std::fs::write(
+        f.dir.path().join("cookie.key"),
+        "0123456789abcdef0123456789abcdef-long-enough\n",
+    )
+    .unwrap();
+    std::fs::write(f.dir.path().join("short.key"), "too short\n").unwrap();
+    f.parse(&format!(
+        "{GOOD}login:\n  issuer: contoso\n  client_id: 11111111-2222-3333-4444-555555555555\n  scopes: [api://kube-relay/user_impersonation]\n{portal}"
+    ))
+}
+
+#[test]
+fn login_and_portal_load_with_their_defaults() {
+    let f = Fixture::new();
+    let cfg = with_login(&f, "").unwrap();
+    let login = cfg.login.as_ref().unwrap();
+    assert_eq!(login.issuer.name, "contoso");
+    assert!(login.portal.is_none());
+    // Entra: passthrough clusters get the AKS server application's scope by default.
+    assert_eq!(
+        login.passthrough_scopes,
+        [format!("{AKS_SERVER_APP}/.default")]
+    );
+
+    let cfg = with_login(
+        &f,
+        "  portal: {client_id: web-app, client_secret_file: portal-secret, cookie_key_file: cookie.key}\n",
+    )
+    .unwrap();
+    let portal = cfg.login.unwrap().portal.unwrap();
+    assert_eq!(portal.session_lifetime, Duration::from_secs(3600));
+    assert!(
+        !portal.sign_out_at_provider,
+        "sign-out is local unless asked"
+    );
+    assert_eq!(portal.client_secret.expose(), "s3cret");
+    // Debug never shows the secret or the key.
+    let dump = format!("{portal:?}");
+    assert!(!dump.contains("s3cret"), "{dump}");
+
+    let cfg = with_login(
+        &f,
+        "  portal: {client_id: web-app, client_secret_file: portal-secret, cookie_key_file: cookie.key, session_lifetime: 15m, sign_out_at_provider: true}\n",
+    )
+    .unwrap();
+    let portal = cfg.login.unwrap().portal.unwrap();
+    assert_eq!(portal.session_lifetime, Duration::from_secs(900));
+    assert!(portal.sign_out_at_provider);
+}
+
+#[test]
+fn login_and_portal_mistakes_name_their_key() {
+    let f = Fixture::new();
+    for (portal, key, reason) in [
+        (
+            "  portal: {client_id: ' ', client_secret_file: portal-secret, cookie_key_file: cookie.key}\n",
+            "login.portal.client_id",
+            "must not be empty",
+        ),
+        (
+            "  portal: {client_id: web, client_secret_file: nope, cookie_key_file: cookie.key}\n",
+            "login.portal.client_secret_file",
+            "cannot read",
+        ),
+        (
+            "  portal: {client_id: web, client_secret_file: portal-secret, cookie_key_file: short.key}\n",
+            "login.portal.cookie_key_file",
+            "at least 32 random bytes",
+        ),
+        (
+            "  portal: {client_id: web, client_secret_file: portal-secret, cookie_key_file: cookie.key, session_lifetime: 7d}\n",
+            "login.portal.session_lifetime",
+            "between 1m and 24h",
+        ),
+        (
+            "  portal: {client_id: web, client_secret_file: portal-secret, cookie_key_file: cookie.key, session_lifetime: soon}\n",
+            "login.portal.session_lifetime",
+            "not a duration",
+        ),
+        (
+            "  portal: {client_id: web, client_secret_file: portal-secret, cookie_key_file: cookie.key, sign_out_at_provider: sometimes}\n",
+            "login.portal",
+            "sign_out_at_provider",
+        ),
+        (
+            "  portal: {client_id: web, client_secret_file: portal-secret, cookie_key_file: cookie.key, logout: yes}\n",
+            "login.portal",
+            "logout",
+        ),
+    ] {
+        let errs = messages(with_login(&f, portal).unwrap_err());
+        assert!(
+            errs.iter().any(|e| e.contains(key) && e.contains(reason)),
+            "{portal}: want {key}: …{reason}…, got {errs:?}"
+        );
+    }
+    let errs = messages(
+        f.parse(&format!(
+            "{GOOD}login:\n  issuer: nobody\n  client_id: cli\n  scopes: [x]\n"
+        ))
+        .unwrap_err(),
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("login.issuer") && e.contains("contoso, github")),
+        "{errs:?}"
+    );
+    let errs = messages(
+        f.parse(&format!(
+            "{GOOD}login:\n  issuer: contoso\n  client_id: cli\n"
+        ))
+        .unwrap_err(),
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("login") && e.contains("scopes")),
+        "{errs:?}"
+    );
+}

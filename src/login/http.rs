@@ -223,6 +223,7 @@ pub async fn discover(
             "device_authorization_endpoint",
             d.device_authorization_endpoint.as_ref(),
         ),
+        ("end_session_endpoint", d.end_session_endpoint.as_ref()),
     ] {
         if let Some(u) = url {
             let parsed = url::Url::parse(u)

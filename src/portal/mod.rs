@@ -3,7 +3,8 @@
 //!
 //! - [`api`]: `/-/clusters`, `/-/kubeconfig` (bearer token or portal session) and
 //!   `/-/login-config` (public: what `kube-relay token` needs to sign in).
-//! - [`web`]: the browser portal: `/`, `/-/login`, `/-/callback`, `/-/logout`, `/-/static/…`.
+//! - [`web`]: the browser portal: `/`, `/-/login`, `/-/callback`, `/-/logout`, `/-/signed-out`,
+//!   `/-/static/…`.
 
 pub mod api;
 pub mod web;

@@ -1,5 +1,5 @@
-//! The browser portal (server side): `/`, `/-/login`, `/-/callback`, `/-/logout` and
-//! `/-/static/portal.css`.
+//! The browser portal (server side): `/`, `/-/login`, `/-/callback`, `/-/logout`,
+//! `/-/signed-out` and `/-/static/portal.css`.
 //!
 //! ```text
 //!  GET /-/login ──► sealed login cookie {state, PKCE verifier, nonce, next} (10 min)
@@ -10,6 +10,8 @@
 //!               ──► sealed session cookie {token, issued_at, expires_at, csrf} ──► 302 next
 //!  GET / ──► session opens and its token still authenticates? clusters page : landing page
 //!  POST /-/logout ──► same origin + CSRF field equals the session's ──► cookies cleared
+//!               ──► 303 /?signed_out=1, or (sign_out_at_provider) to the provider's
+//!                   end_session_endpoint, which returns the browser to /-/signed-out
 //! ```
 //!
 //! Nothing is stored server-side: any replica with the same cookie key serves any browser.
@@ -84,7 +86,11 @@ pub async fn handle(
         "/" | "/-/static/portal.css" if !is_get => Ok(method_not_allowed("GET, HEAD")),
         // GET only: these start or finish a sign-in, which a HEAD probe must not do.
         "/-/login" | "/-/callback" if method != Method::GET => Ok(method_not_allowed("GET")),
-        "/" => Ok(root(state, &req).await),
+        "/" => Ok(root(state, &req, None).await),
+        "/-/signed-out" if is_get => {
+            Ok(root(state, &req, Some(html::Notice::SignedOutAtProvider)).await)
+        }
+        "/-/signed-out" => Ok(method_not_allowed("GET, HEAD")),
         "/-/login" => Ok(login(state, &req).await),
         "/-/callback" => Ok(callback(state, &req).await),
         "/-/logout" if method == Method::POST => Ok(logout(state, req).await),
@@ -118,10 +124,16 @@ fn enabled(state: &State) -> Option<(&LoginConfig, &PortalConfig, &Portal)> {
 
 // === pages ===
 
-async fn root(state: &State, req: &Request<Incoming>) -> Response<RelayBody> {
+/// The landing page, or the signed-in page when the session is good. `notice` is set on the
+/// page the provider returns to after signing out there.
+async fn root(
+    state: &State,
+    req: &Request<Incoming>,
+    notice: Option<html::Notice>,
+) -> Response<RelayBody> {
     let public_url = public_url(state);
-    let notice = query(req, "signed_out").map(|_| html::Notice::SignedOut);
-    let Some((login, portal, _)) = enabled(state) else {
+    let notice = notice.or_else(|| query(req, "signed_out").map(|_| html::Notice::SignedOut));
+    let Some((login, portal, client)) = enabled(state) else {
         return page(
             StatusCode::OK,
             html::landing(&html::Landing {
@@ -148,7 +160,15 @@ async fn root(state: &State, req: &Request<Incoming>) -> Response<RelayBody> {
         },
     };
     match signed_in {
-        Some((s, p)) => signed_in_page(state, &s, &p, &public_url),
+        Some((s, p)) => {
+            let page = signed_in_page(state, &s, &p, &public_url);
+            // The sign-out form's 303 goes on to the provider; browsers hold redirects after a
+            // form post to the page's form-action, so the provider's origin is allowed there.
+            match provider_sign_out_origin(portal, client).await {
+                Some(origin) => allow_form_target(page, &origin),
+                None => page,
+            }
+        }
         None => {
             // A cookie that came but could not be used is cleared, and the page says why.
             let expired = sealed.is_some();
@@ -385,7 +405,7 @@ async fn callback(state: &State, req: &Request<Incoming>) -> Response<RelayBody>
 }
 
 async fn logout(state: &State, req: Request<Incoming>) -> Response<RelayBody> {
-    let Some((_, portal_cfg, _)) = enabled(state) else {
+    let Some((_, portal_cfg, client)) = enabled(state) else {
         return portal_off();
     };
     if !same_origin(req.headers(), &state.cfg.public_url) {
@@ -409,11 +429,81 @@ async fn logout(state: &State, req: Request<Incoming>) -> Response<RelayBody> {
             return refused_logout();
         }
     }
-    redirect(
-        StatusCode::SEE_OTHER,
-        "/?signed_out=1",
-        &session::clear_session_cookies(),
+    let cleared = session::clear_session_cookies();
+    if portal_cfg.sign_out_at_provider {
+        if let Some(url) = provider_sign_out_url(state, portal_cfg, client).await {
+            tracing::info!("portal: signed out; ending the provider session too");
+            return redirect(StatusCode::SEE_OTHER, url.as_str(), &cleared);
+        }
+    }
+    // Local only: the landing page says the provider may still know the browser.
+    redirect(StatusCode::SEE_OTHER, "/?signed_out=1", &cleared)
+}
+
+/// The provider's end-session URL for this portal (OpenID Connect RP-Initiated Logout 1.0):
+/// `client_id` names the portal and `post_logout_redirect_uri` brings the browser back to
+/// `/-/signed-out`. No `id_token_hint`: the session keeps only the access token, and providers
+/// then ask the user to confirm, which is the safe default. `None` (sign-out stays local) when
+/// the provider is unreachable or publishes no endpoint.
+async fn provider_sign_out_url(
+    state: &State,
+    portal_cfg: &PortalConfig,
+    client: &Portal,
+) -> Option<url::Url> {
+    let endpoint = match client.provider().await {
+        Ok(p) => p.end_session_endpoint.clone(),
+        Err(e) => {
+            tracing::warn!(error = %e, "portal: provider unreachable; signing out locally only");
+            return None;
+        }
+    };
+    let Some(endpoint) = endpoint else {
+        tracing::warn!(
+            "login.portal.sign_out_at_provider is set but the provider publishes no end_session_endpoint; signing out locally only"
+        );
+        return None;
+    };
+    // Checked when discovered (https, or http on loopback).
+    let mut url = url::Url::parse(&endpoint).ok()?;
+    url.query_pairs_mut()
+        .append_pair("client_id", &portal_cfg.client_id)
+        .append_pair(
+            "post_logout_redirect_uri",
+            &format!("{}/-/signed-out", public_url(state)),
+        );
+    Some(url)
+}
+
+/// The origin sign-out may continue to, when it continues at the provider at all.
+async fn provider_sign_out_origin(portal_cfg: &PortalConfig, client: &Portal) -> Option<String> {
+    if !portal_cfg.sign_out_at_provider {
+        return None;
+    }
+    let endpoint = client.provider().await.ok()?.end_session_endpoint.clone()?;
+    Some(
+        url::Url::parse(&endpoint)
+            .ok()?
+            .origin()
+            .ascii_serialization(),
     )
+}
+
+/// `resp` with the provider's `origin` added to the CSP's `form-action`. A serialised origin
+/// (scheme, host, port) holds no spaces or semicolons, so it cannot add a directive.
+fn allow_form_target(mut resp: Response<RelayBody>, origin: &str) -> Response<RelayBody> {
+    let base = SECURITY_HEADERS
+        .iter()
+        .find(|(k, _)| *k == "content-security-policy")
+        .map_or("", |(_, v)| *v);
+    let csp = base.replace(
+        "form-action 'self'",
+        &format!("form-action 'self' {origin}"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&csp) {
+        resp.headers_mut()
+            .insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    resp
 }
 
 /// Logs an `error=` redirect. Anyone can send one (no state is checked before it), so its
@@ -714,6 +804,27 @@ mod tests {
             assert_eq!(safe_next(bad), None, "{bad:?}");
         }
         assert_eq!(safe_next(&format!("/{}", "a".repeat(600))), None);
+    }
+
+    #[test]
+    fn provider_sign_out_widens_only_form_action() {
+        let resp = allow_form_target(
+            redirect(StatusCode::OK, "/", &[]),
+            "https://login.example.com",
+        );
+        let csp = resp.headers()[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(
+            csp,
+            SECURITY_HEADERS[0].1.replace(
+                "form-action 'self'",
+                "form-action 'self' https://login.example.com"
+            )
+        );
+        assert!(csp.starts_with("default-src 'none';"), "{csp}");
+        assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
     }
 
     #[test]

@@ -387,6 +387,20 @@ async function run(page, context) {
           fields: [...f.querySelectorAll('input[type="hidden"]')].map((i) => i.name),
         }));
         await keyboardActivate(page, '#sign-out', 'sign-out');
+        if (origin(page.url()) !== origin(relay)) {
+          // Sign-out goes on to the provider (login.portal.sign_out_at_provider): its
+          // confirmation page, then back to the relay.
+          result.steps.push('provider-sign-out');
+          await screenshot(page, 'provider-sign-out');
+          result.provider_signout = await describe(page);
+          const yes = page.locator('button[name="logout"][value="yes"]');
+          if (!(await yes.count())) fail(`sign-out left the relay for ${page.url()}, not a provider sign-out page`);
+          await navigating(page, 'provider sign-out', () => yes.click({ timeout: WAIT }));
+          if (origin(page.url()) !== origin(relay)) {
+            const d = await describe(page);
+            fail(`the provider did not send the browser back to the relay: ${d.url}: ${d.text.slice(0, 500)}`);
+          }
+        }
         await screenshot(page, 'signed-out');
         result.signed_out = await describe(page);
         result.signed_out.has_clusters = (await page.locator('ul#clusters').count()) > 0;
@@ -396,6 +410,12 @@ async function run(page, context) {
         result.after_signout = await describe(page);
         result.after_signout.has_clusters = (await page.locator('ul#clusters').count()) > 0;
         result.after_signout.kubeconfig = await fetchWithCookies(context, `${relay}/-/kubeconfig`);
+        // "Sign in" once more: does the provider still know this browser? 'login' (it asks
+        // for a password again), or 'relay' / 'consent' (it remembered the session).
+        result.steps.push('sign-in-again');
+        await navigating(page, 'sign in again', () => page.locator('#sign-in').click({ timeout: WAIT }));
+        result.sign_in_again = origin(page.url()) === origin(relay) ? 'relay' : await idpPage(page);
+        await screenshot(page, 'sign-in-again');
       }
       break;
     }

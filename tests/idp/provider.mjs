@@ -27,6 +27,8 @@
 // --portal-client-id ID --portal-client-secret SECRET --portal-redirect URI
 //                a confidential web client for the relay's portal: authorization_code (PKCE
 //                required) and refresh_token, the one redirect URI given.
+// --portal-post-logout URI  where the provider's sign-out page (RP-initiated logout,
+//                /session/end) may send the browser back to, for the portal client.
 // --portal-client-auth METHOD  how the portal client authenticates at the token endpoint:
 //                client_secret_basic (default) or client_secret_post.
 // --access-token-ttl SECONDS  lifetime of access tokens for a resource (default 300), short in
@@ -72,6 +74,7 @@ const { values: args } = parseArgs({
     'portal-client-id': { type: 'string' },
     'portal-client-secret': { type: 'string' },
     'portal-redirect': { type: 'string' },
+    'portal-post-logout': { type: 'string' },
     'portal-client-auth': { type: 'string', default: 'client_secret_basic' },
     'access-token-ttl': { type: 'string', default: '300' },
     'parent-stdin': { type: 'boolean', default: false },
@@ -137,6 +140,7 @@ function clients() {
       grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
       redirect_uris: [args['portal-redirect']],
+      post_logout_redirect_uris: args['portal-post-logout'] ? [args['portal-post-logout']] : [],
     });
   }
   return list;

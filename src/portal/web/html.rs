@@ -41,7 +41,10 @@ pub fn layout(title: &str, main: &str) -> String {
 /// A notice shown above the landing page's content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Notice {
+    /// Signed out of the portal only: the provider may still know this browser.
     SignedOut,
+    /// Back from the provider's sign-out page.
+    SignedOutAtProvider,
 }
 
 /// What the signed-out landing page needs.
@@ -64,10 +67,28 @@ pub fn landing(v: &Landing<'_>) -> String {
         );
     } else {
         m.push_str("<h1>kube-relay</h1>\n");
-        if v.notice == Some(Notice::SignedOut) {
-            m.push_str(
-                "<p class=\"notice\" role=\"status\" id=\"notice\">You have signed out.</p>\n",
-            );
+        let provider = v
+            .issuer
+            .map_or_else(|| "your identity provider".to_owned(), esc);
+        match v.notice {
+            // A shared computer is the case that matters: the next "Sign in" would go straight
+            // through while the provider still remembers the browser.
+            Some(Notice::SignedOut) => {
+                let _ = writeln!(
+                    m,
+                    "<p class=\"notice\" role=\"status\" id=\"notice\">You have signed out of \
+                     kube-relay. You may still be signed in at {provider}: on a shared computer, \
+                     sign out there too or close every browser window.</p>"
+                );
+            }
+            Some(Notice::SignedOutAtProvider) => {
+                let _ = writeln!(
+                    m,
+                    "<p class=\"notice\" role=\"status\" id=\"notice\">You have signed out of \
+                     kube-relay and returned from {provider}'s sign-out page.</p>"
+                );
+            }
+            None => {}
         }
     }
     m.push_str(
@@ -288,7 +309,7 @@ mod tests {
             "<main",
             "<h1>kube-relay</h1>",
             ">Sign in</a>",
-            "You have signed out.",
+            "You have signed out of kube-relay. You may still be signed in at dev",
             "kube-relay kubeconfig --relay https://relay.example.com",
         ] {
             assert!(l.contains(needle), "{needle} missing in {l}");

@@ -57,6 +57,8 @@ pub struct Provider {
     /// Send the client secret with HTTP Basic (the RFC 6749 default, and oidc-provider's)
     /// unless the provider only lists `client_secret_post`.
     pub basic_auth: bool,
+    /// Where a browser is sent to end its session at the provider (RP-initiated logout).
+    pub end_session_endpoint: Option<String>,
 }
 
 /// The one discovery field [`discover`] does not keep.
@@ -104,6 +106,7 @@ impl Portal {
                     authorization_endpoint,
                     token_endpoint: d.token_endpoint,
                     basic_auth,
+                    end_session_endpoint: d.end_session_endpoint,
                 }))
             })
             .await
