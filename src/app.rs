@@ -268,10 +268,12 @@ impl App {
     pub fn reload_from(mut self, path: PathBuf) -> Self {
         if let Some(r) = Arc::get_mut(&mut self.relay) {
             r.config_path = Some(path);
-        }
-        #[cfg(unix)]
-        {
-            self.hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            // Only with a file to reload: a handler nobody polls would swallow SIGHUP for good.
+            #[cfg(unix)]
+            {
+                self.hup =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            }
         }
         self
     }
@@ -405,6 +407,17 @@ async fn drain(
     let t = st.cfg.timeouts.clone();
     tracing::info!(delay = ?t.drain_delay, window = ?t.drain_window, "draining");
     close_connections.cancel();
+    schedule_drain_closes(&st, &t);
+    tokio::time::sleep(t.drain_delay).await;
+    stop_accepting.cancel();
+    // Streams opened during the delay were not in the first list; they get the same treatment
+    // (closing one twice is harmless), so none of them holds the exit until drain_timeout.
+    schedule_drain_closes(&relay.state(), &t);
+}
+
+/// Closes every live stream with reason "draining": watches at random moments within
+/// `drain_window`, tunnels at its end.
+fn schedule_drain_closes(st: &State, t: &crate::config::Timeouts) {
     let window_ms = t.drain_window.as_millis().max(1) as u64;
     for s in st.streams.snapshot() {
         let at = match s.kind {
@@ -418,8 +431,6 @@ async fn drain(
             s.close("draining");
         });
     }
-    tokio::time::sleep(t.drain_delay).await;
-    stop_accepting.cancel();
 }
 
 /// Reloads on SIGHUP and when the configuration file's modification time or size changes.

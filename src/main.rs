@@ -273,30 +273,34 @@ fn run(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     }
 }
 
-/// Installs the SIGTERM / Ctrl-C handlers now (not when first polled) and returns the future
+/// Installs the SIGTERM / SIGINT handlers now (not when first polled) and returns the future
 /// that cancels `token` on either.
 fn shutdown_on_signal(token: CancellationToken) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let ctrl_c = tokio::signal::ctrl_c();
+    let handlers = {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Registered here, eagerly; `tokio::signal::ctrl_c()` would only register when polled.
+        [SignalKind::terminate(), SignalKind::interrupt()].map(|k| signal(k).ok())
+    };
     async move {
         #[cfg(unix)]
         {
-            let term = async {
-                match term {
-                    Some(mut t) => {
-                        t.recv().await;
+            let [term, int] = handlers;
+            let recv = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
                     }
                     None => std::future::pending::<()>().await,
                 }
             };
             tokio::select! {
-                () = term => {}
-                _ = ctrl_c => {}
+                () = recv(term) => {}
+                () = recv(int) => {}
             }
         }
         #[cfg(not(unix))]
-        let _ = ctrl_c.await;
+        let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
         token.cancel();
     }

@@ -207,7 +207,7 @@ pub async fn discover(
     discovery_url: &str,
     expected_issuer: Option<&str>,
 ) -> anyhow::Result<Discovery> {
-    let d: Discovery = http.get_json(discovery_url).await?;
+    let mut d: Discovery = http.get_json(discovery_url).await?;
     if let Some(want) = expected_issuer {
         if d.issuer.trim_end_matches('/') != want.trim_end_matches('/') {
             anyhow::bail!(
@@ -223,18 +223,32 @@ pub async fn discover(
             "device_authorization_endpoint",
             d.device_authorization_endpoint.as_ref(),
         ),
-        ("end_session_endpoint", d.end_session_endpoint.as_ref()),
     ] {
         if let Some(u) = url {
-            let parsed = url::Url::parse(u)
-                .with_context(|| format!("{discovery_url}: {name} is not a URL"))?;
-            let host = parsed.host_str().unwrap_or_default();
-            if parsed.scheme() != "https" && !(parsed.scheme() == "http" && is_loopback(host)) {
-                anyhow::bail!("{discovery_url}: {name} must be https, got {u}");
+            if !endpoint_ok(u) {
+                anyhow::bail!("{discovery_url}: {name} must be an https URL, got {u:?}");
             }
         }
     }
+    // Only the portal's optional provider sign-out uses this one: a bad value disables that,
+    // not sign-in.
+    if let Some(u) = d.end_session_endpoint.take() {
+        if endpoint_ok(&u) {
+            d.end_session_endpoint = Some(u);
+        } else {
+            tracing::warn!(url = ?u, "{discovery_url}: ignoring end_session_endpoint: not an https URL");
+        }
+    }
     Ok(d)
+}
+
+/// An endpoint a client may send secrets or browsers to: https, or http on loopback (tests and
+/// local development).
+fn endpoint_ok(u: &str) -> bool {
+    url::Url::parse(u).is_ok_and(|p| {
+        p.scheme() == "https"
+            || (p.scheme() == "http" && is_loopback(p.host_str().unwrap_or_default()))
+    })
 }
 
 #[cfg(test)]

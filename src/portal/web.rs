@@ -35,6 +35,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 pub use oidc::Portal;
+use oidc::Provider;
 
 use crate::app::State;
 use crate::auth::Principal;
@@ -161,11 +162,12 @@ async fn root(
     };
     match signed_in {
         Some((s, p)) => {
-            let page = signed_in_page(state, &s, &p, &public_url);
+            let end_session = provider_end_session(portal, client).await;
+            let page = signed_in_page(state, &s, &p, &public_url, end_session.is_some());
             // The sign-out form's 303 goes on to the provider; browsers hold redirects after a
             // form post to the page's form-action, so the provider's origin is allowed there.
-            match provider_sign_out_origin(portal, client).await {
-                Some(origin) => allow_form_target(page, &origin),
+            match end_session {
+                Some(url) => allow_form_target(page, &url.origin().ascii_serialization()),
                 None => page,
             }
         }
@@ -196,6 +198,7 @@ fn signed_in_page(
     s: &Session,
     p: &Principal,
     public_url: &str,
+    sign_out_at_provider: bool,
 ) -> Response<RelayBody> {
     let clusters: Vec<html::ClusterView> = state
         .cfg
@@ -225,6 +228,7 @@ fn signed_in_page(
             clusters: &clusters,
             public_url,
             csrf: &s.csrf,
+            sign_out_at_provider,
         }),
         &[],
     )
@@ -419,9 +423,12 @@ async fn logout(state: &State, req: Request<Incoming>) -> Response<RelayBody> {
         Ok(b) => b.to_bytes(),
         Err(_) => return refused_logout(),
     };
-    let csrf = url::form_urlencoded::parse(&body)
-        .find(|(k, _)| k == "csrf")
-        .map(|(_, v)| v.into_owned());
+    let field = |name: &str| {
+        url::form_urlencoded::parse(&body)
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
+    };
+    let csrf = field("csrf");
     // An expired session can still sign out (it is only being deleted); a session cookie that
     // does not open is no session, and deleting it needs no proof either.
     if let Some(s) = sealed.and_then(|v| session_any_age(&portal_cfg.cookie_key, &v)) {
@@ -430,8 +437,20 @@ async fn logout(state: &State, req: Request<Incoming>) -> Response<RelayBody> {
         }
     }
     let cleared = session::clear_session_cookies();
-    if portal_cfg.sign_out_at_provider {
-        if let Some(url) = provider_sign_out_url(state, portal_cfg, client).await {
+    // Only when the page that posted allowed the redirect (its CSP), and without waiting on
+    // the provider: that page already fetched its endpoints in this generation.
+    if portal_cfg.sign_out_at_provider && field("at_provider").as_deref() == Some("1") {
+        if let Some(mut url) = client
+            .cached_provider()
+            .as_deref()
+            .and_then(end_session_url)
+        {
+            url.query_pairs_mut()
+                .append_pair("client_id", &portal_cfg.client_id)
+                .append_pair(
+                    "post_logout_redirect_uri",
+                    &format!("{}/-/signed-out", public_url(state)),
+                );
             tracing::info!("portal: signed out; ending the provider session too");
             return redirect(StatusCode::SEE_OTHER, url.as_str(), &cleared);
         }
@@ -440,56 +459,56 @@ async fn logout(state: &State, req: Request<Incoming>) -> Response<RelayBody> {
     redirect(StatusCode::SEE_OTHER, "/?signed_out=1", &cleared)
 }
 
-/// The provider's end-session URL for this portal (OpenID Connect RP-Initiated Logout 1.0):
-/// `client_id` names the portal and `post_logout_redirect_uri` brings the browser back to
-/// `/-/signed-out`. No `id_token_hint`: the session keeps only the access token, and providers
-/// then ask the user to confirm, which is the safe default. `None` (sign-out stays local) when
-/// the provider is unreachable or publishes no endpoint.
-async fn provider_sign_out_url(
-    state: &State,
-    portal_cfg: &PortalConfig,
-    client: &Portal,
-) -> Option<url::Url> {
-    let endpoint = match client.provider().await {
-        Ok(p) => p.end_session_endpoint.clone(),
-        Err(e) => {
-            tracing::warn!(error = %e, "portal: provider unreachable; signing out locally only");
-            return None;
-        }
-    };
-    let Some(endpoint) = endpoint else {
-        tracing::warn!(
-            "login.portal.sign_out_at_provider is set but the provider publishes no end_session_endpoint; signing out locally only"
-        );
-        return None;
-    };
-    // Checked when discovered (https, or http on loopback).
-    let mut url = url::Url::parse(&endpoint).ok()?;
-    url.query_pairs_mut()
-        .append_pair("client_id", &portal_cfg.client_id)
-        .append_pair(
-            "post_logout_redirect_uri",
-            &format!("{}/-/signed-out", public_url(state)),
-        );
-    Some(url)
-}
+/// How long the signed-in page waits for the provider's endpoints (only when sign-out at the
+/// provider is on and this generation has not fetched them yet). Past it, the page offers a
+/// local sign-out rather than keep the user waiting.
+const PROVIDER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The origin sign-out may continue to, when it continues at the provider at all.
-async fn provider_sign_out_origin(portal_cfg: &PortalConfig, client: &Portal) -> Option<String> {
+/// The provider's end-session endpoint when sign-out should continue there (OpenID Connect
+/// RP-Initiated Logout 1.0), waiting at most [`PROVIDER_WAIT`]. `None` (sign-out stays local)
+/// when the option is off, or the provider is slow, unreachable or publishes no usable
+/// endpoint. The redirect carries `client_id` and `post_logout_redirect_uri` but no
+/// `id_token_hint` (the session keeps only the access token): providers then ask the user to
+/// confirm, which is the safe default.
+async fn provider_end_session(portal_cfg: &PortalConfig, client: &Portal) -> Option<url::Url> {
     if !portal_cfg.sign_out_at_provider {
         return None;
     }
-    let endpoint = client.provider().await.ok()?.end_session_endpoint.clone()?;
-    Some(
-        url::Url::parse(&endpoint)
-            .ok()?
-            .origin()
-            .ascii_serialization(),
-    )
+    match tokio::time::timeout(PROVIDER_WAIT, client.provider()).await {
+        Ok(Ok(p)) => {
+            let url = end_session_url(&p);
+            if url.is_none() {
+                tracing::warn!("login.portal.sign_out_at_provider is set but the provider publishes no usable end_session_endpoint; sign-out stays local");
+            }
+            url
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "portal: provider unreachable; sign-out stays local");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(wait = ?PROVIDER_WAIT, "portal: provider slow to answer; sign-out stays local");
+            None
+        }
+    }
 }
 
-/// `resp` with the provider's `origin` added to the CSP's `form-action`. A serialised origin
-/// (scheme, host, port) holds no spaces or semicolons, so it cannot add a directive.
+/// The provider's end-session endpoint, if its host is a plain DNS name or an IP address: its
+/// origin goes into a CSP header, where a `;` or `,` (both legal in URL hosts) would add
+/// directives or policies.
+fn end_session_url(p: &Provider) -> Option<url::Url> {
+    let url = url::Url::parse(p.end_session_endpoint.as_deref()?).ok()?;
+    let plain = match url.host()? {
+        url::Host::Domain(d) => d
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'),
+        url::Host::Ipv4(_) | url::Host::Ipv6(_) => true,
+    };
+    plain.then_some(url)
+}
+
+/// `resp` with the provider's `origin` added to the CSP's `form-action`; `origin` comes from
+/// [`end_session_url`], whose host cannot add a directive.
 fn allow_form_target(mut resp: Response<RelayBody>, origin: &str) -> Response<RelayBody> {
     let base = SECURITY_HEADERS
         .iter()
@@ -804,6 +823,31 @@ mod tests {
             assert_eq!(safe_next(bad), None, "{bad:?}");
         }
         assert_eq!(safe_next(&format!("/{}", "a".repeat(600))), None);
+    }
+
+    #[test]
+    fn end_session_hosts_that_could_write_csp_are_refused() {
+        let provider = |u: &str| Provider {
+            authorization_endpoint: String::new(),
+            token_endpoint: String::new(),
+            basic_auth: true,
+            end_session_endpoint: Some(u.to_owned()),
+        };
+        for good in [
+            "https://login.example.com/oauth2/v2.0/logout",
+            "https://127.0.0.1:8443/session/end",
+            "https://[::1]/end",
+        ] {
+            assert!(end_session_url(&provider(good)).is_some(), "{good}");
+        }
+        for bad in [
+            "https://x;sandbox/end",
+            "https://x,y/end",
+            "not a url",
+            "mailto:a@b",
+        ] {
+            assert!(end_session_url(&provider(bad)).is_none(), "{bad}");
+        }
     }
 
     #[test]

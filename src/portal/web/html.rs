@@ -151,6 +151,8 @@ pub struct Home<'a> {
     pub clusters: &'a [ClusterView],
     pub public_url: &'a str,
     pub csrf: &'a str,
+    /// The form asks for sign-out at the provider too (the page allows that redirect).
+    pub sign_out_at_provider: bool,
 }
 
 pub fn home(v: &Home<'_>) -> String {
@@ -166,7 +168,7 @@ pub fn home(v: &Home<'_>) -> String {
          <dt>Session</dt><dd id=\"session-left\">ends in {mins} min</dd>\n\
          </dl>\n\
          <form class=\"actions\" method=\"post\" action=\"/-/logout\">\n\
-         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\n\
+         <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\n{provider}\
          <button type=\"submit\" class=\"secondary\" id=\"sign-out\">Sign out</button>\n\
          </form>\n</section>\n",
         user = esc(v.username),
@@ -174,6 +176,11 @@ pub fn home(v: &Home<'_>) -> String {
         groups = v.groups,
         mins = v.minutes_left,
         csrf = esc(v.csrf),
+        provider = if v.sign_out_at_provider {
+            "<input type=\"hidden\" name=\"at_provider\" value=\"1\">\n"
+        } else {
+            ""
+        },
     );
 
     m.push_str("<section aria-labelledby=\"your-clusters\">\n<h2 id=\"your-clusters\">Your clusters</h2>\n");
@@ -286,6 +293,7 @@ mod tests {
             clusters: &clusters,
             public_url: evil,
             csrf: evil,
+            sign_out_at_provider: false,
         });
         assert!(!page.contains("<img"), "{page}");
         assert!(!page.contains("\"'"), "{page}");

@@ -113,6 +113,11 @@ impl Portal {
             .cloned()
     }
 
+    /// The provider's endpoints if this generation already fetched them; never waits.
+    pub fn cached_provider(&self) -> Option<Arc<Provider>> {
+        self.provider.get().cloned()
+    }
+
     /// Exchanges an authorization code (with the client secret, the PKCE verifier and the
     /// resource indicator) for the access token and, when the provider sends one, the ID token.
     pub async fn exchange(
