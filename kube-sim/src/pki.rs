@@ -72,6 +72,34 @@ impl TestCa {
             key_pem: key.serialize_pem(),
         })
     }
+
+    /// Issues a client certificate as kube-apiserver reads one: the common name is the user
+    /// name and the organization, when given, a group (`system:masters` is cluster-admin).
+    /// One group at most: the certificate builder keeps one value per attribute type.
+    pub fn issue_client(&self, user: &str, group: Option<&str>) -> anyhow::Result<LeafCert> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, user);
+        if let Some(group) = group {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, group);
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(LeafCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// A fresh ECDSA P-256 key pair as (PKCS#8 private key PEM, SubjectPublicKeyInfo PEM): e.g. a
+/// test API server's service-account signing key and the public key that verifies it.
+pub fn key_pair_pem() -> anyhow::Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    Ok((key.serialize_pem(), key.public_key_pem()))
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@
 
 mod auth;
 mod discovery;
+mod kubelet;
 mod openapi;
 mod patch;
 mod rest;
@@ -157,12 +158,40 @@ pub async fn start(
     tls: Option<Arc<rustls::ServerConfig>>,
     cfg: SimConfig,
 ) -> anyhow::Result<SimHandle> {
+    start_mode(listener, tls, cfg, Mode::ApiServer)
+}
+
+/// Serves the kubelet's streaming and log endpoints (see the `kubelet` module) until
+/// [`SimHandle::shutdown`], for a real kube-apiserver whose Node points here. `cfg.auth` is not
+/// used: the API server is the only caller.
+pub async fn start_kubelet(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    cfg: SimConfig,
+) -> anyhow::Result<SimHandle> {
+    start_mode(listener, tls, cfg, Mode::Kubelet)
+}
+
+/// Which server a simulator plays.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    ApiServer,
+    Kubelet,
+}
+
+fn start_mode(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    cfg: SimConfig,
+    mode: Mode,
+) -> anyhow::Result<SimHandle> {
     let addr = listener.local_addr()?;
     let cancel = CancellationToken::new();
     let record = Record::default();
     let store = Arc::new(Store::seeded(&cfg.name));
     let open_streams = Arc::new(AtomicUsize::new(0));
     let state = Arc::new(State {
+        mode,
         discovery: discovery::Documents::new(&cfg.git_version),
         cfg,
         record: record.clone(),
@@ -189,6 +218,7 @@ pub async fn start(
 
 /// Everything a request handler may need; one per simulator.
 struct State {
+    mode: Mode,
     cfg: SimConfig,
     record: Record,
     store: Arc<Store>,
@@ -278,7 +308,14 @@ where
 // === Request path ===
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
-    let identity = auth::authenticate(&state.cfg.auth, req.headers());
+    let identity = match state.mode {
+        Mode::ApiServer => auth::authenticate(&state.cfg.auth, req.headers()),
+        // The API server is the kubelet's only caller (see the kubelet module).
+        Mode::Kubelet => Ok(UserInfo {
+            username: "kube-apiserver".into(),
+            ..UserInfo::default()
+        }),
+    };
     state.record.push(RecordedRequest {
         method: req.method().to_string(),
         path_and_query: req
@@ -301,12 +338,16 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let username = identity.as_ref().ok().map(|u| u.username.clone());
     let mut response = match identity {
+        Ok(_) if state.mode == Mode::Kubelet => kubelet::handle(&state, req).await,
         Ok(user) => route(&state, req, user)
             .await
             .unwrap_or_else(ApiError::into_response),
         Err(e) => e.into_response(),
     };
     tracing::debug!(%method, %path, status = response.status().as_u16(), user = ?username, "kube-sim request");
+    if state.mode == Mode::Kubelet {
+        return response;
+    }
     // kube-apiserver stamps every answer with an audit ID and forbids shared caching.
     let headers = response.headers_mut();
     if let Ok(id) = HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()) {

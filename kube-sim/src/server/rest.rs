@@ -879,6 +879,26 @@ fn logs(
             "previous terminated container \"{container}\" in pod \"{pod}\" not found"
         )));
     }
+    let store = state.store.clone();
+    let namespace = namespace.map(str::to_owned);
+    let alive = move |pod: &str| {
+        store
+            .get(Resource::Pods, namespace.as_deref(), pod)
+            .is_some()
+    };
+    Ok(container_log(state, pod, q, alive))
+}
+
+/// One container's log as the kubelet serves it (`tailLines`, `timestamps`, `limitBytes`,
+/// `follow`): [`LOG_LINES`] lines, then one more every [`LOG_INTERVAL`] while following, until
+/// `alive` says the pod is gone, the client leaves or the simulator shuts down. Shared by the
+/// API server's `pods/log` and the kubelet mode's `/containerLogs`.
+pub(super) fn container_log(
+    state: &Arc<State>,
+    pod: &str,
+    q: &Query,
+    alive: impl Fn(&str) -> bool + Send + Sync + 'static,
+) -> Response<Body> {
     let timestamps = q.flag("timestamps");
     let pod = pod.to_owned();
     let line = {
@@ -905,15 +925,10 @@ fn logs(
             }
             initial.truncate(cut);
         }
-        return Ok(bytes_response(
-            StatusCode::OK,
-            "text/plain",
-            Bytes::from(initial),
-        ));
+        return bytes_response(StatusCode::OK, "text/plain", Bytes::from(initial));
     }
     let (tx, response) = streaming_response("text/plain");
-    let (store, cancel) = (state.store.clone(), state.cancel.clone());
-    let namespace = namespace.map(str::to_owned);
+    let cancel = state.cancel.clone();
     let guard = state.stream_guard();
     tokio::spawn(async move {
         let _guard = guard;
@@ -926,7 +941,9 @@ fn logs(
             for n in LOG_LINES + 1.. {
                 tick.tick().await;
                 // The container's log ends when its pod is gone.
-                store.get(Resource::Pods, namespace.as_deref(), &pod)?;
+                if !alive(&pod) {
+                    return None;
+                }
                 tx.send(Bytes::from(line(n))).await.ok()?;
             }
             Some(())
@@ -937,7 +954,7 @@ fn logs(
             _ = cancel.cancelled() => {}
         }
     });
-    Ok(response)
+    response
 }
 
 /// `2024-05-01T12:00:00.123456789Z`, the form kubelet timestamps log lines with.
