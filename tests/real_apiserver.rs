@@ -36,6 +36,7 @@ fn passthrough_bed(name: &str) -> Bed {
         &idp,
         &[Upstream {
             cluster: &cluster,
+            alias: None,
             upstream_auth: "{mode: passthrough}".into(),
             access: format!("[{{groups: [{GROUP_OPS}]}}, {{users: [contoso/{OID_BOB}]}}]"),
         }],

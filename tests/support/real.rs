@@ -289,12 +289,13 @@ impl EntraIdp {
         }))
     }
 
-    /// A v2 user token for the relay's own application (the on_behalf_of input).
+    /// A v2 user token for the relay's own application (the on_behalf_of input), with the
+    /// optional `upn` claim so the exchanged v1 token carries it as Entra's does.
     pub fn relay_token(&self, oid: &str, groups: &[&str]) -> String {
         self.issuer.mint(json!({
             "iss": format!("{}/{TID}/v2.0", self.authority), "aud": RELAY_APP, "tid": TID,
-            "oid": oid, "preferred_username": upn(oid), "scp": "user_impersonation",
-            "groups": groups, "ver": "2.0", "azp": "04b07795-8ddb-461a-bbee-02f9e1bf7b46",
+            "oid": oid, "preferred_username": upn(oid), "upn": upn(oid),
+            "scp": "user_impersonation", "groups": groups, "ver": "2.0", "azp": "04b07795-8ddb-461a-bbee-02f9e1bf7b46",
             "iat": now(), "nbf": now(), "exp": now() + 3600,
         }))
     }
@@ -811,10 +812,19 @@ fn rfc3339(secs: u64) -> String {
 /// How the relay reaches one test bed cluster.
 pub struct Upstream<'a> {
     pub cluster: &'a RealCluster,
+    /// The relay's name for it (default: the cluster's own name); two entries may name one
+    /// cluster with different credentials.
+    pub alias: Option<String>,
     /// The `upstream_auth` YAML flow mapping, e.g. `{mode: passthrough}`.
     pub upstream_auth: String,
     /// The `access` YAML flow sequence.
     pub access: String,
+}
+
+impl Upstream<'_> {
+    pub fn name(&self) -> &str {
+        self.alias.as_deref().unwrap_or(&self.cluster.name)
+    }
 }
 
 /// A relay (in-process, on the test's runtime) in front of test bed clusters, trusting the
@@ -886,7 +896,8 @@ clusters:
             )
             .unwrap();
             yaml.push_str(&format!(
-                "  - name: {name}\n    server: https://{sn}:{port}\n    connect: 127.0.0.1:{port}\n    ca_file: {name}-ca.crt\n    upstream_auth: {auth}\n    access: {access}\n",
+                "  - name: {alias}\n    server: https://{sn}:{port}\n    connect: 127.0.0.1:{port}\n    ca_file: {name}-ca.crt\n    upstream_auth: {auth}\n    access: {access}\n",
+                alias = u.name(),
                 name = c.name,
                 sn = c.server_name,
                 port = c.port,
@@ -975,7 +986,7 @@ fn kubeconfig_doc(
     let mut clusters = Vec::new();
     let mut contexts = Vec::new();
     for u in upstreams {
-        let name = &u.cluster.name;
+        let name = u.name();
         clusters.push(json!({"name": name, "cluster": {
             "server": format!("https://localhost:{port}/clusters/{name}"),
             "tls-server-name": format!("{name}.relay.test"),
@@ -999,5 +1010,5 @@ fn kubeconfig_doc(
         .collect();
     json!({"apiVersion": "v1", "kind": "Config", "clusters": clusters, "users": users,
            "contexts": contexts,
-           "current-context": upstreams.first().map(|u| u.cluster.name.clone())})
+           "current-context": upstreams.first().map(|u| u.name().to_owned())})
 }
