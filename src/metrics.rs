@@ -144,6 +144,8 @@ pub struct Metrics {
     pub jwks_refresh: Family<IssuerResultLabels, Counter>,
     pub denials: Family<ClusterLabels, Counter>,
     pub audit_dropped: Counter,
+    /// Requests sent again because the cluster refused them unprocessed (HTTP/2 GOAWAY).
+    pub upstream_retries: Counter,
     pub reloads: Family<ResultLabels, Counter>,
     pub credentials: std::sync::Arc<CredentialCounts>,
 }
@@ -209,6 +211,12 @@ impl Metrics {
             "Authenticated requests denied by the access rules, by cluster",
             denials.clone(),
         );
+        let upstream_retries = Counter::default();
+        registry.register(
+            "upstream_retries",
+            "Requests sent to a cluster again after it refused them unprocessed (HTTP/2 GOAWAY or REFUSED_STREAM)",
+            upstream_retries.clone(),
+        );
         let audit_dropped = Counter::default();
         registry.register(
             "audit_dropped",
@@ -228,6 +236,7 @@ impl Metrics {
             reloads,
             credentials,
             audit_dropped,
+            upstream_retries,
             jwks_refresh,
             denials,
             requests,

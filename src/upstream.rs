@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Uri;
 use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt as _;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -335,6 +336,29 @@ pub fn classify(err: &hyper_util::client::legacy::Error) -> (UpstreamFailure, St
         src = e.source();
     }
     (UpstreamFailure::Protocol, error_chain(err))
+}
+
+/// Whether the server refused the request without processing it, so it may be sent again:
+/// an HTTP/2 stream above the last stream id of a graceful GOAWAY (RFC 9113 §6.8 guarantees
+/// the server did not act on it), or a stream reset with REFUSED_STREAM (§8.7).
+pub fn refused_unprocessed(err: &hyper_util::client::legacy::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = src {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && ((h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
+                    || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        src = e.source();
+    }
+    false
+}
+
+/// An empty request body of the pooled client's body type.
+pub fn empty_body() -> UpstreamBody {
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// Formats an error and its causes on one line, for logs.

@@ -37,6 +37,7 @@ fn passthrough_bed(name: &str) -> Bed {
         &[Upstream {
             cluster: &cluster,
             alias: None,
+            connect_port: None,
             upstream_auth: "{mode: passthrough}".into(),
             access: format!("[{{groups: [{GROUP_OPS}]}}, {{users: [contoso/{OID_BOB}]}}]"),
         }],

@@ -42,12 +42,14 @@ fn impersonate_mode_with_a_service_account_token_and_a_client_certificate() {
             Upstream {
                 cluster: &cluster,
                 alias: Some("imp-sa".into()),
+                connect_port: None,
                 upstream_auth: format!("{{mode: impersonate, token_file: \"{}\"}}", token_file.display()),
                 access: access.clone(),
             },
             Upstream {
                 cluster: &cluster,
                 alias: Some("imp-cert".into()),
+                connect_port: None,
                 upstream_auth: "{mode: impersonate, client_cert_file: imp-relay.crt, client_key_file: imp-relay.key}".into(),
                 access,
             },
@@ -182,12 +184,14 @@ fn passthrough_nested_impersonation_only_where_a_rule_allows_it() {
             Upstream {
                 cluster: &cluster,
                 alias: Some("nest-as".into()),
+                connect_port: None,
                 upstream_auth: "{mode: passthrough}".into(),
                 access: format!("[{{users: [contoso/{OID_ALICE}], allow_impersonation: true}}]"),
             },
             Upstream {
                 cluster: &cluster,
                 alias: Some("nest-plain".into()),
+                connect_port: None,
                 upstream_auth: "{mode: passthrough}".into(),
                 access: format!("[{{users: [contoso/{OID_ALICE}]}}]"),
             },
@@ -280,6 +284,7 @@ fn on_behalf_of_the_api_server_sees_the_real_user() {
         &[Upstream {
             cluster: &cluster,
             alias: None,
+            connect_port: None,
             upstream_auth: format!(
                 "{{mode: on_behalf_of, client_id: {RELAY_APP}, client_secret_file: \"{}\", authority_host: \"{te_authority}\", ca_file: idp-ca.crt}}",
                 secret.display()

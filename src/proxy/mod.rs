@@ -541,6 +541,10 @@ async fn forward(
     // it so the failed exchange is reported as 400, not blamed on the cluster.
     let client_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = client_body_failed.clone();
+    // A request without a body can be sent again as it was: kept for a stream the API server
+    // refused unprocessed (see `upstream::refused_unprocessed`).
+    let replay = hyper::body::Body::is_end_stream(&body)
+        .then(|| (parts.method.clone(), uri.clone(), headers.clone()));
     let body = body
         .map_err(move |e| {
             flag.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -554,32 +558,49 @@ async fn forward(
     // The pool picks h2 or http/1.1 by ALPN; pinning HTTP/1.1 here lets it decide.
     *up_req.version_mut() = http::Version::HTTP_11;
 
-    let resp = tokio::time::timeout(
-        state.cfg.timeouts.response_header,
-        upstream.client.request(up_req),
-    )
-    .await
-    .map_err(|_| ProxyError::Upstream {
-        cluster: cluster.clone(),
-        failure: crate::error::UpstreamFailure::ResponseTimeout,
-        detail: format!(
-            "no response headers within {:?}",
-            state.cfg.timeouts.response_header
-        ),
-    })?
-    .map_err(|e| {
-        if client_body_failed.load(std::sync::atomic::Ordering::Relaxed) {
-            return ProxyError::BadRequest(
-                "the request body is malformed (invalid chunked framing or cut short)".into(),
-            );
+    let send = |req| {
+        tokio::time::timeout(
+            state.cfg.timeouts.response_header,
+            upstream.client.request(req),
+        )
+    };
+    let resp = match send(up_req).await {
+        // kube-apiserver's --goaway-chance (and any HTTP/2 server draining) refuses streams
+        // opened after its GOAWAY; the pool then dials afresh, so one retry is enough.
+        Ok(Err(e)) if crate::upstream::refused_unprocessed(&e) && replay.is_some() => {
+            let (method, uri, headers) = replay.unwrap_or_default();
+            let mut again = Request::new(crate::upstream::empty_body());
+            *again.method_mut() = method;
+            *again.uri_mut() = uri;
+            *again.headers_mut() = headers;
+            *again.version_mut() = http::Version::HTTP_11;
+            state.metrics.upstream_retries.inc();
+            send(again).await
         }
-        let (failure, detail) = crate::upstream::classify(&e);
-        ProxyError::Upstream {
+        first => first,
+    };
+    let resp = resp
+        .map_err(|_| ProxyError::Upstream {
             cluster: cluster.clone(),
-            failure,
-            detail,
-        }
-    })?;
+            failure: crate::error::UpstreamFailure::ResponseTimeout,
+            detail: format!(
+                "no response headers within {:?}",
+                state.cfg.timeouts.response_header
+            ),
+        })?
+        .map_err(|e| {
+            if client_body_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                return ProxyError::BadRequest(
+                    "the request body is malformed (invalid chunked framing or cut short)".into(),
+                );
+            }
+            let (failure, detail) = crate::upstream::classify(&e);
+            ProxyError::Upstream {
+                cluster: cluster.clone(),
+                failure,
+                detail,
+            }
+        })?;
     let (mut parts, body) = resp.into_parts();
     headers::sanitize_response(&mut parts.headers);
     let body = match stream {

@@ -815,6 +815,8 @@ pub struct Upstream<'a> {
     /// The relay's name for it (default: the cluster's own name); two entries may name one
     /// cluster with different credentials.
     pub alias: Option<String>,
+    /// Dial this loopback port instead of the API server's (a test's forwarder in between).
+    pub connect_port: Option<u16>,
     /// The `upstream_auth` YAML flow mapping, e.g. `{mode: passthrough}`.
     pub upstream_auth: String,
     /// The `access` YAML flow sequence.
@@ -900,7 +902,7 @@ clusters:
                 alias = u.name(),
                 name = c.name,
                 sn = c.server_name,
-                port = c.port,
+                port = u.connect_port.unwrap_or(c.port),
                 auth = u.upstream_auth,
                 access = u.access,
             ));
