@@ -450,3 +450,56 @@ fn kubectl_1_32_real_apiserver() {
 fn kubectl_1_33_real_apiserver() {
     matrix("1.33");
 }
+
+/// The Python `kubernetes` client and `@kubernetes/client-node` through the relay to the real
+/// API server: list, watch, exec over WebSocket (v5 and v4; the API server translates v5 to
+/// SPDY and hands v4 to the kubelet as is), port-forward (Python).
+#[test]
+fn python_and_node_clients_real_apiserver() {
+    let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let python = repo.join(".venv/bin/python");
+    assert!(
+        python.exists() && repo.join("tests/clients/node/node_modules").exists(),
+        "run scripts/install-test-deps.sh (scripts/test does)"
+    );
+    let bed = passthrough_bed("clients");
+    for ctx in ["clients", "clients-sni"] {
+        let mut c = std::process::Command::new(&python);
+        c.arg(repo.join("tests/clients/python/check_client.py"))
+            .arg("--kubeconfig")
+            .arg(&bed.front.kubeconfig)
+            .args(["--context", ctx])
+            .env("HOME", &bed.front.home);
+        println!(
+            "{}",
+            ok(
+                &run(c, None, Duration::from_secs(120)),
+                &format!("python client on {ctx}")
+            )
+        );
+        let mut c = std::process::Command::new("node");
+        c.arg(repo.join("tests/clients/node/check_client.mjs"))
+            .arg("--kubeconfig")
+            .arg(&bed.front.kubeconfig)
+            .args(["--context", ctx])
+            .env("HOME", &bed.front.home);
+        println!(
+            "{}",
+            ok(
+                &run(c, None, Duration::from_secs(120)),
+                &format!("client-node on {ctx}")
+            )
+        );
+    }
+    // Both reached the kubelet through the API server.
+    let execs = bed
+        .cluster
+        .kubelet
+        .record
+        .matching("/exec/default/web-0/main");
+    assert!(
+        execs.len() >= 4,
+        "{} execs reached the kubelet",
+        execs.len()
+    );
+}
