@@ -16,6 +16,8 @@
 //!   section names both, so the portal at `/` and `kube-relay kubeconfig` work with no external
 //!   identity provider.
 
+mod external;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -60,6 +62,10 @@ pub struct DevOptions {
     pub admin_listen: SocketAddr,
     /// The `kube-relay` executable the kubeconfig's exec plugin runs.
     pub exe: PathBuf,
+    /// Contexts of `contexts_from` to put behind the dev relay too (see `external`).
+    pub add_contexts: Vec<String>,
+    /// The kubeconfig those contexts come from (default: the one kubectl reads).
+    pub contexts_from: Option<PathBuf>,
 }
 
 /// A running dev environment.
@@ -76,6 +82,8 @@ pub struct DevEnv {
     pub relay_ca_pem: String,
     /// Reload and readiness handle of the running relay.
     pub relay_handle: std::sync::Arc<crate::app::Relay>,
+    /// Real clusters added with `--add-context`: (relay cluster name, source context).
+    pub external: Vec<(String, String)>,
     shutdown: CancellationToken,
     relay: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -278,6 +286,18 @@ pub async fn start(opts: DevOptions) -> anyhow::Result<DevEnv> {
     std::fs::write(dir.join("alpha-ca.crt"), &alpha_ca)?;
     std::fs::write(dir.join("beta-ca.crt"), &beta_ca)?;
 
+    let external = if opts.add_contexts.is_empty() {
+        Vec::new()
+    } else {
+        let from = opts
+            .contexts_from
+            .clone()
+            .or_else(external::default_kubeconfig)
+            .context("--add-context: no kubeconfig to read (set KUBECONFIG or --contexts-from)")?;
+        external::load(&from, &opts.add_contexts, &dir)?
+    };
+    let external_yaml: String = external.iter().map(|e| e.yaml.as_str()).collect();
+
     let admin_listener = TcpListener::bind(opts.admin_listen).await?;
     let admin_addr = admin_listener.local_addr()?;
 
@@ -340,7 +360,7 @@ clusters:
       - users: [{ISSUER_NAME}/alice]
       - users: [{ISSUER_NAME}/bob]
         verbs: [get, list, watch]
-"#,
+{external_yaml}"#,
         alpha_port = alpha.addr.port(),
         beta_port = beta.addr.port(),
     );
@@ -351,7 +371,7 @@ clusters:
     let kubeconfig = dir.join("kubeconfig");
     write_private(
         &kubeconfig,
-        &render_kubeconfig(relay_addr, relay_ca.cert_pem(), &opts.exe, &dir)?,
+        &render_kubeconfig(relay_addr, relay_ca.cert_pem(), &opts.exe, &dir, &external)?,
     )?;
 
     // Edit relay.yaml while dev mode runs: it reloads (or says why not).
@@ -372,6 +392,7 @@ clusters:
         beta,
         relay_ca_pem: relay_ca.cert_pem().to_owned(),
         relay_handle,
+        external: external.into_iter().map(|e| (e.name, e.context)).collect(),
         shutdown,
         relay,
     })
@@ -379,12 +400,14 @@ clusters:
 
 /// The kubeconfig: path-routed contexts `alpha`/`beta` (with `tls-server-name` too, because
 /// `kubectl get --raw` drops a server URL's path), SNI contexts `alpha-sni`/`beta-sni`, and
-/// `bob@beta`. Tokens come from `kube-relay dev token`.
+/// `bob@beta`, and a path-routed context per `--add-context` cluster (user alice). Tokens come
+/// from `kube-relay dev token`.
 fn render_kubeconfig(
     relay: SocketAddr,
     ca_pem: &str,
     exe: &Path,
     dir: &Path,
+    external: &[external::External],
 ) -> anyhow::Result<String> {
     let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
     let base = format!("https://127.0.0.1:{}", relay.port());
@@ -406,24 +429,34 @@ fn render_kubeconfig(
         }}})
     };
     let context = |name: &str, cluster: &str, user: &str| json!({"name": name, "context": {"cluster": cluster, "user": user, "namespace": "default"}});
+    let mut clusters = vec![
+        cluster("alpha", format!("{base}/clusters/alpha"), "alpha"),
+        cluster("beta", format!("{base}/clusters/beta"), "beta"),
+        cluster("alpha-sni", base.clone(), "alpha"),
+        cluster("beta-sni", base.clone(), "beta"),
+    ];
+    let mut contexts = vec![
+        context("alpha", "alpha", "alice"),
+        context("beta", "beta", "alice"),
+        context("alpha-sni", "alpha-sni", "alice"),
+        context("beta-sni", "beta-sni", "alice"),
+        context("bob@beta", "beta", "bob"),
+    ];
+    for e in external {
+        clusters.push(cluster(
+            &e.name,
+            format!("{base}/clusters/{}", e.name),
+            &e.name,
+        ));
+        contexts.push(context(&e.name, &e.name, "alice"));
+    }
     let doc = json!({
         "apiVersion": "v1",
         "kind": "Config",
         "current-context": "alpha",
-        "clusters": [
-            cluster("alpha", format!("{base}/clusters/alpha"), "alpha"),
-            cluster("beta", format!("{base}/clusters/beta"), "beta"),
-            cluster("alpha-sni", base.clone(), "alpha"),
-            cluster("beta-sni", base.clone(), "beta"),
-        ],
+        "clusters": clusters,
         "users": [user("alice"), user("bob")],
-        "contexts": [
-            context("alpha", "alpha", "alice"),
-            context("beta", "beta", "alice"),
-            context("alpha-sni", "alpha-sni", "alice"),
-            context("beta-sni", "beta-sni", "alice"),
-            context("bob@beta", "beta", "bob"),
-        ],
+        "contexts": contexts,
     });
     Ok(serde_yaml_ng::to_string(&doc)?)
 }
@@ -489,7 +522,7 @@ Try:
   kubectl --context bob@beta get pods         # bob may read beta ...
   kubectl --context bob@beta delete pod web-0 # ... and nothing else (403)
 
-Sign in like production users do (browser or device code at the dev issuer, cached tokens):
+{external}Sign in like production users do (browser or device code at the dev issuer, cached tokens):
   kube-relay kubeconfig --relay {public} --relay-ca-file {ca} --idp-ca-file {ca} --kubeconfig {sso}
   KUBECONFIG={sso} kubectl get pods
 Ctrl-C stops everything."#,
@@ -500,5 +533,25 @@ Ctrl-C stops everything."#,
         sso = env.dir.join("kubeconfig-sso").display(),
         cfg = env.dir.join("relay.yaml").display(),
         audit = env.dir.join("audit.jsonl").display(),
+        external = external_banner(env),
     )
+}
+
+/// What the banner says about `--add-context` clusters: the context to use, and the RBAC the
+/// impersonated dev user needs there.
+fn external_banner(env: &DevEnv) -> String {
+    if env.external.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from("Your own clusters, through the relay (alice, impersonated by your context's credential):\n");
+    for (name, context) in &env.external {
+        s.push_str(&format!(
+            "  kubectl --context {name} auth whoami          # from your context {context:?}\n"
+        ));
+    }
+    s.push_str(
+        "  (the cluster sees user alice, groups dev:admins; grant what she may do there, e.g.\n",
+    );
+    s.push_str("   kubectl --context <yours> create clusterrolebinding kube-relay-dev-alice --clusterrole=view --user=alice)\n\n");
+    s
 }

@@ -86,6 +86,16 @@ struct DevArgs {
     /// The admin listener (/healthz, /readyz, /metrics).
     #[arg(long, default_value = "127.0.0.1:9090")]
     admin_listen: SocketAddr,
+    /// Also put the dev relay in front of this context of your kubeconfig (kind, minikube,
+    /// AKS ...): its server and CA become a relay cluster, its token or client certificate the
+    /// relay's credential in impersonate mode, and the dev kubeconfig gets a context of the same
+    /// name for alice. Repeatable.
+    #[arg(long = "add-context", value_name = "NAME")]
+    add_contexts: Vec<String>,
+    /// The kubeconfig --add-context reads (default: $KUBECONFIG's first file, else
+    /// ~/.kube/config).
+    #[arg(long, value_name = "FILE")]
+    contexts_from: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -239,6 +249,8 @@ fn main() -> ExitCode {
                         listen: args.listen,
                         admin_listen: args.admin_listen,
                         exe,
+                        add_contexts: args.add_contexts,
+                        contexts_from: args.contexts_from,
                     })
                     .await?;
                     println!("{}", kube_relay::dev::banner(&env));

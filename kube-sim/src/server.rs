@@ -17,9 +17,12 @@
 //!
 //! Deliberate gaps (none matters to kubectl 1.27–1.33, the Python client or client-node):
 //! protobuf request bodies (415) and protobuf answers (406, except the OpenAPI v2 document);
-//! server-side apply (415); a watch with selectors does not turn MODIFIED into ADDED/DELETED
+//! server-side apply (415, saying so); API groups other than core v1 and authentication (404
+//! saying so: `kubectl create deployment` needs a real cluster); a watch with selectors does not turn MODIFIED into ADDED/DELETED
 //! when an object starts or stops matching; pods run at once and are deleted at once; JSON
-//! object keys come out sorted rather than in Go struct order.
+//! object keys come out sorted rather than in Go struct order. Against a real kube-apiserver
+//! (tests/real_fidelity.rs) kube-sim also still serves SelfSubjectReview v1beta1, which 1.34
+//! no longer does.
 
 mod auth;
 mod discovery;
@@ -396,6 +399,11 @@ async fn route(
             let target = rest::Target::parse(rest).ok_or_else(ApiError::path_not_found)?;
             rest::serve(state, req, target).await
         }
+        // A resource of an API group the simulator does not serve (apps/v1 deployments, ...):
+        // a 404 that says why, which kubectl prints ("failed to create deployment: ...").
+        ["apis", group, _version, _, ..] if *group != "authentication.k8s.io" => {
+            Err(ApiError::not_simulated(group))
+        }
         // Everything else is answered from static documents, or is a 404.
         _ => discovery::serve(&state.discovery, &req, &segments),
     }
@@ -460,6 +468,18 @@ impl ApiError {
             StatusCode::NOT_FOUND,
             "NotFound",
             "the server could not find the requested resource",
+        );
+        e.details = Some(json!({}));
+        e
+    }
+
+    fn not_simulated(group: &str) -> Self {
+        let mut e = Self::new(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!(
+                "the server could not find the requested resource: kube-sim simulates only core v1 pods, configmaps, namespaces and events; {group} resources need a real cluster behind the relay"
+            ),
         );
         e.details = Some(json!({}));
         e

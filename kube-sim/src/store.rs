@@ -33,10 +33,18 @@ pub enum Resource {
     Namespaces,
     Pods,
     ConfigMaps,
+    /// Core v1 events: stored as given (nothing in the simulator emits any), so `kubectl get
+    /// events` and `kubectl events` answer as on a quiet cluster.
+    Events,
 }
 
 impl Resource {
-    pub const ALL: [Resource; 3] = [Resource::ConfigMaps, Resource::Namespaces, Resource::Pods];
+    pub const ALL: [Resource; 4] = [
+        Resource::ConfigMaps,
+        Resource::Events,
+        Resource::Namespaces,
+        Resource::Pods,
+    ];
 
     pub fn from_plural(plural: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|r| r.plural() == plural)
@@ -47,6 +55,7 @@ impl Resource {
             Resource::Namespaces => "namespaces",
             Resource::Pods => "pods",
             Resource::ConfigMaps => "configmaps",
+            Resource::Events => "events",
         }
     }
 
@@ -55,6 +64,7 @@ impl Resource {
             Resource::Namespaces => "namespace",
             Resource::Pods => "pod",
             Resource::ConfigMaps => "configmap",
+            Resource::Events => "event",
         }
     }
 
@@ -63,6 +73,7 @@ impl Resource {
             Resource::Namespaces => "Namespace",
             Resource::Pods => "Pod",
             Resource::ConfigMaps => "ConfigMap",
+            Resource::Events => "Event",
         }
     }
 
@@ -79,6 +90,7 @@ impl Resource {
             Resource::Namespaces => &["ns"],
             Resource::Pods => &["po"],
             Resource::ConfigMaps => &["cm"],
+            Resource::Events => &["ev"],
         }
     }
 
@@ -125,6 +137,19 @@ impl Resource {
                 "status.nominatedNodeName",
             ],
             Resource::ConfigMaps => &[],
+            Resource::Events => &[
+                "involvedObject.kind",
+                "involvedObject.namespace",
+                "involvedObject.name",
+                "involvedObject.uid",
+                "involvedObject.apiVersion",
+                "involvedObject.resourceVersion",
+                "involvedObject.fieldPath",
+                "reason",
+                "reportingComponent",
+                "source",
+                "type",
+            ],
         }
     }
 }
@@ -534,7 +559,7 @@ impl Store {
                     meta.insert("deletionGracePeriodSeconds".into(), grace);
                 }
             }
-            Resource::ConfigMaps => {}
+            Resource::ConfigMaps | Resource::Events => {}
         }
         Ok(remove(&mut inner, &self.events, k, last))
     }
@@ -600,7 +625,7 @@ impl Store {
                 map.insert("spec".into(), json!({"finalizers": ["kubernetes"]}));
                 map.insert("status".into(), json!({"phase": "Active"}));
             }
-            Resource::ConfigMaps => {}
+            Resource::ConfigMaps | Resource::Events => {}
             Resource::Pods => {
                 inner.next_pod_ip = inner.next_pod_ip.wrapping_add(1);
                 let ip = format!(

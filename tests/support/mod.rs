@@ -48,6 +48,8 @@ pub async fn dev_env() -> Env {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: "127.0.0.1:0".parse().unwrap(),
         exe: PathBuf::from(env!("CARGO_BIN_EXE_kube-relay")),
+        add_contexts: Vec::new(),
+        contexts_from: None,
     })
     .await
     .expect("dev environment starts");

@@ -170,9 +170,15 @@ async fn patch_object(
     // Server-side apply (`application/apply-patch+yaml`) is not simulated: 415, like a server
     // that does not know the patch type.
     let kind = PatchType::from_content_type(&content_type).ok_or_else(|| {
-        ApiError::unsupported_media_type(
-            "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json",
-        )
+        let accepted = "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json";
+        if content_type.starts_with("application/apply-patch") {
+            // Say so in the answer: kubectl prints it after "Server-side apply not available".
+            ApiError::unsupported_media_type(&format!(
+                "{accepted} (kube-sim does not simulate server-side apply: use client-side `kubectl apply`, or a real cluster behind the relay)"
+            ))
+        } else {
+            ApiError::unsupported_media_type(accepted)
+        }
     })?;
     let body = read_body(req).await?;
     let resource = t.resource;
@@ -219,7 +225,7 @@ async fn delete_object(
         .delete(t.resource, t.namespace.as_deref(), name, dry)?;
     let body = match t.resource {
         Resource::Pods | Resource::Namespaces => deleted,
-        Resource::ConfigMaps => json!({
+        Resource::ConfigMaps | Resource::Events => json!({
             "kind": "Status",
             "apiVersion": "v1",
             "metadata": {},
@@ -396,6 +402,13 @@ fn columns(resource: Resource) -> Vec<Column> {
             ("Status", "string", "", 0, "The status of the namespace"),
             AGE_COLUMN,
         ],
+        Resource::Events => vec![
+            ("Last Seen", "string", "", 0, "Time when this event was last seen."),
+            ("Type", "string", "", 0, "Type of this event (Normal, Warning)."),
+            ("Reason", "string", "", 0, "A short, machine understandable string that gives the reason for the transition into the object's current status."),
+            ("Object", "string", "", 0, "The object that this event is about."),
+            ("Message", "string", "", 0, "A human-readable description of the status of this operation."),
+        ],
     }
 }
 
@@ -481,6 +494,14 @@ fn table_row(resource: Resource, obj: &Value, version: &str, include: Include) -
             ])
         }
         Resource::Namespaces => json!([s("/metadata/name"), s("/status/phase"), age]),
+        Resource::Events => {
+            let object = format!(
+                "{}/{}",
+                s("/involvedObject/kind").to_ascii_lowercase(),
+                s("/involvedObject/name")
+            );
+            json!([age, s("/type"), s("/reason"), object, s("/message")])
+        }
     };
     let mut row = json!({"cells": cells});
     match include {
