@@ -5,57 +5,12 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use support::*;
 
 const T: Duration = Duration::from_secs(60);
-
-/// Reads a child's stdout line by line until `pred` holds, within `limit`; kills it after.
-fn read_until(
-    mut child: Child,
-    limit: Duration,
-    mut pred: impl FnMut(&str) -> bool,
-) -> Vec<String> {
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + limit;
-    let mut lines = Vec::new();
-    let mut done = false;
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(l) => {
-                let hit = pred(&l);
-                lines.push(l);
-                if hit {
-                    done = true;
-                    break;
-                }
-            }
-            Err(_) => break,
-        }
-    }
-    let _ = child.kill();
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
-    let _ = child.wait();
-    assert!(
-        done,
-        "condition not met within {limit:?}; got {lines:?}; stderr: {err}"
-    );
-    lines
-}
 
 fn kubectl_matrix(version: &str) {
     let rt = tokio::runtime::Runtime::new().unwrap();

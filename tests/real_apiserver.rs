@@ -6,7 +6,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -14,88 +14,6 @@ use support::real::*;
 use support::*;
 
 const T: Duration = Duration::from_secs(60);
-
-/// A real cluster with a relay in front in passthrough mode: alice (ops, cluster-admin by RBAC)
-/// and bob (admitted by the relay, unknown to RBAC).
-struct Bed {
-    front: Front,
-    cluster: RealCluster,
-    _idp: EntraIdp,
-    _rt: tokio::runtime::Runtime,
-}
-
-fn passthrough_bed(name: &str) -> Bed {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let idp = rt.block_on(EntraIdp::start());
-    let cluster = RealCluster::start(&rt, Options::new(name).entra(&idp));
-    let alice = idp.user_token(OID_ALICE, &[GROUP_OPS]);
-    let bob = idp.user_token(OID_BOB, &[]);
-    cluster.wait_for_jwt(&alice);
-    let front = Front::start(
-        &rt,
-        &idp,
-        &[Upstream {
-            cluster: &cluster,
-            alias: None,
-            connect_port: None,
-            upstream_auth: "{mode: passthrough}".into(),
-            access: format!("[{{groups: [{GROUP_OPS}]}}, {{users: [contoso/{OID_BOB}]}}]"),
-        }],
-        &[("alice", alice), ("bob", bob)],
-        "",
-    );
-    Bed {
-        front,
-        cluster,
-        _idp: idp,
-        _rt: rt,
-    }
-}
-
-/// Reads a child's stdout line by line until `pred` holds, within `limit`; kills it after.
-fn read_until(
-    mut child: Child,
-    limit: Duration,
-    mut pred: impl FnMut(&str) -> bool,
-) -> Vec<String> {
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = Instant::now() + limit;
-    let mut lines = Vec::new();
-    let mut done = false;
-    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(l) => {
-                let hit = pred(&l);
-                lines.push(l);
-                if hit {
-                    done = true;
-                    break;
-                }
-            }
-            Err(_) => break,
-        }
-    }
-    let _ = child.kill();
-    let mut err = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut err);
-    }
-    let _ = child.wait();
-    assert!(
-        done,
-        "condition not met within {limit:?}; got {lines:?}; stderr: {err}"
-    );
-    lines
-}
 
 /// Waits (bounded) for an API server audit event matching `pred`.
 fn wait_audit(cluster: &RealCluster, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
@@ -142,7 +60,7 @@ fn kubectl_ok(
 }
 
 fn matrix(version: &str) {
-    let bed = passthrough_bed(&format!("k{}", version.replace('.', "")));
+    let bed = Bed::passthrough(Options::new(&format!("k{}", version.replace('.', ""))));
     let cluster = &bed.cluster;
     for ctx in [cluster.name.clone(), format!("{}-sni", cluster.name)] {
         let ctx = ctx.as_str();
@@ -462,7 +380,7 @@ fn python_and_node_clients_real_apiserver() {
         python.exists() && repo.join("tests/clients/node/node_modules").exists(),
         "run scripts/install-test-deps.sh (scripts/test does)"
     );
-    let bed = passthrough_bed("clients");
+    let bed = Bed::passthrough(Options::new("clients"));
     for ctx in ["clients", "clients-sni"] {
         let mut c = std::process::Command::new(&python);
         c.arg(repo.join("tests/clients/python/check_client.py"))

@@ -16,98 +16,31 @@ use support::*;
 
 const T: Duration = Duration::from_secs(60);
 
-struct Bed {
-    front: Front,
-    cluster: RealCluster,
-    alice: String,
-    idp: EntraIdp,
-    rt: tokio::runtime::Runtime,
-}
-
-fn bed(opts: Options, extra_access: &str) -> Bed {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let idp = rt.block_on(EntraIdp::start());
-    let opts = opts.entra(&idp);
-    let cluster = RealCluster::start(&rt, opts);
-    let alice = idp.user_token(OID_ALICE, &[GROUP_OPS]);
-    cluster.wait_for_jwt(&alice);
-    let front = Front::start(
-        &rt,
-        &idp,
-        &[Upstream {
-            cluster: &cluster,
-            alias: None,
-            connect_port: None,
-            upstream_auth: "{mode: passthrough}".into(),
-            access: format!("[{{groups: [{GROUP_OPS}]}}{extra_access}]"),
-        }],
-        &[("alice", alice.clone())],
-        "",
-    );
-    Bed {
-        front,
-        cluster,
-        alice,
-        idp,
-        rt,
-    }
-}
-
-struct Counted {
-    front: Front,
-    alice: String,
-    idp: EntraIdp,
-    conns: Arc<std::sync::atomic::AtomicUsize>,
-    _cluster: RealCluster,
-    rt: tokio::runtime::Runtime,
-}
-
-/// Like [`bed`], with a TCP forwarder between the relay and the API server counting the
-/// connections the relay opens.
-fn bed_via_counter(opts: Options) -> Counted {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let idp = rt.block_on(EntraIdp::start());
-    let cluster = RealCluster::start(&rt, opts.entra(&idp));
-    let alice = idp.user_token(OID_ALICE, &[GROUP_OPS]);
-    cluster.wait_for_jwt(&alice);
+/// Like [`Bed::passthrough`], with a TCP forwarder between the relay and the API server
+/// counting the connections the relay opens.
+fn bed_via_counter(opts: Options) -> (Bed, Arc<std::sync::atomic::AtomicUsize>) {
     let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let target = cluster.port;
-    let l = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let fwd = l.local_addr().unwrap().port();
     let counter = conns.clone();
-    rt.spawn(async move {
-        while let Ok((mut inbound, _)) = l.accept().await {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                }
-            });
-        }
+    let bed = Bed::passthrough_with(opts, move |rt, cluster| {
+        let target = cluster.port;
+        let l = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = l.local_addr().unwrap().port();
+        rt.spawn(async move {
+            while let Ok((mut inbound, _)) = l.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        Some(port)
     });
-    let front = Front::start(
-        &rt,
-        &idp,
-        &[Upstream {
-            cluster: &cluster,
-            alias: None,
-            connect_port: Some(fwd),
-            upstream_auth: "{mode: passthrough}".into(),
-            access: format!("[{{groups: [{GROUP_OPS}]}}]"),
-        }],
-        &[("alice", alice.clone())],
-        "",
-    );
-    Counted {
-        front,
-        alice,
-        idp,
-        conns,
-        _cluster: cluster,
-        rt,
-    }
+    (bed, conns)
 }
 
 /// An HTTP/2 connection to the relay naming `cluster` by SNI.
@@ -141,7 +74,7 @@ fn get(path: &str, token: &str) -> http::Request<Empty<Bytes>> {
 fn watches_the_api_server_ends_at_min_request_timeout_are_resumed_not_relisted() {
     let mut opts = Options::new("mrt");
     opts.min_request_timeout = Some(2);
-    let b = bed(opts, "");
+    let b = Bed::passthrough(opts);
     // A client-go style watch loop through the relay: list once, then watch from the list's
     // resourceVersion, and re-watch from the last seen version each time the API server ends
     // the watch (after 2-4 s here).
@@ -267,7 +200,7 @@ fn watches_the_api_server_ends_at_min_request_timeout_are_resumed_not_relisted()
 fn goaway_from_the_api_server_fails_no_client_request() {
     let mut opts = Options::new("goaway");
     opts.goaway_chance = Some(0.02);
-    let b = bed_via_counter(opts);
+    let (b, conns) = bed_via_counter(opts);
     const CONNS: usize = 4;
     const PER_CONN: usize = 750;
     let failures = b.rt.block_on(async {
@@ -319,7 +252,7 @@ fn goaway_from_the_api_server_fails_no_client_request() {
         &failures[..failures.len().min(10)]
     );
     // The API server did send GOAWAYs: each one makes the relay open a fresh connection.
-    let opened = b.conns.load(std::sync::atomic::Ordering::SeqCst);
+    let opened = conns.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
         opened >= 10,
         "only {opened} upstream connections: no GOAWAY seen"
@@ -328,10 +261,8 @@ fn goaway_from_the_api_server_fails_no_client_request() {
 
 #[test]
 fn priority_and_fairness_429_passes_through_unchanged() {
-    let b = bed(
-        Options::new("apf"),
-        &format!(", {{users: [contoso/{OID_BOB}]}}"),
-    );
+    // The relay admits bob (Bed::passthrough does); the API server limits him.
+    let b = Bed::passthrough(Options::new("apf"));
     // Bob's requests go to a priority level with one seat that rejects instead of queueing.
     let apf = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
         {"apiVersion": "flowcontrol.apiserver.k8s.io/v1", "kind": "PriorityLevelConfiguration",
@@ -440,7 +371,7 @@ fn priority_and_fairness_429_passes_through_unchanged() {
 
 #[test]
 fn api_server_stopped_and_started_fast_503_then_recovery_without_relay_restart() {
-    let mut b = bed(Options::new("stopstart"), "");
+    let mut b = Bed::passthrough(Options::new("stopstart"));
     let k = |front: &Front| {
         let mut c = front.kubectl("1.33", "stopstart");
         c.args(["get", "pods", "--request-timeout=20s"]);
@@ -486,7 +417,7 @@ fn api_server_stopped_and_started_fast_503_then_recovery_without_relay_restart()
 fn five_hundred_watches_beyond_the_api_servers_stream_limit_all_start() {
     let mut opts = Options::new("streams");
     opts.http2_max_streams = Some(100);
-    let b = bed(opts, "");
+    let b = Bed::passthrough(opts);
     let started = b.rt.block_on(async {
         let mut bodies = Vec::new();
         for _ in 0..5 {

@@ -41,23 +41,8 @@ fn header(s: &str) -> Vec<String> {
 fn kubectl_shows_the_same_through_kube_sim_and_the_real_api_server() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sim = rt.block_on(dev_env());
-    let idp = rt.block_on(EntraIdp::start());
-    let cluster = RealCluster::start(&rt, Options::new("real").entra(&idp));
-    let alice = idp.user_token(OID_ALICE, &[GROUP_OPS]);
-    cluster.wait_for_jwt(&alice);
-    let front = Front::start(
-        &rt,
-        &idp,
-        &[Upstream {
-            cluster: &cluster,
-            alias: None,
-            connect_port: None,
-            upstream_auth: "{mode: passthrough}".into(),
-            access: format!("[{{groups: [{GROUP_OPS}]}}]"),
-        }],
-        &[("alice", alice)],
-        "",
-    );
+    let bed = Bed::passthrough(Options::new("real"));
+    let front = &bed.front;
     let both = |args: &[&str], stdin: Option<&str>| {
         (
             show(sim.kubectl("1.33", "alpha"), args, stdin),

@@ -131,6 +131,51 @@ impl Env {
     }
 }
 
+/// Reads a child's stdout line by line until `pred` holds, within `limit`; kills it after.
+pub fn read_until(
+    mut child: std::process::Child,
+    limit: Duration,
+    mut pred: impl FnMut(&str) -> bool,
+) -> Vec<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + limit;
+    let mut lines = Vec::new();
+    let mut done = false;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(l) => {
+                let hit = pred(&l);
+                lines.push(l);
+                if hit {
+                    done = true;
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    let _ = child.wait();
+    assert!(
+        done,
+        "condition not met within {limit:?}; got {lines:?}; stderr: {err}"
+    );
+    lines
+}
+
 /// Runs a command to completion with a deadline, feeding `stdin`. Kills it on timeout.
 pub fn run(mut cmd: Command, stdin: Option<&[u8]>, timeout: Duration) -> Output {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());

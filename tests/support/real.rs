@@ -12,10 +12,10 @@
 //! `upn` else `oid`, groups from `groups`, uid from `oid`, keys discovered at the loopback
 //! authority (`discoveryURL`).
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{BufRead as _, BufReader};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -199,36 +199,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Runs a command with a deadline; kills it (and its group) on timeout.
-pub fn run_bounded(mut cmd: Command, stdin: Option<&[u8]>, limit: Duration) -> Output {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
-    let mut child = cmd.spawn().expect("spawn");
-    if let Some(input) = stdin {
-        let mut si = child.stdin.take().unwrap();
-        let input = input.to_vec();
-        std::thread::spawn(move || {
-            let _ = si.write_all(&input);
-        });
-    }
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(out) => out.expect("wait"),
-        Err(_) => {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-            panic!("command timed out after {limit:?}: {cmd:?}");
-        }
-    }
 }
 
 // === The Entra-shaped identity provider ===
@@ -562,7 +532,7 @@ impl RealCluster {
         loop {
             let mut c = self.admin();
             c.args(["get", "--raw", "/readyz"]);
-            let out = run_bounded(c, None, Duration::from_secs(10));
+            let out = super::run(c, None, Duration::from_secs(10));
             if out.status.success() {
                 break;
             }
@@ -606,7 +576,7 @@ impl RealCluster {
     pub fn admin_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
         let mut c = self.admin();
         c.args(args);
-        let out = run_bounded(c, stdin.map(str::as_bytes), KUBECTL_LIMIT);
+        let out = super::run(c, stdin.map(str::as_bytes), KUBECTL_LIMIT);
         super::ok(&out, &format!("admin kubectl {args:?}"))
     }
 
@@ -748,7 +718,7 @@ impl RealCluster {
                 .arg(format!("--token={token}"))
                 .args(["--kubeconfig=/dev/null", "auth", "whoami"])
                 .env("HOME", self.dir.path());
-            let out = run_bounded(c, None, Duration::from_secs(10));
+            let out = super::run(c, None, Duration::from_secs(10));
             if out.status.success() {
                 return;
             }
@@ -808,6 +778,58 @@ fn rfc3339(secs: u64) -> String {
 }
 
 // === The relay in front ===
+
+/// The usual arrangement: one test bed cluster trusting the Entra stand-in, and a relay in front
+/// in passthrough mode admitting alice (ops: cluster-admin by RBAC) and bob (unknown to RBAC).
+/// Fields drop in order: the relay, the cluster, the identity provider, the runtime.
+pub struct Bed {
+    pub front: Front,
+    pub cluster: RealCluster,
+    pub alice: String,
+    pub idp: EntraIdp,
+    pub rt: tokio::runtime::Runtime,
+}
+
+impl Bed {
+    pub fn passthrough(opts: Options) -> Self {
+        Self::passthrough_with(opts, |_, _| None)
+    }
+
+    /// Like [`Bed::passthrough`]; `connect` may start something between the relay and the API
+    /// server and return the loopback port the relay should dial instead.
+    pub fn passthrough_with(
+        opts: Options,
+        connect: impl FnOnce(&tokio::runtime::Runtime, &RealCluster) -> Option<u16>,
+    ) -> Self {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let idp = rt.block_on(EntraIdp::start());
+        let cluster = RealCluster::start(&rt, opts.entra(&idp));
+        let alice = idp.user_token(OID_ALICE, &[GROUP_OPS]);
+        let bob = idp.user_token(OID_BOB, &[]);
+        cluster.wait_for_jwt(&alice);
+        let connect_port = connect(&rt, &cluster);
+        let front = Front::start(
+            &rt,
+            &idp,
+            &[Upstream {
+                cluster: &cluster,
+                alias: None,
+                connect_port,
+                upstream_auth: "{mode: passthrough}".into(),
+                access: format!("[{{groups: [{GROUP_OPS}]}}, {{users: [contoso/{OID_BOB}]}}]"),
+            }],
+            &[("alice", alice.clone()), ("bob", bob)],
+            "",
+        );
+        Self {
+            front,
+            cluster,
+            alice,
+            idp,
+            rt,
+        }
+    }
+}
 
 /// How the relay reaches one test bed cluster.
 pub struct Upstream<'a> {
