@@ -70,6 +70,20 @@ fn get(path: &str, token: &str) -> http::Request<Empty<Bytes>> {
         .unwrap()
 }
 
+/// Reads one ended watch's events: none may be an ERROR; `rv` follows the last object's
+/// resourceVersion and `seen` collects the names of ADDED objects.
+fn take_events(bytes: &[u8], rv: &mut String, seen: &mut Vec<String>) {
+    for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let ev: Value = serde_json::from_slice(line).unwrap();
+        assert_ne!(ev["type"], "ERROR", "{ev}");
+        let object = &ev["object"]["metadata"];
+        *rv = object["resourceVersion"].as_str().unwrap().to_owned();
+        if ev["type"] == "ADDED" {
+            seen.push(object["name"].as_str().unwrap().to_owned());
+        }
+    }
+}
+
 #[test]
 fn watches_the_api_server_ends_at_min_request_timeout_are_resumed_not_relisted() {
     let mut opts = Options::new("mrt");
@@ -116,22 +130,7 @@ fn watches_the_api_server_ends_at_min_request_timeout_are_resumed_not_relisted()
             .expect("the API server ends the watch within 2*min-request-timeout")
             .expect("the watch ends cleanly, not with an error")
             .to_bytes();
-        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let ev: Value = serde_json::from_slice(line).unwrap();
-            assert_ne!(ev["type"], "ERROR", "{ev}");
-            rv = ev["object"]["metadata"]["resourceVersion"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            if ev["type"] == "ADDED" {
-                seen.push(
-                    ev["object"]["metadata"]["name"]
-                        .as_str()
-                        .unwrap()
-                        .to_owned(),
-                );
-            }
-        }
+        take_events(&bytes, &mut rv, &mut seen);
         ended_by_server += 1;
     }
     // Every object created shows up exactly once, across the resumed watches.
@@ -151,21 +150,7 @@ fn watches_the_api_server_ends_at_min_request_timeout_are_resumed_not_relisted()
             b.rt.block_on(resp.into_body().collect())
                 .unwrap()
                 .to_bytes();
-        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let ev: Value = serde_json::from_slice(line).unwrap();
-            rv = ev["object"]["metadata"]["resourceVersion"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            if ev["type"] == "ADDED" {
-                seen.push(
-                    ev["object"]["metadata"]["name"]
-                        .as_str()
-                        .unwrap()
-                        .to_owned(),
-                );
-            }
-        }
+        take_events(&bytes, &mut rv, &mut seen);
     }
     let mut sorted = seen.clone();
     sorted.sort();
