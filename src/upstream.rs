@@ -388,4 +388,37 @@ mod tests {
         assert!(!lr("https://c/api/v1/pods"));
         assert!(!lr("https://c/api/v1/pods?labelSelector=watch%3D1"));
     }
+
+    /// An HTTP/2 server that resets every stream with `reason`, and what the pooled client's
+    /// error for it says about resending.
+    async fn error_for_reset(reason: h2::Reason) -> hyper_util::client::legacy::Error {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                respond.send_reset(reason);
+            }
+        });
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http::<http_body_util::Empty<Bytes>>();
+        let uri: Uri = format!("http://{addr}/api/v1/pods").parse().unwrap();
+        client.get(uri).await.expect_err("the stream was reset")
+    }
+
+    #[tokio::test]
+    async fn only_streams_the_server_refused_unprocessed_are_resent() {
+        assert!(refused_unprocessed(
+            &error_for_reset(h2::Reason::REFUSED_STREAM).await
+        ));
+        assert!(!refused_unprocessed(
+            &error_for_reset(h2::Reason::INTERNAL_ERROR).await
+        ));
+        assert!(!refused_unprocessed(
+            &error_for_reset(h2::Reason::CANCEL).await
+        ));
+    }
 }

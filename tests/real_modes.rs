@@ -314,3 +314,210 @@ fn on_behalf_of_the_api_server_sees_the_real_user() {
     assert!(e.get("impersonatedUser").is_none(), "{e}");
     drop(te);
 }
+
+/// The relay's reason to exist: one relay, three private clusters, each with its own CA, its
+/// own credential mode and its own access rules. Every request lands on the cluster its
+/// context names (by path and by SNI), the API server it reached audits it under the relay's
+/// auditID and the others never see it, a rule on one cluster admits nothing on another, and one
+/// cluster going down leaves the other two answering and their watches open.
+#[test]
+fn one_relay_in_front_of_three_clusters_with_different_modes() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let idp = rt.block_on(EntraIdp::start());
+    let mut weu = RealCluster::start(&rt, Options::new("weu").entra(&idp));
+    let eus = RealCluster::start(&rt, Options::new("eus"));
+    let sea = RealCluster::start(&rt, Options::new("sea"));
+    let alice = idp.user_token(OID_ALICE, &[GROUP_OPS]);
+    weu.wait_for_jwt(&alice);
+    let sa_file = eus.dir.path().join("relay-sa-token");
+    std::fs::write(&sa_file, eus.relay_sa_token()).unwrap();
+    for c in [&weu, &eus, &sea] {
+        c.admin_ok(
+            &[
+                "create",
+                "configmap",
+                "where",
+                &format!("--from-literal=cluster={}", c.name),
+            ],
+            None,
+        );
+    }
+    let ops = format!("[{{groups: [{GROUP_OPS}]}}, {{users: [contoso/{OID_BOB}]}}]");
+    let front = Front::start(
+        &rt,
+        &idp,
+        &[
+            Upstream {
+                cluster: &weu,
+                alias: None,
+                connect_port: None,
+                upstream_auth: "{mode: passthrough}".into(),
+                access: ops,
+            },
+            Upstream {
+                cluster: &eus,
+                alias: None,
+                connect_port: None,
+                upstream_auth: format!(
+                    "{{mode: impersonate, token_file: \"{}\"}}",
+                    sa_file.display()
+                ),
+                access: format!("[{{groups: [{GROUP_OPS}]}}]"),
+            },
+            Upstream {
+                cluster: &sea,
+                alias: None,
+                connect_port: None,
+                upstream_auth:
+                    "{mode: impersonate, client_cert_file: sea-relay.crt, client_key_file: sea-relay.key}"
+                        .into(),
+                access: format!("[{{groups: [{GROUP_OPS}]}}]"),
+            },
+        ],
+        &[("alice", alice), ("bob", idp.user_token(OID_BOB, &[]))],
+        "",
+    );
+
+    let clusters = [&weu, &eus, &sea];
+    for c in clusters {
+        for ctx in [c.name.clone(), format!("{}-sni", c.name)] {
+            let got = ok(
+                &k(
+                    &front,
+                    &ctx,
+                    &[
+                        "get",
+                        "configmap",
+                        "where",
+                        "-o",
+                        "jsonpath={.data.cluster}",
+                    ],
+                ),
+                &format!("get configmap on {ctx}"),
+            );
+            assert_eq!(got, c.name, "context {ctx} reached the wrong cluster");
+        }
+        // The relay's audit record names the cluster's request; only that API server has it.
+        let rec = front
+            .audit_records()
+            .into_iter()
+            .rev()
+            .find(|r| {
+                r["requestURI"].as_str().is_some_and(|u| {
+                    u.contains(&format!(
+                        "/{}/api/v1/namespaces/default/configmaps/where",
+                        c.name
+                    ))
+                })
+            })
+            .unwrap_or_else(|| panic!("the relay audited the get on {}", c.name));
+        let id = rec["auditID"].as_str().unwrap().to_owned();
+        for other in clusters {
+            let seen = other
+                .audit_events()
+                .iter()
+                .any(|e| e["auditID"] == id.as_str());
+            assert_eq!(
+                seen,
+                other.name == c.name,
+                "request {id} for {} seen by {}: {seen}",
+                c.name,
+                other.name
+            );
+        }
+        let out = ok(
+            &k(&front, &c.name, &["exec", "web-0", "--", "echo", &c.name]),
+            "exec",
+        );
+        assert_eq!(out.trim(), c.name);
+    }
+
+    // bob's rule is on weu only: there the API server's RBAC answers; elsewhere the relay does.
+    let there = k(&front, "bob@weu", &["get", "pods"]);
+    let err = String::from_utf8_lossy(&there.stderr);
+    assert!(err.contains("cannot list resource \"pods\""), "{err}");
+    for c in ["eus", "sea"] {
+        let before = clusters
+            .iter()
+            .find(|x| x.name == c)
+            .unwrap()
+            .audit_events()
+            .len();
+        let refused = k(&front, &format!("bob@{c}"), &["get", "pods"]);
+        assert!(!refused.status.success());
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            err.contains(&format!("has no access to cluster {c} through kube-relay")),
+            "{err}"
+        );
+        let cluster = clusters.iter().find(|x| x.name == c).unwrap();
+        assert!(
+            !cluster.audit_events()[before..]
+                .iter()
+                .any(|e| e["user"]["username"] == upn(OID_BOB)
+                    || e["impersonatedUser"]["username"] == upn(OID_BOB)),
+            "a request the relay refused reached {c}"
+        );
+    }
+
+    // One cluster down: the others keep answering, and a watch open on one of them survives.
+    let mut watch = front.kubectl("1.33", "eus");
+    watch
+        .args([
+            "get",
+            "configmaps",
+            "--watch-only",
+            "-o",
+            "name",
+            "--request-timeout=0",
+        ])
+        .stdout(std::process::Stdio::piped());
+    let mut watch = watch.spawn().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let expect = |want: &str| {
+        let got = lines
+            .recv_timeout(T)
+            .unwrap_or_else(|e| panic!("watch on eus, waiting for {want}: {e}"));
+        assert_eq!(got, want);
+    };
+    // The watch is open once the API server has audited it; then events flow.
+    let deadline = std::time::Instant::now() + T;
+    while !eus.audit_events().iter().any(|e| {
+        e["verb"] == "watch"
+            && e["objectRef"]["resource"] == "configmaps"
+            && e["stage"] == "ResponseStarted"
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the watch on eus never opened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eus.admin_ok(&["create", "configmap", "before"], None);
+    expect("configmap/before");
+    weu.stop_apiserver();
+    let down = k(&front, "weu", &["get", "pods", "--request-timeout=10s"]);
+    assert!(!down.status.success(), "weu answered while stopped");
+    for c in ["eus", "sea"] {
+        let out = ok(
+            &k(&front, c, &["get", "pods"]),
+            "get pods beside a down cluster",
+        );
+        assert!(out.contains("web-0"), "{out}");
+    }
+    eus.admin_ok(&["create", "configmap", "after"], None);
+    expect("configmap/after");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    weu.start_apiserver();
+    let out = ok(&k(&front, "weu", &["get", "pods"]), "weu back");
+    assert!(out.contains("web-0"), "{out}");
+}

@@ -491,8 +491,18 @@ impl RealCluster {
             _etcd: etcd,
             dir,
         };
-        cluster.write_admin_kubeconfig();
-        cluster.start_apiserver();
+        // The port is free when picked but not held, so another test's listener may take it
+        // before kube-apiserver binds; bounded retries with a fresh port cover that race.
+        for attempt in 1.. {
+            cluster.write_admin_kubeconfig();
+            match cluster.try_start_apiserver() {
+                Ok(()) => break,
+                Err(log) if attempt < 3 && log.contains("address already in use") => {
+                    cluster.port = free_port();
+                }
+                Err(log) => panic!("{} kube-apiserver exited:\n{log}", cluster.name),
+            }
+        }
         cluster.bootstrap();
         cluster
     }
@@ -516,6 +526,15 @@ impl RealCluster {
 
     /// Starts kube-apiserver on [`Self::port`] and waits until `/readyz` says ok.
     pub fn start_apiserver(&mut self) {
+        if let Err(log) = self.try_start_apiserver() {
+            panic!("{} kube-apiserver exited:\n{log}", self.name);
+        }
+    }
+
+    /// Like [`Self::start_apiserver`], but an API server that exits before it is ready is an
+    /// `Err` carrying its log, so that [`Self::start`] can take another port when the one
+    /// [`free_port`] picked was bound by someone else in between.
+    fn try_start_apiserver(&mut self) -> Result<(), String> {
         assert!(
             self.apiserver.is_none(),
             "the API server is already running"
@@ -537,11 +556,7 @@ impl RealCluster {
                 break;
             }
             if let Some(status) = proc.exited() {
-                panic!(
-                    "{} kube-apiserver exited ({status}):\n{}",
-                    self.name,
-                    proc.log_tail()
-                );
+                return Err(format!("({status})\n{}", proc.log_tail()));
             }
             assert!(
                 Instant::now() < deadline,
@@ -552,6 +567,7 @@ impl RealCluster {
             std::thread::sleep(Duration::from_millis(200));
         }
         self.apiserver = Some(proc);
+        Ok(())
     }
 
     /// Stops kube-apiserver (etcd and the kubelet keep running), as `az aks stop` would.
