@@ -117,7 +117,7 @@ impl Relay {
 /// Starts the health probes of a generation; they stop with it.
 fn spawn_probes(state: &State) {
     for u in state.upstreams.values() {
-        crate::health::spawn_probe(
+        crate::upstream::health::spawn_probe(
             u,
             state.cfg.timeouts.health_interval,
             state.cfg.timeouts.connect,
@@ -188,7 +188,11 @@ fn build_state(cfg: Config, previous: Option<&State>) -> anyhow::Result<State> {
     metrics.credentials.set(
         upstreams
             .iter()
-            .map(|(name, u): (&String, &Upstream)| (name.clone(), u.credentials.clone()))
+            .map(|(name, u): (&String, &Upstream)| {
+                let creds = u.credentials.clone();
+                let read: crate::metrics::CredentialStatsFn = Box::new(move || creds.stats());
+                (name.clone(), read)
+            })
             .collect(),
     );
     let portal = crate::portal::web::Portal::build(&cfg)?;

@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -22,13 +21,7 @@ use crate::metrics::Metrics;
 
 const QUEUE: usize = 65_536;
 
-/// Where records go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuditSink {
-    Stdout,
-    File(PathBuf),
-    Off,
-}
+pub use crate::config::AuditSink;
 
 /// What the writer thread receives: a record, or a request to report once everything queued
 /// before it is on disk.

@@ -25,8 +25,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -38,7 +36,7 @@ use url::Url;
 
 use crate::config::{is_guid, IssuerConfig, IssuerKind};
 use crate::metrics::{IssuerResultLabels, Metrics};
-use crate::upstream::{client_tls, pooled_client, TlsDialer};
+use crate::net::{client_tls, pooled_client, TlsDialer, Trust, HTTP1};
 
 /// Clock-skew allowance on `exp` and `nbf`, in seconds.
 pub const LEEWAY_SECS: u64 = 60;
@@ -180,7 +178,7 @@ struct KeySource {
     fetched_at: Mutex<Option<Instant>>,
     /// Serialises fetches (single flight) and remembers when the last unknown-kid fetch began.
     refresh: AsyncMutex<Option<Instant>>,
-    client: crate::upstream::PooledClient,
+    client: crate::net::PooledClient,
 }
 
 /// Validates bearer tokens against the configured issuers.
@@ -201,27 +199,15 @@ impl Authenticator {
         for cfg in issuers {
             // Public issuers (Entra, GitHub) are trusted through the Mozilla roots compiled in;
             // an issuer on a private CA (tests, on-prem IdPs) trusts exactly its `ca_file`.
-            let tls = if cfg.ca.is_empty() {
-                let mut store = rustls::RootCertStore::empty();
-                store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-                let mut c = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-                    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-                    .with_root_certificates(store)
-                    .with_no_client_auth();
-                c.alpn_protocols = vec![b"http/1.1".to_vec()];
-                Arc::new(c)
-            } else {
-                client_tls(&cfg.ca, None, &[b"http/1.1"])?
-            };
+            let tls = client_tls(Trust::ca_or_public(&cfg.ca), None, HTTP1)?;
             let client = pooled_client(TlsDialer::new(tls, None, None, FETCH_TIMEOUT));
             let docs: Vec<(String, Url)> = match &cfg.kind {
                 IssuerKind::Oidc {
                     issuer, issuer_str, ..
                 } => {
-                    let base = issuer.as_str().trim_end_matches('/');
                     vec![(
                         issuer_str.clone(),
-                        Url::parse(&format!("{base}/.well-known/openid-configuration"))?,
+                        Url::parse(&crate::net::oidc_discovery_url(issuer.as_str()))?,
                     )]
                 }
                 IssuerKind::Entra {
@@ -229,23 +215,12 @@ impl Authenticator {
                     authority_host,
                     ..
                 } => {
-                    let host = authority_host.as_str().trim_end_matches('/');
-                    vec![
-                        // v1 tokens (the AKS server app gets these) against v1 metadata.
-                        (
-                            format!("https://sts.windows.net/{tenant_id}/"),
-                            Url::parse(&format!(
-                                "{host}/{tenant_id}/.well-known/openid-configuration"
-                            ))?,
-                        ),
-                        // v2 tokens against v2 metadata.
-                        (
-                            format!("{host}/{tenant_id}/v2.0"),
-                            Url::parse(&format!(
-                                "{host}/{tenant_id}/v2.0/.well-known/openid-configuration"
-                            ))?,
-                        ),
-                    ]
+                    let mut docs = Vec::new();
+                    for (iss, url) in crate::net::entra_metadata(authority_host.as_str(), tenant_id)
+                    {
+                        docs.push((iss, Url::parse(&url)?));
+                    }
+                    docs
                 }
             };
             for (iss, discovery_url) in docs {
@@ -702,33 +677,12 @@ impl KeySource {
     }
 
     async fn fetch_json(&self, url: &Url) -> Result<Value, String> {
-        let uri: http::Uri = url.as_str().parse().map_err(|e| format!("{url}: {e}"))?;
-        let req = http::Request::get(uri)
-            .header(http::header::ACCEPT, "application/json")
-            .body(
-                Empty::<Bytes>::new()
-                    .map_err(|never| match never {})
-                    .boxed(),
-            )
-            .map_err(|e| e.to_string())?;
-        let work = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| format!("GET {url}: {}", crate::upstream::error_chain(&e)))?;
-            if !resp.status().is_success() {
-                return Err(format!("GET {url}: HTTP {}", resp.status()));
-            }
-            let body = Limited::new(resp.into_body(), MAX_DOCUMENT_BYTES)
-                .collect()
-                .await
-                .map_err(|e| format!("GET {url}: {e}"))?
-                .to_bytes();
-            serde_json::from_slice(&body).map_err(|e| format!("GET {url}: invalid JSON: {e}"))
-        };
-        tokio::time::timeout(FETCH_TIMEOUT, work)
-            .await
-            .map_err(|_| format!("GET {url}: timed out"))?
+        crate::net::get_json(
+            &self.client,
+            url.as_str(),
+            MAX_DOCUMENT_BYTES,
+            FETCH_TIMEOUT,
+        )
+        .await
     }
 }

@@ -25,6 +25,14 @@ use url::Url;
 
 // === errors ===
 
+/// Where audit records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSink {
+    Stdout,
+    File(PathBuf),
+    Off,
+}
+
 /// One configuration problem, with the key path that caused it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
@@ -282,7 +290,7 @@ pub struct Config {
     pub clusters: Vec<Arc<ClusterConfig>>,
     pub timeouts: Timeouts,
     pub limits: Limits,
-    pub audit: crate::audit::AuditSink,
+    pub audit: AuditSink,
     /// PEM of the CA behind the serving certificate when it is private (`tls.ca_file`).
     pub public_ca_pem: Option<String>,
     /// How people get tokens for this relay: `kube-relay token`, generated kubeconfigs and the
@@ -862,16 +870,16 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
     };
 
     let audit = match optional::<FileAudit>(&root, "audit", &mut errs).flatten() {
-        None => crate::audit::AuditSink::Stdout,
-        Some(FileAudit { path: None }) => crate::audit::AuditSink::Stdout,
+        None => AuditSink::Stdout,
+        Some(FileAudit { path: None }) => AuditSink::Stdout,
         Some(FileAudit { path: Some(p) }) => match p.as_str() {
-            "-" => crate::audit::AuditSink::Stdout,
-            "off" => crate::audit::AuditSink::Off,
+            "-" => AuditSink::Stdout,
+            "off" => AuditSink::Off,
             "" => {
                 errs.add("audit.path", "must be `-` (stdout), `off`, or a file path");
-                crate::audit::AuditSink::Off
+                AuditSink::Off
             }
-            file => crate::audit::AuditSink::File(base.join(file)),
+            file => AuditSink::File(base.join(file)),
         },
     };
     let issuers = parse_issuers(&root, base, &mut errs);

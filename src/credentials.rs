@@ -35,7 +35,6 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use rustls::ClientConfig;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -46,7 +45,8 @@ use crate::config::{
     OboConfig, RelayCredential, SecretString, UpstreamAuth,
 };
 use crate::error::ProxyError;
-use crate::upstream::{pooled_client, PooledClient, TlsDialer};
+use crate::net::azure::HyperTransport;
+use crate::net::PooledClient;
 
 /// How often a token file's modification time is checked.
 pub const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -63,7 +63,6 @@ const MAX_CACHED_USERS: usize = 10_000;
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// The audience Entra expects for federated assertions.
 const TOKEN_EXCHANGE_SCOPE: &str = "api://AzureADTokenExchange/.default";
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 // === errors ===
 
@@ -147,14 +146,7 @@ impl fmt::Debug for UpstreamCredentials {
     }
 }
 
-/// Counters for metrics (issue 3 item 8) and tests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CredentialStats {
-    /// Token requests sent (OBO exchanges, azure_identity fetches).
-    pub fetches: u64,
-    /// Requests answered from the cache.
-    pub cache_hits: u64,
-}
+pub use crate::metrics::CredentialStats;
 
 impl UpstreamCredentials {
     pub fn new(cluster: &ClusterConfig) -> anyhow::Result<Self> {
@@ -467,42 +459,13 @@ async fn bounded<T>(
 
 // === HTTP to Entra ===
 
-/// An HTTPS client for Entra: webpki roots for the public authority, or exactly `ca` for a
-/// private one (tests on loopback). The same rustls provider as everything else in the relay.
-fn entra_tls(ca: Option<&[CertificateDer<'static>]>) -> anyhow::Result<Arc<ClientConfig>> {
-    match ca {
-        Some(certs) => roots_tls(certs, false),
-        None => roots_tls(&[], true),
-    }
-}
-
-/// A client config trusting `certs`, plus the public web PKI when `webpki` is set.
-fn roots_tls(certs: &[CertificateDer<'static>], webpki: bool) -> anyhow::Result<Arc<ClientConfig>> {
-    let mut store = rustls::RootCertStore::empty();
-    if webpki {
-        store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    }
-    for c in certs {
-        store.add(c.clone())?;
-    }
-    let mut cfg = ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_root_certificates(store)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
-}
-
+/// An HTTPS client for Entra: the public web PKI for the public authority, or exactly `ca`
+/// for a private one (tests on loopback).
 fn entra_client(ca: Option<&[CertificateDer<'static>]>) -> anyhow::Result<PooledClient> {
-    Ok(pooled_client(TlsDialer::new(
-        entra_tls(ca)?,
-        None,
-        None,
-        CONNECT_TIMEOUT,
-    )))
+    crate::net::azure::entra_client(ca)
 }
 
-fn full_body(b: Bytes) -> crate::upstream::UpstreamBody {
+fn full_body(b: Bytes) -> crate::net::UpstreamBody {
     Full::new(b).map_err(|never| match never {}).boxed()
 }
 
@@ -540,7 +503,7 @@ async fn post_form(
     let resp = client.request(req).await.map_err(|e| {
         CredentialError::Unavailable(format!(
             "token endpoint unreachable: {}",
-            crate::upstream::error_chain(&e)
+            crate::net::error_chain(&e)
         ))
     })?;
     let status = resp.status();
@@ -971,112 +934,6 @@ pub(crate) fn managed_identity_over(
     let cred = azure_identity::ManagedIdentityCredential::new(Some(options))
         .map_err(|e| anyhow::anyhow!("managed identity credential: {e}"))?;
     Ok(cred)
-}
-
-/// azure_core's transport over hyper: https through our rustls config (webpki roots or the
-/// configured CA: no platform store, no second TLS stack), plain http only for the managed
-/// identity endpoints (IMDS and App Service/AKS style `IDENTITY_ENDPOINT`), which are http.
-pub(crate) struct HyperTransport {
-    https: PooledClient,
-    http: hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        crate::upstream::UpstreamBody,
-    >,
-}
-
-impl fmt::Debug for HyperTransport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HyperTransport").finish_non_exhaustive()
-    }
-}
-
-impl HyperTransport {
-    fn new(ca: Option<&[CertificateDer<'static>]>) -> anyhow::Result<Self> {
-        Self::over(entra_client(ca)?)
-    }
-
-    /// Trusts the public web PKI plus `extra_ca`: the CLI's `--ca-file` adds a CA, it does not
-    /// replace the public ones (the managed identity endpoint and Entra may differ).
-    pub(crate) fn with_extra_roots(extra_ca: &[CertificateDer<'static>]) -> anyhow::Result<Self> {
-        Self::over(pooled_client(TlsDialer::new(
-            roots_tls(extra_ca, true)?,
-            None,
-            None,
-            CONNECT_TIMEOUT,
-        )))
-    }
-
-    fn over(https: PooledClient) -> anyhow::Result<Self> {
-        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        Ok(Self {
-            https,
-            http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(connector),
-        })
-    }
-}
-
-#[async_trait::async_trait]
-impl azure_core::http::HttpClient for HyperTransport {
-    async fn execute_request(
-        &self,
-        request: &azure_core::http::Request,
-    ) -> azure_core::Result<azure_core::http::AsyncRawResponse> {
-        use azure_core::error::ErrorKind;
-        use azure_core::http::request::Body;
-        let err = |kind: ErrorKind, msg: String| azure_core::Error::with_message(kind, msg);
-        let url = request.url();
-        let method = match request.method() {
-            azure_core::http::Method::Get => Method::GET,
-            azure_core::http::Method::Post => Method::POST,
-            other => return Err(err(ErrorKind::Other, format!("method {other:?} not used"))),
-        };
-        let body = match request.body() {
-            Body::Bytes(b) => b.clone(),
-            #[allow(unreachable_patterns)]
-            _ => return Err(err(ErrorKind::Other, "streamed bodies are not used".into())),
-        };
-        let mut builder = Request::builder().method(method).uri(url.as_str());
-        for (name, value) in request.headers().iter() {
-            builder = builder.header(name.as_str(), value.as_str());
-        }
-        let req = builder
-            .body(full_body(body))
-            .map_err(|e| err(ErrorKind::Other, format!("building the request: {e}")))?;
-        let sent = match url.scheme() {
-            "https" => self.https.request(req).await,
-            "http" => self.http.request(req).await,
-            s => return Err(err(ErrorKind::Other, format!("scheme {s} not supported"))),
-        };
-        let resp = sent.map_err(|e| {
-            err(
-                ErrorKind::Connection,
-                format!(
-                    "{}: {}",
-                    url.host_str().unwrap_or(""),
-                    crate::upstream::error_chain(&e)
-                ),
-            )
-        })?;
-        let status = resp.status().as_u16();
-        let mut headers = azure_core::http::headers::Headers::new();
-        for (k, v) in resp.headers() {
-            if let Ok(v) = v.to_str() {
-                headers.insert(k.as_str().to_owned(), v.to_owned());
-            }
-        }
-        let bytes = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
-            .collect()
-            .await
-            .map_err(|e| err(ErrorKind::Io, format!("reading the response: {e}")))?
-            .to_bytes();
-        Ok(azure_core::http::AsyncRawResponse::from_bytes(
-            status.into(),
-            headers,
-            bytes,
-        ))
-    }
 }
 
 #[cfg(test)]

@@ -24,8 +24,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Limited};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use rustls::{CertificateError, ClientConfig};
 use serde_json::Value;
@@ -36,7 +35,8 @@ use url::Url;
 use crate::config::{
     ClusterConfig, Config, IssuerConfig, IssuerKind, RelayCredential, UpstreamAuth,
 };
-use crate::upstream::{client_tls, error_chain, pooled_client, TlsDialer, Upstream, UpstreamBody};
+use crate::net::{client_tls, error_chain, pooled_client, TlsDialer, Trust, H2_OR_HTTP1, HTTP1};
+use crate::upstream::Upstream;
 
 /// Largest `/version`, discovery or JWKS body read.
 const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -354,7 +354,8 @@ async fn connect(addrs: &[SocketAddr]) -> Result<(TcpStream, String), String> {
 
 /// The relay's upstream TLS settings, on the connection the `tcp` step opened.
 async fn handshake(cluster: &ClusterConfig, tcp: TcpStream) -> Result<String, String> {
-    let cfg = cluster_tls(cluster).map_err(|e| format!("cannot build the TLS settings: {e:#}"))?;
+    let cfg = crate::upstream::cluster_tls(cluster, H2_OR_HTTP1)
+        .map_err(|e| format!("cannot build the TLS settings: {e:#}"))?;
     let name = cluster.server_name.clone();
     let shown = name.to_str().into_owned();
     let tls = tokio_rustls::TlsConnector::from(cfg)
@@ -373,14 +374,6 @@ async fn handshake(cluster: &ClusterConfig, tcp: TcpStream) -> Result<String, St
     Ok(format!(
         "certificate valid for {shown}, issued by the cluster CA ({version}, {alpn})"
     ))
-}
-
-fn cluster_tls(cluster: &ClusterConfig) -> anyhow::Result<Arc<ClientConfig>> {
-    let cert = match &cluster.upstream_auth {
-        UpstreamAuth::Impersonate(c @ RelayCredential::ClientCert { .. }) => Some(c),
-        _ => None,
-    };
-    client_tls(&cluster.ca, cert, &[b"h2", b"http/1.1"])
 }
 
 /// Names the usual TLS failures in the words an operator searches for.
@@ -499,7 +492,9 @@ async fn version(
         UpstreamAuth::Passthrough => "anonymously (passthrough: no relay credential)",
         _ => "anonymously (doctor does not acquire Entra tokens)",
     };
-    let req = req.body(empty()).map_err(|e| e.to_string())?;
+    let req = req
+        .body(crate::net::empty_body())
+        .map_err(|e| e.to_string())?;
     let resp = upstream
         .client
         .request(req)
@@ -554,10 +549,7 @@ async fn check_issuer(issuer: &Arc<IssuerConfig>, opts: &Options) -> Report {
         IssuerKind::Oidc {
             issuer, issuer_str, ..
         } => (
-            format!(
-                "{}/.well-known/openid-configuration",
-                issuer.as_str().trim_end_matches('/')
-            ),
+            crate::net::oidc_discovery_url(issuer.as_str()),
             Some(issuer_str.clone()),
         ),
         // The relay accepts the tenant's v1 and v2 issuers; discovery names v2 only.
@@ -565,13 +557,10 @@ async fn check_issuer(issuer: &Arc<IssuerConfig>, opts: &Options) -> Report {
             tenant_id,
             authority_host,
             ..
-        } => (
-            format!(
-                "{}/{tenant_id}/v2.0/.well-known/openid-configuration",
-                authority_host.as_str().trim_end_matches('/')
-            ),
-            None,
-        ),
+        } => {
+            let [_, (_, v2)] = crate::net::entra_metadata(authority_host.as_str(), tenant_id);
+            (v2, None)
+        }
     };
     let client = match issuer_tls(issuer) {
         Ok(tls) => pooled_client(TlsDialer::new(tls, None, None, t)),
@@ -689,44 +678,17 @@ async fn check_issuer(issuer: &Arc<IssuerConfig>, opts: &Options) -> Report {
     report
 }
 
-/// The same trust the relay uses for an issuer: its `ca_file`, else the compiled-in web roots.
+/// The trust the relay uses for an issuer, from the relay's own code.
 fn issuer_tls(issuer: &IssuerConfig) -> anyhow::Result<Arc<ClientConfig>> {
-    if !issuer.ca.is_empty() {
-        return client_tls(&issuer.ca, None, &[b"http/1.1"]);
-    }
-    let mut store = rustls::RootCertStore::empty();
-    store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let mut c = ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_root_certificates(store)
-        .with_no_client_auth();
-    c.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(c))
+    client_tls(Trust::ca_or_public(&issuer.ca), None, HTTP1)
 }
 
-async fn fetch_json(client: &crate::upstream::PooledClient, url: &str) -> Result<Value, String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-    let req = http::Request::get(uri)
-        .header(http::header::ACCEPT, "application/json")
-        .body(empty())
-        .map_err(|e| e.to_string())?;
-    let resp = client
-        .request(req)
-        .await
-        .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
-    if !resp.status().is_success() {
-        return Err(format!("GET {url}: HTTP {}", resp.status().as_u16()));
-    }
-    read_json(resp).await.map_err(|e| format!("GET {url}: {e}"))
+async fn fetch_json(client: &crate::net::PooledClient, url: &str) -> Result<Value, String> {
+    // `bounded` applies the per-check deadline around this call; the inner one only matches it.
+    crate::net::get_json(client, url, MAX_BODY_BYTES, Duration::from_secs(3600)).await
 }
 
 // === helpers ===
-
-fn empty() -> UpstreamBody {
-    Empty::<Bytes>::new()
-        .map_err(|never| match never {})
-        .boxed()
-}
 
 async fn read_json(resp: http::Response<hyper::body::Incoming>) -> Result<Value, String> {
     let body = Limited::new(resp.into_body(), MAX_BODY_BYTES)

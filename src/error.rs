@@ -9,6 +9,7 @@
 use http::{header, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
+pub use crate::net::UpstreamFailure;
 use crate::proxy::body::RelayBody;
 
 /// Who is at fault: decides the log level and the metric label, never the wire format.
@@ -17,31 +18,6 @@ pub enum Fault {
     Client,
     Upstream,
     Internal,
-}
-
-/// Why an upstream exchange failed; the names are the `reason` label of
-/// `relay_upstream_errors_total` (protocols.md §5.1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UpstreamFailure {
-    ConnectRefused,
-    ConnectTimeout,
-    Tls,
-    ResponseTimeout,
-    Protocol,
-    UpgradeRejected,
-}
-
-impl UpstreamFailure {
-    pub fn as_label(self) -> &'static str {
-        match self {
-            Self::ConnectRefused => "connect_refused",
-            Self::ConnectTimeout => "connect_timeout",
-            Self::Tls => "tls",
-            Self::ResponseTimeout => "response_timeout",
-            Self::Protocol => "protocol",
-            Self::UpgradeRejected => "upgrade_rejected",
-        }
-    }
 }
 
 /// Every way a request can fail inside the relay.

@@ -604,7 +604,7 @@ async fn run(args: KubeconfigArgs) -> anyhow::Result<()> {
             extra_ca.push(c.with_context(|| format!("{}: not PEM certificates", f.display()))?);
         }
     }
-    let http = crate::login::http::IdpHttp::new(&extra_ca)?;
+    let http = crate::net::idp::IdpHttp::new(&extra_ca)?;
     let login_params: Option<LoginParams> = match http
         .get_json::<LoginParams>(&format!("{base}/-/login-config"))
         .await

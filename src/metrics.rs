@@ -67,27 +67,34 @@ fn duration_histogram() -> Histogram {
     ])
 }
 
-/// Counts kept by each cluster's credential layer (token exchanges and cache hits), read at
-/// scrape time so the request path keeps no second copy.
-#[derive(Debug, Default)]
+/// What one cluster's credential layer has done: token requests and cache hits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CredentialStats {
+    /// Token requests sent (OBO exchanges, azure_identity fetches).
+    pub fetches: u64,
+    /// Requests answered from the cache.
+    pub cache_hits: u64,
+}
+
+/// Reads one cluster's [`CredentialStats`] at scrape time.
+pub type CredentialStatsFn = Box<dyn Fn() -> CredentialStats + Send + Sync>;
+
+/// Counts kept by each cluster's credential layer, read at scrape time so the request path
+/// keeps no second copy.
+#[derive(Default)]
 pub struct CredentialCounts {
-    clusters: std::sync::OnceLock<
-        Vec<(
-            String,
-            std::sync::Arc<crate::credentials::UpstreamCredentials>,
-        )>,
-    >,
+    clusters: std::sync::OnceLock<Vec<(String, CredentialStatsFn)>>,
+}
+
+impl std::fmt::Debug for CredentialCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialCounts").finish_non_exhaustive()
+    }
 }
 
 impl CredentialCounts {
     /// Called once, when the upstreams exist.
-    pub fn set(
-        &self,
-        clusters: Vec<(
-            String,
-            std::sync::Arc<crate::credentials::UpstreamCredentials>,
-        )>,
-    ) {
+    pub fn set(&self, clusters: Vec<(String, CredentialStatsFn)>) {
         let _ = self.clusters.set(clusters);
     }
 }
@@ -106,12 +113,12 @@ impl prometheus_client::collector::Collector for CredentialCounts {
             (
                 "credential_fetches",
                 "Upstream token requests (on-behalf-of exchanges, Azure identity tokens) by cluster",
-                (|s: &crate::credentials::CredentialStats| s.fetches) as fn(&_) -> u64,
+                (|s: &CredentialStats| s.fetches) as fn(&_) -> u64,
             ),
             (
                 "credential_cache_hits",
                 "Upstream tokens served from the cache by cluster",
-                |s: &crate::credentials::CredentialStats| s.cache_hits,
+                |s: &CredentialStats| s.cache_hits,
             ),
         ] {
             let mut family = encoder.encode_descriptor(
@@ -124,7 +131,7 @@ impl prometheus_client::collector::Collector for CredentialCounts {
                 let labels = ClusterLabels {
                     cluster: cluster.clone(),
                 };
-                ConstCounter::new(pick(&creds.stats())).encode(family.encode_family(&labels)?)?;
+                ConstCounter::new(pick(&creds())).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())

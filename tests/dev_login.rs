@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use kube_relay::dev::{CLI_CLIENT_ID, DEV_SCOPE, PORTAL_CLIENT_ID};
-use kube_relay::login::http::IdpHttp;
+use kube_relay::net::idp::IdpHttp;
 use serde_json::Value;
 use support::*;
 

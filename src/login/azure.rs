@@ -17,9 +17,10 @@ use rustls_pki_types::CertificateDer;
 use serde::Deserialize;
 
 use super::cache::{unix_now, Stored};
-use super::http::IdpHttp;
 use super::{Authority, LoginArgs, LoginMode, Plan, TOKEN_EXCHANGE_AUDIENCE};
-use crate::credentials::{azure_client_options, managed_identity_over, HyperTransport};
+use crate::credentials::{azure_client_options, managed_identity_over};
+use crate::net::azure::HyperTransport;
+use crate::net::idp::IdpHttp;
 
 /// What to do next for the Entra errors people hit most (matched on the AADSTS code or the
 /// OAuth error in `text`).

@@ -28,8 +28,8 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use super::cache::{unix_now, Stored};
-use super::http::{discover, Discovery, IdpHttp};
 use super::{Authority, Plan};
+use crate::net::idp::{discover, Discovery, IdpHttp};
 
 /// Used when a token response has neither `expires_in` nor a JWT `exp`.
 const FALLBACK_LIFETIME: Duration = Duration::from_secs(300);
@@ -138,9 +138,12 @@ pub(crate) async fn refresh(
             if matches!(r.error(), BasicErrorResponseType::InvalidGrant)
                 || matches!(r.error(), BasicErrorResponseType::Extension(c) if c == "interaction_required") =>
         {
-            Err(RefreshError::Rejected(
-                describe::<super::http::HttpError, _>(&RequestTokenError::ServerResponse(r)),
-            ))
+            Err(RefreshError::Rejected(describe::<
+                crate::net::idp::HttpError,
+                _,
+            >(
+                &RequestTokenError::ServerResponse(r),
+            )))
         }
         Err(e) => Err(RefreshError::Failed(anyhow::anyhow!("{}", describe(&e)))),
     }

@@ -34,7 +34,6 @@ use serde::{Deserialize, Serialize};
 mod azure;
 mod cache;
 mod exec;
-pub mod http;
 mod interactive;
 
 /// The public Entra authority.
@@ -649,7 +648,7 @@ pub async fn get_token(args: &LoginArgs, interactive: bool) -> anyhow::Result<To
         return Ok(s.into());
     }
     let extra_ca = args.extra_ca()?;
-    let http = http::IdpHttp::new(&extra_ca)?;
+    let http = crate::net::idp::IdpHttp::new(&extra_ca)?;
     if let Some(rt) = stored.as_ref().and_then(|s| s.refresh_token.clone()) {
         match interactive::refresh(&http, &plan, &rt).await {
             Ok(fresh) => {
@@ -692,7 +691,7 @@ pub async fn get_token(args: &LoginArgs, interactive: bool) -> anyhow::Result<To
 async fn acquire(
     plan: &Plan,
     args: &LoginArgs,
-    http: &http::IdpHttp,
+    http: &crate::net::idp::IdpHttp,
     extra_ca: &[CertificateDer<'static>],
 ) -> anyhow::Result<cache::Stored> {
     match plan.mode {

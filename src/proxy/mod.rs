@@ -567,9 +567,9 @@ async fn forward(
     let resp = match send(up_req).await {
         // kube-apiserver's --goaway-chance (and any HTTP/2 server draining) refuses streams
         // opened after its GOAWAY; the pool then dials afresh, so one retry is enough.
-        Ok(Err(e)) if crate::upstream::refused_unprocessed(&e) && replay.is_some() => {
+        Ok(Err(e)) if crate::net::refused_unprocessed(&e) && replay.is_some() => {
             let (method, uri, headers) = replay.unwrap_or_default();
-            let mut again = Request::new(crate::upstream::empty_body());
+            let mut again = Request::new(crate::net::empty_body());
             *again.method_mut() = method;
             *again.uri_mut() = uri;
             *again.headers_mut() = headers;
@@ -594,7 +594,7 @@ async fn forward(
                     "the request body is malformed (invalid chunked framing or cut short)".into(),
                 );
             }
-            let (failure, detail) = crate::upstream::classify(&e);
+            let (failure, detail) = crate::net::classify(&e);
             ProxyError::Upstream {
                 cluster: cluster.clone(),
                 failure,

@@ -26,7 +26,9 @@ impl Traffic for kube_sim::record::Record {
     fn traffic(&self) -> Vec<kube_sim::record::RecordedRequest> {
         self.all()
             .into_iter()
-            .filter(|r| r.header("user-agent") != Some(kube_relay::health::PROBE_USER_AGENT))
+            .filter(|r| {
+                r.header("user-agent") != Some(kube_relay::upstream::health::PROBE_USER_AGENT)
+            })
             .collect()
     }
 }
@@ -327,7 +329,8 @@ impl FakeUpstream {
                                 mine.extend_from_slice(&buf[..n]);
                                 if state == 0 && mine.windows(4).any(|w| w == b"\r\n\r\n") {
                                     let text = String::from_utf8_lossy(&mine).into_owned();
-                                    if text.contains(kube_relay::health::PROBE_USER_AGENT) {
+                                    if text.contains(kube_relay::upstream::health::PROBE_USER_AGENT)
+                                    {
                                         state = 2;
                                         let _ = s
                                             .write_all(

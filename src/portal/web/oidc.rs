@@ -29,7 +29,8 @@ use oauth2::{
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, LoginConfig, PortalConfig};
-use crate::login::http::{discover, IdpHttp};
+use crate::net::error_chain;
+use crate::net::idp::{discover, IdpHttp};
 
 /// One generation's portal: the HTTP client for the identity provider and its endpoints,
 /// fetched on first use and kept (a reload builds a new one, so endpoint changes apply).
@@ -164,17 +165,6 @@ impl Portal {
             Err(e) => Err(ExchangeError::Unavailable(error_chain(&e))),
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// The token response's fields beyond OAuth 2.0's: OIDC's ID token.

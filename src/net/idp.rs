@@ -8,12 +8,13 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use http::{header, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use rustls::ClientConfig;
 use rustls_pki_types::CertificateDer;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::upstream::{pooled_client, PooledClient, TlsDialer, UpstreamBody};
+use super::{
+    client_tls, error_chain, pooled_client, PooledClient, TlsDialer, Trust, UpstreamBody, HTTP1,
+};
 
 /// Identity provider answers are small JSON documents; anything bigger is refused.
 const MAX_RESPONSE_BYTES: usize = 256 * 1024;
@@ -50,27 +51,12 @@ impl std::fmt::Debug for IdpHttp {
 impl IdpHttp {
     /// Trusts the public web PKI plus `extra_ca` (an IdP on a private CA, e.g. in tests).
     pub fn new(extra_ca: &[CertificateDer<'static>]) -> anyhow::Result<Self> {
-        let mut store = rustls::RootCertStore::empty();
-        store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        for c in extra_ca {
-            store
-                .add(c.clone())
-                .context("adding the identity provider CA")?;
-        }
-        let mut cfg = ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_root_certificates(store)
-            .with_no_client_auth();
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let cfg = client_tls(Trust::PublicAnd(extra_ca), None, HTTP1)
+            .context("adding the identity provider CA")?;
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         Ok(Self {
-            https: pooled_client(TlsDialer::new(
-                std::sync::Arc::new(cfg),
-                None,
-                None,
-                CONNECT_TIMEOUT,
-            )),
+            https: pooled_client(TlsDialer::new(cfg, None, None, CONNECT_TIMEOUT)),
             http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build(connector),
         })
@@ -112,9 +98,8 @@ impl IdpHttp {
                 )))
             }
         };
-        let resp = sent.map_err(|e| {
-            HttpError::Transport(format!("{host}: {}", crate::upstream::error_chain(&e)))
-        })?;
+        let resp =
+            sent.map_err(|e| HttpError::Transport(format!("{host}: {}", error_chain(&e))))?;
         let (parts, body) = resp.into_parts();
         let bytes = Limited::new(body, MAX_RESPONSE_BYTES)
             .collect()

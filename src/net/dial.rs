@@ -1,18 +1,13 @@
-//! Upstream connections: one pooled client per cluster, plus fresh connections for upgrades.
+//! Dialing a TLS server and the pooled hyper client over it, for every outbound HTTPS
+//! request of the relay: clusters (through [`crate::upstream`]), issuers' keys, token endpoints.
 //!
-//! - TLS to a cluster always verifies the cluster's own CA (never the system roots, never
-//!   "insecure") against the host of its `server` URL, also when `connect` makes us dial an IP:
-//!   the dial address and the verified name are separate inputs on purpose (design.md §3).
-//! - The pooled client offers ALPN `h2` and `http/1.1` and speaks HTTP/2 when the server picks it,
-//!   so many watches share few connections.
-//! - Upgrades (exec/attach/port-forward) each get their own HTTP/1.1 connection that is dropped
-//!   when the tunnel ends and is never returned to a pool (security.md A1, C5).
-//! - hyper's client never follows redirects; a response it cannot parse fails that connection,
-//!   which the pool then discards.
+//! - The dial address and the name verified in the certificate are separate inputs, so a
+//!   cluster reached by IP through `connect` is still verified against its `server` host.
+//! - Errors stay typed ([`DialError`] with an [`UpstreamFailure`]) down the source chain, so
+//!   they are classified without string matching.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,7 +17,7 @@ use http::Uri;
 use http_body_util::combinators::BoxBody;
 use http_body_util::BodyExt as _;
 use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
@@ -30,37 +25,38 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::config::{ClusterConfig, RelayCredential, UpstreamAuth};
-use crate::error::UpstreamFailure;
+use super::error_chain;
+
+/// Why an upstream exchange failed; the names are the `reason` label of
+/// `relay_upstream_errors_total` (docs/architecture.md, "Metrics").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    ConnectRefused,
+    ConnectTimeout,
+    Tls,
+    ResponseTimeout,
+    Protocol,
+    UpgradeRejected,
+}
+
+impl UpstreamFailure {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Self::ConnectRefused => "connect_refused",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::Tls => "tls",
+            Self::ResponseTimeout => "response_timeout",
+            Self::Protocol => "protocol",
+            Self::UpgradeRejected => "upgrade_rejected",
+        }
+    }
+}
 
 /// Request body type sent upstream: the client's body, streamed, or nothing.
 pub type UpstreamBody = BoxBody<Bytes, hyper::Error>;
 
 /// A pooled HTTPS client.
 pub type PooledClient = Client<TlsDialer, UpstreamBody>;
-
-/// Builds a rustls client config trusting exactly `roots`, with an optional client certificate.
-pub fn client_tls(
-    roots: &[rustls::pki_types::CertificateDer<'static>],
-    client_cert: Option<&RelayCredential>,
-    alpn: &[&[u8]],
-) -> anyhow::Result<Arc<ClientConfig>> {
-    let mut store = rustls::RootCertStore::empty();
-    for cert in roots {
-        store.add(cert.clone())?;
-    }
-    let builder = ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_root_certificates(store);
-    let mut cfg = match client_cert {
-        Some(RelayCredential::ClientCert { chain, key }) => {
-            builder.with_client_auth_cert(chain.clone(), key.clone_key())?
-        }
-        _ => builder.with_no_client_auth(),
-    };
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(Arc::new(cfg))
-}
 
 /// The connection a [`TlsDialer`] yields: TLS over TCP, reporting whether h2 was negotiated so
 /// the pooled client picks the right protocol.
@@ -221,111 +217,6 @@ pub fn pooled_client(dialer: TlsDialer) -> PooledClient {
         .build(dialer)
 }
 
-/// Connections a cluster's long-running requests (watch, `logs -f`) spread over. An API server
-/// caps the streams of one HTTP/2 connection (kube-apiserver and hyper: a few hundred), and a
-/// request beyond the cap waits for a free stream, so a single shared connection would hold
-/// the 201st watch until its response-header timeout. Lanes connect lazily and close when idle.
-pub const LONG_RUNNING_LANES: usize = 64;
-
-/// A cluster's pooled clients: lane 0 carries the short requests (one multiplexed connection
-/// under light load), lanes `1..` carry long-running ones, round robin, so N watches need about
-/// N / `LONG_RUNNING_LANES` streams per connection.
-pub struct UpstreamPool {
-    lanes: Vec<PooledClient>,
-    next: AtomicUsize,
-}
-
-impl UpstreamPool {
-    pub fn new(dialer: TlsDialer, long_running_lanes: usize) -> Self {
-        let lanes = (0..=long_running_lanes)
-            .map(|_| pooled_client(dialer.clone()))
-            .collect();
-        Self {
-            lanes,
-            next: AtomicUsize::new(0),
-        }
-    }
-
-    /// Sends a request on the lane its kind calls for.
-    pub fn request(&self, req: http::Request<UpstreamBody>) -> ResponseFuture {
-        let lane = if self.lanes.len() > 1 && is_long_running(req.uri()) {
-            1 + self.next.fetch_add(1, Ordering::Relaxed) % (self.lanes.len() - 1)
-        } else {
-            0
-        };
-        self.lanes[lane].request(req)
-    }
-}
-
-/// `watch=` or `follow=` set to true (`true`, `1`): a request whose response stays open.
-fn is_long_running(uri: &Uri) -> bool {
-    uri.query().is_some_and(|q| {
-        q.split('&').any(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (k == "watch" || k == "follow") && (v == "true" || v == "1")
-        })
-    })
-}
-
-/// Everything the relay needs to talk to one cluster.
-pub struct Upstream {
-    pub cluster: Arc<ClusterConfig>,
-    pub client: UpstreamPool,
-    /// Dials fresh HTTP/1.1-only connections for upgrades.
-    pub upgrade_dialer: TlsDialer,
-    /// `scheme://authority` of the server, the base of every forwarded URI.
-    pub authority: http::uri::Authority,
-    /// What the relay presents upstream for a caller (their token, an exchanged one, or its own).
-    pub credentials: Arc<crate::credentials::UpstreamCredentials>,
-    /// Reachability as seen by the periodic probe.
-    pub health: crate::health::SharedHealth,
-}
-
-impl Upstream {
-    pub fn new(cluster: Arc<ClusterConfig>, connect_timeout: Duration) -> anyhow::Result<Self> {
-        let cluster_for_creds = cluster.clone();
-        let cert = match &cluster.upstream_auth {
-            UpstreamAuth::Impersonate(c @ RelayCredential::ClientCert { .. }) => Some(c),
-            _ => None,
-        };
-        let pooled_tls = client_tls(&cluster.ca, cert, &[b"h2", b"http/1.1"])?;
-        let upgrade_tls = client_tls(&cluster.ca, cert, &[b"http/1.1"])?;
-        let name = cluster.server_name.clone();
-        let dial = cluster.dial.as_str();
-        let client = UpstreamPool::new(
-            TlsDialer::new(pooled_tls, Some(dial), Some(name.clone()), connect_timeout),
-            LONG_RUNNING_LANES,
-        );
-        let upgrade_dialer = TlsDialer::new(upgrade_tls, Some(dial), Some(name), connect_timeout);
-        let host = cluster.server.host_str().unwrap_or_default();
-        let authority = match cluster.server.port() {
-            Some(p) => format!("{host}:{p}"),
-            None => host.to_owned(),
-        };
-        let authority = authority.parse()?;
-        Ok(Self {
-            cluster,
-            client,
-            upgrade_dialer,
-            authority,
-            credentials: Arc::new(crate::credentials::UpstreamCredentials::new(
-                &cluster_for_creds,
-            )?),
-            health: Default::default(),
-        })
-    }
-
-    /// The absolute URI for a path-and-query on this cluster.
-    pub fn uri(&self, path_and_query: &str) -> Result<Uri, http::Error> {
-        let full = format!("{}{}", self.cluster.base_path, path_and_query);
-        Uri::builder()
-            .scheme("https")
-            .authority(self.authority.clone())
-            .path_and_query(full)
-            .build()
-    }
-}
-
 /// Classifies a pooled-client error by walking its source chain for our typed dial error.
 pub fn classify(err: &hyper_util::client::legacy::Error) -> (UpstreamFailure, String) {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(err);
@@ -361,33 +252,9 @@ pub fn empty_body() -> UpstreamBody {
         .boxed()
 }
 
-/// Formats an error and its causes on one line, for logs.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut src = err.source();
-    while let Some(e) = src {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        src = e.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn long_running_requests_are_told_by_watch_and_follow() {
-        let lr = |u: &str| is_long_running(&u.parse::<Uri>().unwrap());
-        assert!(lr("https://c/api/v1/pods?watch=1"));
-        assert!(lr("https://c/api/v1/pods?resourceVersion=5&watch=true"));
-        assert!(lr("https://c/api/v1/namespaces/d/pods/p/log?follow=true"));
-        assert!(!lr("https://c/api/v1/pods?watch=false"));
-        assert!(!lr("https://c/api/v1/pods?watchx=1"));
-        assert!(!lr("https://c/api/v1/pods"));
-        assert!(!lr("https://c/api/v1/pods?labelSelector=watch%3D1"));
-    }
 
     /// An HTTP/2 server that resets every stream with `reason`, and what the pooled client's
     /// error for it says about resending.

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use tokio_util::sync::CancellationToken;
 
-use crate::upstream::Upstream;
+use super::Upstream;
 
 /// The probe's `User-Agent`, so cluster logs (and tests) can tell probes from user traffic.
 pub const PROBE_USER_AGENT: &str = "kube-relay/health-probe";
@@ -105,11 +105,7 @@ pub fn spawn_probe(
     });
 }
 
-async fn probe(
-    dialer: &crate::upstream::TlsDialer,
-    uri: &http::Uri,
-    authority: &str,
-) -> Result<(), String> {
+async fn probe(dialer: &super::TlsDialer, uri: &http::Uri, authority: &str) -> Result<(), String> {
     let io = dialer.dial(uri).await.map_err(|e| e.detail)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io)
         .await
