@@ -24,8 +24,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use base64::Engine as _;
+use kube_sim::issuer::oauth::{ClientKind, DevUser, OAuthClient, OAuthConfig};
 use kube_sim::issuer::{DevIssuer, IssuerHandle, KeyAlg};
-use kube_sim::oauth::{ClientKind, DevUser, OAuthClient, OAuthConfig};
 use kube_sim::pki::TestCa;
 use kube_sim::record::UserInfo;
 use kube_sim::server::{JwtIssuer, SimAuth, SimConfig, SimHandle, StaticToken};
@@ -81,7 +81,7 @@ pub struct DevEnv {
     /// The relay's CA certificate (PEM), for clients that talk to it directly.
     pub relay_ca_pem: String,
     /// Reload and readiness handle of the running relay.
-    pub relay_handle: std::sync::Arc<crate::app::Relay>,
+    pub relay_handle: std::sync::Arc<crate::server::Relay>,
     /// Real clusters added with `--add-context`: (relay cluster name, source context).
     pub external: Vec<(String, String)>,
     shutdown: CancellationToken,
@@ -375,7 +375,7 @@ clusters:
     )?;
 
     // Edit relay.yaml while dev mode runs: it reloads (or says why not).
-    let app = crate::app::App::with_listeners(cfg, listener, Some(admin_listener))?
+    let app = crate::server::App::with_listeners(cfg, listener, Some(admin_listener))?
         .reload_from(config_path.clone());
     let relay_handle = app.relay();
     let shutdown = CancellationToken::new();

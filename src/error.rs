@@ -9,8 +9,8 @@
 use http::{header, HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
+use crate::body::RelayBody;
 pub use crate::net::UpstreamFailure;
-use crate::proxy::body::RelayBody;
 
 /// Who is at fault: decides the log level and the metric label, never the wire format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,7 +27,7 @@ pub enum ProxyError {
     BadRequest(String),
     /// The detail is logged, never sent: a client learns only that its credential was refused.
     #[error("unauthorized: {0}")]
-    Unauthorized(String),
+    Unauthorized(crate::auth::AuthError),
     #[error("forbidden: {0}")]
     Forbidden(String),
     #[error("not found: {0}")]
@@ -190,7 +190,7 @@ impl ProxyError {
             Self::TooManyRequests { retry_after, .. } => Some(*retry_after),
             _ => None,
         };
-        let mut resp = Response::new(crate::proxy::body::full(json));
+        let mut resp = Response::new(crate::body::full(json));
         *resp.status_mut() = status;
         let headers = resp.headers_mut();
         headers.insert(
@@ -252,8 +252,11 @@ mod tests {
 
     #[tokio::test]
     async fn unauthorized_is_status_with_challenge_and_no_detail() {
-        let resp =
-            ProxyError::Unauthorized("signature mismatch for kid abc".into()).into_response();
+        let resp = ProxyError::Unauthorized(crate::auth::AuthError {
+            failure: crate::auth::AuthFailure::Signature,
+            detail: "signature mismatch for kid abc".into(),
+        })
+        .into_response();
         assert_eq!(resp.status(), 401);
         assert!(resp.headers()[header::WWW_AUTHENTICATE]
             .to_str()

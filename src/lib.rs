@@ -25,10 +25,10 @@
 //! - [`error`]: the one place errors become `metav1.Status` responses.
 //! - [`dev`]: the embedded default (`kube-relay dev`).
 
-pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod authz;
+pub mod body;
 pub mod certs;
 pub mod config;
 pub mod credentials;
@@ -44,6 +44,8 @@ pub mod portal;
 pub mod private_file;
 pub mod proxy;
 pub mod route;
+pub mod server;
+pub mod state;
 pub mod streams;
 pub mod tls;
 pub mod upstream;

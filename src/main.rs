@@ -173,7 +173,7 @@ fn main() -> ExitCode {
                 }
             };
             run(async move {
-                let app = kube_relay::app::App::bind(cfg)
+                let app = kube_relay::server::App::bind(cfg)
                     .await?
                     .reload_from(config.clone());
                 // Signals are handled from before the line that says we serve: a SIGTERM right

@@ -573,7 +573,7 @@ clusters:
         let cfg = kube_relay::config::load(&path).unwrap_or_else(|e| panic!("{e:#}"));
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin.local_addr().unwrap();
-        let app = kube_relay::app::App::with_listeners(cfg, listener, Some(admin)).unwrap();
+        let app = kube_relay::server::App::with_listeners(cfg, listener, Some(admin)).unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(app.run(shutdown.clone()));
         support::wait_ready(admin_addr).await;

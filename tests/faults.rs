@@ -106,7 +106,7 @@ async fn relay_with_broken_idp(idp: &FakeUpstream) -> BrokenIdpRelay {
     );
     let path = dir.path().join("relay.yaml");
     std::fs::write(&path, yaml).unwrap();
-    let app = kube_relay::app::App::bind(kube_relay::config::load(&path).unwrap())
+    let app = kube_relay::server::App::bind(kube_relay::config::load(&path).unwrap())
         .await
         .unwrap();
     let admin = app.admin_addr().unwrap();

@@ -113,7 +113,7 @@ clusters:
     );
     let path = dir.path().join("relay.yaml");
     std::fs::write(&path, yaml).unwrap();
-    let app = kube_relay::app::App::bind(kube_relay::config::load(&path).unwrap())
+    let app = kube_relay::server::App::bind(kube_relay::config::load(&path).unwrap())
         .await
         .unwrap();
     let relay = app.local_addr().unwrap();

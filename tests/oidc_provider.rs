@@ -98,7 +98,7 @@ clusters:
         let path = dir.join("relay.yaml");
         std::fs::write(&path, yaml).unwrap();
         let cfg = kube_relay::config::load(&path).unwrap();
-        let app = kube_relay::app::App::bind(cfg).await.unwrap();
+        let app = kube_relay::server::App::bind(cfg).await.unwrap();
         let addr = app.local_addr().unwrap();
         let admin = app.admin_addr().unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();

@@ -8,8 +8,8 @@ mod support;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use kube_relay::auth::sso::Attempt;
 use kube_relay::config::CookieKey;
-use kube_relay::portal::web::oidc::Attempt;
 use kube_relay::portal::web::session::{
     self, Session, LOGIN_COOKIE, LOGIN_PURPOSE, SESSION_COOKIE, SESSION_PURPOSE,
 };

@@ -216,7 +216,7 @@ clusters:
     let cfg = kube_relay::config::load(&path).unwrap();
     let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app =
-        kube_relay::app::App::with_listeners(cfg, relay_listener, Some(admin_listener)).unwrap();
+        kube_relay::server::App::with_listeners(cfg, relay_listener, Some(admin_listener)).unwrap();
     let relay = app.local_addr().unwrap();
     let admin = app.admin_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();

@@ -20,7 +20,6 @@
 //!   identity endpoint, for upstream-credential tests.
 
 pub mod issuer;
-pub mod oauth;
 pub mod pki;
 pub mod record;
 pub mod server;

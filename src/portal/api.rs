@@ -8,16 +8,16 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::app::State;
 use crate::auth::Principal;
+use crate::body::RelayBody;
 use crate::config::{IssuerKind, UpstreamAuth};
 use crate::error::ProxyError;
 use crate::kubeconfig::{
     self, ClusterEntry, ClusterList, ListUser, Options, Plugin, RelayInfo, Style,
 };
 use crate::login::LoginParams;
-use crate::proxy::body::RelayBody;
-use crate::proxy::ConnCtx;
+use crate::state::ConnCtx;
+use crate::state::State;
 
 pub async fn handle(
     state: &State,
@@ -99,7 +99,7 @@ async fn caller(
             return Ok(p);
         }
     }
-    crate::proxy::authenticate(state, conn, h).await
+    state.authenticate(conn.peer.ip(), h).await
 }
 
 /// The public sign-in settings, from the `login` section.
@@ -196,7 +196,7 @@ fn json<T: serde::Serialize>(v: &T) -> Result<Response<RelayBody>, ProxyError> {
 }
 
 fn body(b: Bytes, content_type: &'static str) -> Response<RelayBody> {
-    let mut r = Response::new(crate::proxy::body::full(b));
+    let mut r = Response::new(crate::body::full(b));
     *r.status_mut() = StatusCode::OK;
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

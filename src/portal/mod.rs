@@ -12,10 +12,10 @@ pub mod web;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use crate::app::State;
+use crate::body::RelayBody;
 use crate::error::ProxyError;
-use crate::proxy::body::RelayBody;
-use crate::proxy::ConnCtx;
+use crate::state::ConnCtx;
+use crate::state::State;
 
 /// Serves a relay page or API. Errors become Status responses in `proxy::handle` like any
 /// other; HTML pages render their own friendly errors.

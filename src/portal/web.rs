@@ -22,7 +22,6 @@
 //! [`html::esc`]; anything that changes state is a POST checked for CSRF.
 
 pub mod html;
-pub mod oidc;
 pub mod session;
 
 use std::sync::Arc;
@@ -34,15 +33,15 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-pub use oidc::Portal;
-use oidc::Provider;
+pub use crate::auth::sso::Portal;
+use crate::auth::sso::{self as oidc, Provider};
 
-use crate::app::State;
 use crate::auth::Principal;
+use crate::body::RelayBody;
 use crate::config::{IssuerKind, LoginConfig, PortalConfig};
 use crate::error::ProxyError;
-use crate::proxy::body::RelayBody;
-use crate::proxy::ConnCtx;
+use crate::state::ConnCtx;
+use crate::state::State;
 use session::Session;
 
 /// How long a sign-in attempt may take at the provider.
@@ -712,7 +711,7 @@ fn respond(
     cookies: &[String],
     location: Option<&str>,
 ) -> Response<RelayBody> {
-    let mut resp = Response::new(crate::proxy::body::full(body));
+    let mut resp = Response::new(crate::body::full(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

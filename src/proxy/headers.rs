@@ -12,11 +12,8 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::auth::Principal;
+pub use crate::auth::{ws_bearer_token, ws_protocols, WS_BEARER_PREFIX};
 use crate::error::ProxyError;
-
-/// Prefix of the WebSocket subprotocol entry that carries a bearer token (browsers cannot set
-/// `Authorization` on a WebSocket).
-pub const WS_BEARER_PREFIX: &str = "base64url.bearer.authorization.k8s.io.";
 
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -166,28 +163,6 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
         .map(|t| t.trim().to_ascii_lowercase())
         .filter(|t| !t.is_empty())
         .collect()
-}
-
-/// The bearer token carried in `Sec-WebSocket-Protocol`, if any.
-pub fn ws_bearer_token(headers: &HeaderMap) -> Option<String> {
-    use base64::Engine as _;
-    let entry =
-        ws_protocols(headers).find_map(|p| p.strip_prefix(WS_BEARER_PREFIX).map(str::to_owned))?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(entry.trim_end_matches('='))
-        .ok()?;
-    String::from_utf8(bytes).ok()
-}
-
-/// Every entry of every `Sec-WebSocket-Protocol` header, trimmed.
-pub fn ws_protocols(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
 }
 
 /// Copies the client's headers minus everything the relay must not forward.

@@ -7,12 +7,10 @@
 //! [`handle`] never fails: every phase returns `Result<_, ProxyError>` and the one `Err` arm in
 //! `handle` renders it with [`ProxyError::into_response`].
 
-pub mod body;
 pub mod headers;
 pub mod upgrade;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -20,23 +18,15 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::app::State;
 use crate::audit::{AuditBase, AuditObject, AuditUser};
 use crate::auth::Principal;
 use crate::authz::{authorize, Decision, RequestInfo};
+use crate::body::{OnClose, RelayBody, StreamBody};
 use crate::error::{Fault, ProxyError};
-use crate::metrics::{AuthnLabels, DurationLabels, LongRunningLabels, ReasonLabels, RequestLabels};
+use crate::metrics::{DurationLabels, LongRunningLabels, ReasonLabels, RequestLabels};
 use crate::route::{self, Route, RouteInput};
+use crate::state::{ConnCtx, State};
 use crate::upstream::Upstream;
-use body::{OnClose, RelayBody, StreamBody};
-
-/// What the relay knows about the client connection a request arrived on.
-#[derive(Debug)]
-pub struct ConnCtx {
-    pub peer: SocketAddr,
-    /// SNI from the handshake, lower-cased by rustls.
-    pub sni: Option<String>,
-}
 
 /// Per-request facts gathered by the phases, for the access log, metrics and audit.
 #[derive(Default)]
@@ -98,10 +88,10 @@ pub async fn handle(
             }
             if let ProxyError::Unauthorized(why) = &err {
                 // The failure class only (e.g. `signature`, `unknown_key`): never token content.
-                let class = why.split(':').next().unwrap_or_default().to_owned();
-                out.audit
-                    .annotations
-                    .insert("kube-relay.io/authentication-failure", class);
+                out.audit.annotations.insert(
+                    "kube-relay.io/authentication-failure",
+                    why.failure.as_label().to_owned(),
+                );
             }
             err.into_response()
         }
@@ -288,7 +278,7 @@ async fn proxy(
     headers::reject_underscore_identity_headers(req.headers())?;
 
     // Phase: authenticate.
-    let principal = authenticate(state, conn, req.headers()).await?;
+    let principal = state.authenticate(conn.peer.ip(), req.headers()).await?;
     out.audit.user = Some(audit_user(&principal));
     if let Err(wait) = state.identity_rate.take(principal.user_key()) {
         return Err(ProxyError::TooManyRequests {
@@ -459,66 +449,6 @@ fn token_deadline(p: &Principal, grace: std::time::Duration) -> Instant {
         .map_or(0, |d| d.as_secs());
     let left = p.expires_at.saturating_sub(now_unix);
     Instant::now() + std::time::Duration::from_secs(left) + grace
-}
-
-/// Extracts and validates the caller's bearer token (`Authorization`, else the WebSocket
-/// subprotocol entry browsers use). A source that keeps failing is refused with 429 before any
-/// verification work, except for tokens already verified (security.md F5).
-pub(crate) async fn authenticate(
-    state: &State,
-    conn: &ConnCtx,
-    h: &http::HeaderMap,
-) -> Result<Arc<Principal>, ProxyError> {
-    let token = match h.get(header::AUTHORIZATION) {
-        Some(v) => {
-            let s = v
-                .to_str()
-                .map_err(|_| ProxyError::Unauthorized("Authorization is not ASCII".into()))?;
-            let (scheme, rest) = s.split_once(' ').unwrap_or((s, ""));
-            if !scheme.eq_ignore_ascii_case("bearer") {
-                return Err(ProxyError::Unauthorized(
-                    "Authorization is not a bearer token".into(),
-                ));
-            }
-            rest.trim().to_owned()
-        }
-        None => headers::ws_bearer_token(h).unwrap_or_default(),
-    };
-    let ip = conn.peer.ip();
-    if let Err(wait) = state.auth_failures.check(ip) {
-        if let Some(p) = state.auth.cached(&token) {
-            return Ok(p);
-        }
-        return Err(ProxyError::TooManyRequests {
-            message: "too many failed authentications from this address; retry later".into(),
-            retry_after: wait.as_secs().max(1),
-        });
-    }
-    let result = state.auth.authenticate(&token).await;
-    let (res, reason) = match &result {
-        Ok((_, crate::auth::Verified::Cached)) => ("success", "cached"),
-        Ok((_, crate::auth::Verified::Verified)) => ("success", "verified"),
-        Err(e) => ("failure", e.failure.as_label()),
-    };
-    state
-        .metrics
-        .authn
-        .get_or_create(&AuthnLabels {
-            result: res,
-            reason,
-        })
-        .inc();
-    match result {
-        Ok((p, _)) => Ok(p),
-        Err(e) => {
-            state.auth_failures.record_failure(ip);
-            Err(ProxyError::Unauthorized(format!(
-                "{}: {}",
-                e.failure.as_label(),
-                e.detail
-            )))
-        }
-    }
 }
 
 /// Forwards a non-upgrade request over the cluster's pooled client and streams the answer back.

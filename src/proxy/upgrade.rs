@@ -30,12 +30,12 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use super::body::{RelayBody, StreamBody};
 use super::headers;
-use crate::app::State;
 use crate::authz::RequestInfo;
+use crate::body::{RelayBody, StreamBody};
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::metrics::{DirectionLabels, DurationLabels, LongRunningLabels};
+use crate::state::State;
 use crate::upstream::Upstream;
 
 /// The upgrade protocols the relay tunnels.

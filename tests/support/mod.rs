@@ -428,7 +428,8 @@ impl CustomRelay {
         // racing the key fetch could otherwise be refused on a slow machine.
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin.local_addr().unwrap();
-        let app = kube_relay::app::App::with_listeners(cfg, relay_listener, Some(admin)).unwrap();
+        let app =
+            kube_relay::server::App::with_listeners(cfg, relay_listener, Some(admin)).unwrap();
         let addr = app.local_addr().unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(app.run(shutdown.clone()));

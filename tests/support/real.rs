@@ -954,7 +954,7 @@ clusters:
         let relay = rt.block_on(async {
             relay_listener.set_nonblocking(true).unwrap();
             admin_listener.set_nonblocking(true).unwrap();
-            let app = kube_relay::app::App::with_listeners(
+            let app = kube_relay::server::App::with_listeners(
                 cfg,
                 tokio::net::TcpListener::from_std(relay_listener).unwrap(),
                 Some(tokio::net::TcpListener::from_std(admin_listener).unwrap()),

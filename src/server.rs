@@ -28,30 +28,9 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::proxy::{self, ConnCtx};
+use crate::proxy;
+use crate::state::{ConnCtx, State};
 use crate::upstream::Upstream;
-
-/// Everything a request needs, for one configuration generation. A reload builds a new one and
-/// swaps it in; requests in flight keep the generation they started with.
-pub struct State {
-    pub cfg: Config,
-    pub upstreams: HashMap<String, Upstream>,
-    pub auth: Arc<Authenticator>,
-    pub audit: crate::audit::AuditLog,
-    /// The browser portal's identity provider client, when `login.portal` is configured.
-    pub portal: Option<Arc<crate::portal::web::Portal>>,
-    tls: TlsAcceptor,
-    /// Stops this generation's background tasks (key refresh) when it is replaced.
-    generation: CancellationToken,
-    // Shared by every generation:
-    pub metrics: Arc<Metrics>,
-    pub auth_failures: Arc<crate::limits::FailureLimiter>,
-    pub identity_rate: Arc<crate::limits::IdentityRate>,
-    pub streams: Arc<crate::streams::StreamRegistry>,
-    /// Tunnels (exec, attach, port-forward) outlive the HTTP connection that upgraded them, so
-    /// they are tracked here for the drain to wait on.
-    pub tunnels: TaskTracker,
-}
 
 /// The relay across generations: the current [`State`], and what outlives reloads.
 pub struct Relay {
@@ -195,7 +174,7 @@ fn build_state(cfg: Config, previous: Option<&State>) -> anyhow::Result<State> {
             })
             .collect(),
     );
-    let portal = crate::portal::web::Portal::build(&cfg)?;
+    let portal = crate::auth::sso::Portal::build(&cfg)?;
     Ok(State {
         cfg,
         upstreams,

@@ -16,13 +16,15 @@
 //! - [`serve`] answers `GET <issuer path>/.well-known/openid-configuration` and
 //!   `GET <issuer path>/keys` over HTTPS (or plain HTTP), counts fetches, and can be told to fail
 //!   (500 for everything) for outage tests. [`serve_oauth`] adds the authorization server of
-//!   [`crate::oauth`] (sign-in pages, token and device endpoints) and advertises it in discovery.
+//!   [`crate::issuer::oauth`] (sign-in pages, token and device endpoints) and advertises it in discovery.
 //!
 //! Invariants:
 //! - Private keys never leave this module except through `signing_key_pem` (dev CLI use).
 //! - The JWKS only ever contains public parameters.
 //! - Nothing here panics on network input: the server routes on method and path, and only the
 //!   authorization server's endpoints read bodies (bounded).
+
+pub mod oauth;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -477,7 +479,7 @@ struct ServeState {
     jwks_fetches: Arc<AtomicU64>,
     failing: Arc<AtomicBool>,
     /// The authorization server, when started with [`serve_oauth`].
-    oauth: Option<crate::oauth::OAuthServer>,
+    oauth: Option<crate::issuer::oauth::OAuthServer>,
 }
 
 /// Serves `/.well-known/openid-configuration` (issuer, jwks_uri = issuer_url + "/keys",
@@ -513,20 +515,20 @@ pub async fn serve(
 }
 
 /// Like [`serve`], and also an OAuth 2.0 / OIDC authorization server for `oauth`'s users and
-/// clients (see [`crate::oauth`]): `/authorize`, `/token`, `/device/code` and `/device` under
+/// clients (see [`crate::issuer::oauth`]): `/authorize`, `/token`, `/device/code` and `/device` under
 /// the issuer path, listed in the discovery document.
 pub async fn serve_oauth(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     issuer: DevIssuer,
-    oauth: crate::oauth::OAuthConfig,
+    oauth: crate::issuer::oauth::OAuthConfig,
 ) -> anyhow::Result<IssuerHandle> {
     let issuer_uri: http::Uri = issuer
         .issuer_url()
         .parse()
         .with_context(|| format!("issuer URL {:?} is not a URI", issuer.issuer_url()))?;
     let base_path = issuer_uri.path().trim_end_matches('/').to_owned();
-    let server = crate::oauth::OAuthServer::new(issuer.clone(), oauth, &base_path);
+    let server = crate::issuer::oauth::OAuthServer::new(issuer.clone(), oauth, &base_path);
     let mut document = issuer.discovery_document();
     server.extend_discovery(&mut document);
     start_server(
@@ -595,7 +597,7 @@ fn start_server(
     issuer: DevIssuer,
     discovery: Vec<(String, Value)>,
     jwks_paths: Vec<String>,
-    oauth: Option<crate::oauth::OAuthServer>,
+    oauth: Option<crate::issuer::oauth::OAuthServer>,
 ) -> anyhow::Result<IssuerHandle> {
     let addr = listener
         .local_addr()

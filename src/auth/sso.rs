@@ -273,7 +273,10 @@ pub fn id_token_matches(id_token: &str, nonce: &str, client_id: &str) -> bool {
     let nonce_ok = claims
         .get("nonce")
         .and_then(|n| n.as_str())
-        .is_some_and(|n| super::session::secrets_equal(n, nonce));
+        .is_some_and(|n| {
+            aws_lc_rs::constant_time::verify_slices_are_equal(n.as_bytes(), nonce.as_bytes())
+                .is_ok()
+        });
     let aud_ok = match claims.get("aud") {
         Some(serde_json::Value::String(a)) => a == client_id,
         Some(serde_json::Value::Array(a)) => a.iter().any(|x| x.as_str() == Some(client_id)),
