@@ -15,8 +15,9 @@ WORKDIR /src
 # The whole workspace (manifests may name tests and benches); .dockerignore keeps build
 # output, virtualenvs, node_modules, git history and any local keys out of the context.
 COPY . .
-# --locked: exactly the dependency versions that were tested.
-RUN cargo build --release --locked --bin kube-relay \
+# --locked: exactly the dependency versions that were tested. --no-default-features: the
+# shipped relay leaves out `kube-relay dev` and the simulated clusters it links.
+RUN cargo build --release --locked --no-default-features --bin kube-relay \
  && install -D -m 0755 target/release/kube-relay /out/kube-relay
 
 # --- run ---

@@ -29,15 +29,13 @@ pub mod audit;
 pub mod auth;
 pub mod authz;
 pub mod body;
-pub mod certs;
+pub mod cli;
 pub mod config;
 pub mod credentials;
+#[cfg(feature = "dev")]
 pub mod dev;
-pub mod doctor;
 pub mod error;
-pub mod kubeconfig;
 pub mod limits;
-pub mod login;
 pub mod metrics;
 pub mod net;
 pub mod portal;
@@ -53,5 +51,5 @@ pub mod upstream;
 /// Installs the process-wide crypto providers (rustls and jsonwebtoken) explicitly. Call once at
 /// start-up, before any TLS or JWT work.
 pub fn install_crypto_provider() {
-    kube_sim::install_crypto_provider();
+    tls::install_crypto_provider();
 }

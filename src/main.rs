@@ -43,11 +43,11 @@ enum Cmd {
         timeout: std::time::Duration,
     },
     /// Write or merge kubeconfig contexts for every cluster this relay lets you use.
-    Kubeconfig(kube_relay::kubeconfig::KubeconfigArgs),
+    Kubeconfig(kube_relay::cli::kubeconfig::KubeconfigArgs),
     /// Exec credential plugin for kubectl (client.authentication.k8s.io/v1): prints a token for
     /// the relay, signing in (browser, device code, Azure CLI, client secret, workload or managed
     /// identity) only when the on-disk cache has no usable one.
-    Token(kube_relay::login::TokenArgs),
+    Token(kube_relay::cli::login::TokenArgs),
     /// Certificates for trials (production issuance: certs/README.md).
     #[command(subcommand)]
     Certs(CertsCmd),
@@ -130,8 +130,8 @@ fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Kubeconfig(args) => kube_relay::kubeconfig::main(args),
-        Cmd::Token(args) => kube_relay::login::main(args),
+        Cmd::Kubeconfig(args) => kube_relay::cli::kubeconfig::main(args),
+        Cmd::Token(args) => kube_relay::cli::login::main(args),
         Cmd::CheckConfig { config } => match kube_relay::config::load(&config) {
             Ok(cfg) => match kube_relay::tls::server_config(&cfg.tls) {
                 Ok(_) => {
@@ -190,8 +190,8 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(code) => return code,
             };
-            let opts = kube_relay::doctor::Options { timeout };
-            let report = rt.block_on(kube_relay::doctor::run_file(&config, &opts));
+            let opts = kube_relay::cli::doctor::Options { timeout };
+            let report = rt.block_on(kube_relay::cli::doctor::run_file(&config, &opts));
             // A DNS lookup cut by its timeout may still sit in the resolver on a blocking
             // thread; do not let it hold the exit.
             rt.shutdown_timeout(std::time::Duration::from_millis(200));
@@ -209,15 +209,15 @@ fn main() -> ExitCode {
             force,
         }) => {
             kube_relay::install_crypto_provider();
-            let opts = kube_relay::certs::DevCertOptions {
+            let opts = kube_relay::cli::certs::DevCertOptions {
                 dir,
                 host_suffix,
                 public_host,
                 force,
             };
-            match kube_relay::certs::dev(&opts) {
+            match kube_relay::cli::certs::dev(&opts) {
                 Ok(out) => {
-                    print!("{}", kube_relay::certs::summary(&out));
+                    print!("{}", kube_relay::cli::certs::summary(&out));
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -226,6 +226,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        #[cfg(feature = "dev")]
         Cmd::Dev(args) => match args.cmd {
             Some(DevCmd::Token { dir, user }) => {
                 let info = std::env::var("KUBERNETES_EXEC_INFO").ok();
@@ -258,6 +259,16 @@ fn main() -> ExitCode {
                 })
             }
         },
+        #[cfg(not(feature = "dev"))]
+        Cmd::Dev(_) => {
+            eprintln!(
+                "kube-relay dev: this binary was built without the `dev` feature (container \
+                 images and release builds leave the simulated clusters out). Build one with it \
+                 from a checkout: `cargo run -- dev`, or `cargo install --path .` (the feature is \
+                 on by default)."
+            );
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -41,3 +41,11 @@ pub fn server_config(cert: &ServingCert) -> anyhow::Result<Arc<ServerConfig>> {
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
     Ok(Arc::new(cfg))
 }
+
+/// Installs the process-wide crypto providers explicitly, both on aws-lc-rs: rustls's default
+/// (for code that does not pass [`provider`]) and jsonwebtoken's own slot. Two providers in one
+/// tree make rustls refuse to pick one at start-up, so this never leaves the choice implicit.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = jsonwebtoken::crypto::aws_lc::DEFAULT_PROVIDER.install_default();
+}

@@ -223,3 +223,37 @@ fn the_cycle_check_sees_a_cycle() {
     std::fs::write(s.join("b/c.rs"), "use super::D;\n").unwrap();
     assert!(cycles(s).is_empty());
 }
+
+/// The shipped relay (container image, release artefact: `--no-default-features`) links no
+/// simulator: `kube-relay dev` and kube-sim come only with the default `dev` feature.
+#[test]
+fn the_shipped_relay_does_not_link_the_simulator() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tree = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO"))
+            .args(["tree", "--offline", "-e", "normal", "-p", "kube-relay"])
+            .args(extra)
+            .current_dir(root)
+            .output()
+            .expect("cargo tree runs");
+        assert!(
+            out.status.success(),
+            "cargo tree: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(
+        !tree(&["--no-default-features"]).contains("kube-sim"),
+        "kube-sim is linked without the dev feature"
+    );
+    assert!(
+        tree(&[]).contains("kube-sim"),
+        "the default build has `kube-relay dev`, so it links kube-sim"
+    );
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    assert!(
+        dockerfile.contains("cargo build --release --locked --no-default-features"),
+        "the container image is built without the dev feature"
+    );
+}

@@ -8,7 +8,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kube_relay::doctor::{self, Options, Outcome, Report};
+use kube_relay::cli::doctor::{self, Options, Outcome, Report};
 use kube_sim::issuer::{DevIssuer, IssuerHandle, KeyAlg};
 use kube_sim::pki::TestCa;
 use kube_sim::record::UserInfo;

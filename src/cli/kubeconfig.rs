@@ -16,7 +16,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_yaml_ng::{Mapping, Value};
 
-use crate::login::LoginParams;
+use crate::cli::login::LoginParams;
 
 /// The extension marking kubeconfig entries written for a relay.
 pub const EXTENSION: &str = "kube-relay.io/relay";
@@ -621,14 +621,14 @@ async fn run(args: KubeconfigArgs) -> anyhow::Result<()> {
         }
     };
     let mode = match &args.login {
-        Some(m) => Some(crate::login::LoginMode::from_name(m).with_context(|| {
+        Some(m) => Some(crate::cli::login::LoginMode::from_name(m).with_context(|| {
             format!("--login {m}: expected browser, devicecode, azurecli, secret, workloadidentity, msi or github")
         })?),
         None => None,
     };
     let login_args = |passthrough: bool| {
         login_params.as_ref().map(|p| {
-            let mut l = crate::login::LoginArgs::from_params(p, passthrough);
+            let mut l = crate::cli::login::LoginArgs::from_params(p, passthrough);
             if let Some(m) = mode {
                 l.login = m;
                 if !m.needs_human() {
@@ -659,7 +659,7 @@ async fn run(args: KubeconfigArgs) -> anyhow::Result<()> {
             let l = with_environment(login_args(false).context(
                 "the relay publishes no login settings; pass a token with --token (or KUBE_RELAY_TOKEN)",
             )?);
-            crate::login::get_token(&l, std::io::IsTerminal::is_terminal(&std::io::stdin()))
+            crate::cli::login::get_token(&l, std::io::IsTerminal::is_terminal(&std::io::stdin()))
                 .await?
                 .access_token
         }
@@ -759,11 +759,11 @@ async fn run(args: KubeconfigArgs) -> anyhow::Result<()> {
 /// What `kube-relay token` would read from the environment (AZURE_CLIENT_SECRET,
 /// AZURE_FEDERATED_TOKEN_FILE, AZURESUBSCRIPTION_SERVICE_CONNECTION_ID), for this command's own
 /// sign-in. Kept out of the written kubeconfig: the plugin reads them again at run time.
-fn with_environment(mut l: crate::login::LoginArgs) -> crate::login::LoginArgs {
+fn with_environment(mut l: crate::cli::login::LoginArgs) -> crate::cli::login::LoginArgs {
     #[derive(clap::Parser)]
     struct FromEnv {
         #[command(flatten)]
-        login: crate::login::LoginArgs,
+        login: crate::cli::login::LoginArgs,
     }
     if let Ok(e) = <FromEnv as clap::Parser>::try_parse_from(["kube-relay"]) {
         let e = e.login;
@@ -786,7 +786,7 @@ fn default_scope(scope: &str) -> String {
 }
 
 /// The exec `args` for a login: `token` and its flags.
-pub fn token_args(l: &crate::login::LoginArgs) -> Vec<String> {
+pub fn token_args(l: &crate::cli::login::LoginArgs) -> Vec<String> {
     std::iter::once("token".to_owned())
         .chain(l.to_exec_args())
         .collect()

@@ -12,7 +12,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use kube_sim::pki::TestCa;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
 
 /// Options for [`dev`].
 pub struct DevCertOptions {
@@ -63,25 +66,54 @@ pub fn dev(opts: &DevCertOptions) -> anyhow::Result<DevCerts> {
             names.push(n);
         }
     }
-    let ca = TestCa::new("kube-relay trial CA (not for production)")?;
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let leaf = ca
-        .issue(&refs)
+    let (ca_pem, cert_pem, key_pem) = trial_pair(&names)
         .with_context(|| format!("cannot issue a certificate for {}", names.join(", ")))?;
 
     let ca_cert = dir.join("ca.crt");
     let cert = dir.join("relay.crt");
-    std::fs::write(&ca_cert, ca.cert_pem())
+    std::fs::write(&ca_cert, ca_pem)
         .with_context(|| format!("cannot write {}", ca_cert.display()))?;
-    std::fs::write(&cert, &leaf.cert_pem)
-        .with_context(|| format!("cannot write {}", cert.display()))?;
-    write_private(&key_path, &leaf.key_pem)?;
+    std::fs::write(&cert, cert_pem).with_context(|| format!("cannot write {}", cert.display()))?;
+    write_private(&key_path, &key_pem)?;
     Ok(DevCerts {
         ca_cert,
         cert,
         key: key_path,
         names,
     })
+}
+
+/// A fresh CA and a server certificate it signs for `names` (the first is the common name):
+/// (CA certificate PEM, leaf certificate PEM, leaf key PEM). The CA's key is dropped here.
+fn trial_pair(names: &[String]) -> anyhow::Result<(String, String, String)> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name.push(
+        DnType::CommonName,
+        "kube-relay trial CA (not for production)",
+    );
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_pem = ca.self_signed(&ca_key)?.pem();
+    let issuer = Issuer::new(ca, ca_key);
+
+    let key = KeyPair::generate()?;
+    let mut leaf = CertificateParams::new(Vec::<String>::new())?;
+    leaf.distinguished_name.push(
+        DnType::CommonName,
+        names.first().map_or("localhost", String::as_str),
+    );
+    for name in names {
+        leaf.subject_alt_names
+            .push(match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.as_str().try_into()?),
+            });
+    }
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    leaf.use_authority_key_identifier_extension = true;
+    let cert_pem = leaf.signed_by(&key, &issuer)?.pem();
+    Ok((ca_pem, cert_pem, key.serialize_pem()))
 }
 
 /// What `kube-relay certs dev` prints.
