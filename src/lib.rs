@@ -47,6 +47,7 @@ pub mod state;
 pub mod streams;
 pub mod tls;
 pub mod upstream;
+pub mod wire;
 
 /// Installs the process-wide crypto providers (rustls and jsonwebtoken) explicitly. Call once at
 /// start-up, before any TLS or JWT work.

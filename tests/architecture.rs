@@ -257,3 +257,37 @@ fn the_shipped_relay_does_not_link_the_simulator() {
         "the container image is built without the dev feature"
     );
 }
+
+/// Layers (docs/architecture.md, "Module map"): the relay's server side never imports the
+/// user-side CLI (what both need is in `wire`), and `wire` and `net` import nothing that
+/// serves requests.
+#[test]
+fn the_server_side_never_imports_the_cli() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut found = Vec::new();
+    for f in &files {
+        let module = module_of(&src, f);
+        let first = module.first().map(String::as_str).unwrap_or("");
+        let code = code_of(&std::fs::read_to_string(f).unwrap());
+        let banned: &[&str] = match first {
+            // The user side, the embedded default and the binary's entry point may use it all.
+            "cli" | "dev" | "main" => &[],
+            "wire" | "net" => &[
+                "crate::cli",
+                "crate::server",
+                "crate::proxy",
+                "crate::portal",
+                "crate::state",
+            ],
+            _ => &["crate::cli"],
+        };
+        for b in banned {
+            if code.contains(b) {
+                found.push(format!("{} uses {b}", f.display()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "layering broken:\n{}", found.join("\n"));
+}

@@ -10,14 +10,13 @@ use hyper::body::Incoming;
 
 use crate::auth::Principal;
 use crate::body::RelayBody;
-use crate::cli::kubeconfig::{
-    self, ClusterEntry, ClusterList, ListUser, Options, Plugin, RelayInfo, Style,
-};
-use crate::cli::login::LoginParams;
 use crate::config::{IssuerKind, UpstreamAuth};
 use crate::error::ProxyError;
 use crate::state::ConnCtx;
 use crate::state::State;
+use crate::wire::clusters::{ClusterEntry, ClusterList, ListUser, RelayInfo};
+use crate::wire::kubeconfig::{self, Options, Plugin, Style};
+use crate::wire::login::{LoginArgs, LoginParams};
 
 pub async fn handle(
     state: &State,
@@ -62,11 +61,11 @@ pub async fn handle(
                 relay_args: list
                     .login
                     .as_ref()
-                    .map(|l| kubeconfig::token_args(&crate::cli::login::LoginArgs::from_params(l, false))),
+                    .map(|l| kubeconfig::token_args(&LoginArgs::from_params(l, false))),
                 passthrough_args: list
                     .login
                     .as_ref()
-                    .map(|l| kubeconfig::token_args(&crate::cli::login::LoginArgs::from_params(l, true))),
+                    .map(|l| kubeconfig::token_args(&LoginArgs::from_params(l, true))),
             };
             let doc = kubeconfig::build(&list, &opts).map_err(|e| {
                 ProxyError::BadRequest(format!("cannot build a kubeconfig: {e:#}"))

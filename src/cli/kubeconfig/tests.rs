@@ -1,4 +1,5 @@
 use super::*;
+use crate::wire::kubeconfig::EXEC_API;
 
 fn list(clusters: &[(&str, &str)]) -> ClusterList {
     ClusterList {
