@@ -1,5 +1,6 @@
 //! The audit log: one JSON line per request, shaped like Kubernetes' `audit.k8s.io/v1` Event
-//! (protocols.md §5.2) so relay records join AKS `kube-audit` rows on `auditID` (the relay sends
+//! (docs/protocols.md §5.2) so relay records join AKS `kube-audit` rows on `auditID` (the relay
+//! sends
 //! the same id upstream as `Audit-ID`).
 //!
 //! Long-running requests (watch, `logs -f`, exec, attach, port-forward) get two records: stage

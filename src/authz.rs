@@ -2,7 +2,7 @@
 //!
 //! The verb is derived the way kube-apiserver derives it, with one deliberate difference taken
 //! from KEP-4006: exec, attach and portforward are `create` whatever the HTTP method, because
-//! kubectl ≥ 1.30 opens them with a WebSocket GET (security.md A4).
+//! kubectl ≥ 1.30 opens them with a WebSocket GET (docs/security.md A4).
 
 use std::collections::BTreeSet;
 

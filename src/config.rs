@@ -1,4 +1,5 @@
-//! Configuration: the YAML file schema (design.md §3) and the validated runtime [`Config`].
+//! Configuration: the YAML file schema (docs/architecture.md "Configuration") and the validated
+//! runtime [`Config`].
 //!
 //! Two layers, kept apart on purpose:
 //! - `File*` structs mirror the file (serde, `deny_unknown_fields`). They are parsed section by
@@ -430,7 +431,7 @@ impl Default for Timeouts {
             handshake: Duration::from_secs(10),
             connect: Duration::from_secs(5),
             response_header: Duration::from_secs(60),
-            // Watches without timeoutSeconds last 30–60 min on the API server (protocols.md
+            // Watches without timeoutSeconds last 30–60 min on the API server (docs/protocols.md
             // §3.4); the relay must never be the one to cut them first.
             stream_idle: Duration::from_secs(2 * 60 * 60),
             token_grace: Duration::from_secs(5 * 60),
@@ -481,7 +482,7 @@ pub struct IssuerConfig {
     pub keys: KeyPolicy,
 }
 
-/// How an issuer's signing keys are kept fresh (protocols.md §2.3).
+/// How an issuer's signing keys are kept fresh (docs/protocols.md §2.3).
 #[derive(Debug, Clone)]
 pub struct KeyPolicy {
     /// Background refresh period while the IdP answers.
@@ -570,7 +571,8 @@ pub enum UpstreamAuth {
     Passthrough,
     /// The relay's credential plus `Impersonate-*` headers for the caller.
     Impersonate(RelayCredential),
-    /// The caller's token is exchanged with Entra's on-behalf-of grant (design.md §5).
+    /// The caller's token is exchanged with Entra's on-behalf-of grant (docs/architecture.md
+    /// "Identity and upstream credentials").
     OnBehalfOf(OboConfig),
 }
 
@@ -615,7 +617,7 @@ impl fmt::Debug for RelayCredential {
 }
 
 /// The Entra application id of the AKS server app: the audience of every AKS-managed Entra
-/// cluster (protocols.md §4.2).
+/// cluster (docs/protocols.md §4.2).
 pub const AKS_SERVER_APP: &str = "6dae42f8-4368-4678-94ff-3960e28e3630";
 /// Entra's public-cloud authority.
 pub const DEFAULT_AUTHORITY_HOST: &str = "https://login.microsoftonline.com";

@@ -1,4 +1,5 @@
-//! Upstream credentials: what the relay sends as `Authorization` to one cluster (design.md §5).
+//! Upstream credentials: what the relay sends as `Authorization` to one cluster
+//! (docs/architecture.md "Identity and upstream credentials").
 //!
 //! One [`UpstreamCredentials`] per cluster, built from its `upstream_auth`:
 //! - `passthrough`: the caller's verified token, unchanged.

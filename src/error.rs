@@ -2,7 +2,7 @@
 //!
 //! Every phase of the request path returns `Result<_, ProxyError>`; [`ProxyError::into_response`]
 //! is the only function that turns an error into bytes on the wire, always as a `metav1.Status`
-//! JSON body so kubectl prints it properly (protocols.md §3.2). Messages are written for the
+//! JSON body so kubectl prints it properly (docs/protocols.md §3.2). Messages are written for the
 //! person at the terminal; authentication failures say only "Unauthorized" on the wire and keep
 //! the detail for the log, so a probing client learns nothing about why its token failed.
 

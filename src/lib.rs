@@ -6,24 +6,26 @@
 //!  accept (connection permit) ─► TLS (one deadline; SNI kept) ─► HTTP/1.1 or h2 (hyper-util auto)
 //!        │
 //!        ▼  proxy::handle — one named phase each, errors rendered in one place (error.rs)
+//!  relay page? (/, /-/) ─► portal
 //!  route (route.rs: SNI / Host / path must agree)
-//!    ─► header checks ─► authenticate (auth.rs → Principal)
-//!    ─► cluster lookup ─► authorize (authz.rs, default deny; exec/attach/portforward = create)
+//!    ─► authenticate (state.rs → auth/: Principal)
+//!    ─► authorize (authz.rs, default deny; exec/attach/portforward = create)
 //!    ─► prepare upstream headers (proxy/headers.rs: strip, then add credential + identity)
-//!    ─► forward over the cluster's pool (upstream.rs, h2 or http/1.1), streaming the body back
+//!    ─► forward over the cluster's pool (upstream/, h2 or http/1.1), streaming the body back
 //!       or upgrade (proxy/upgrade.rs: own connection, tunnel only after a real 101)
-//!    ─► access log + metrics (metrics.rs)
+//!    ─► audit record, access log, metrics
 //! ```
 //!
 //! # Modules
-//! - [`config`]: file schema → validated [`config::Config`]; every error reported at once.
-//! - [`app`]: wiring, listeners, admin endpoints.
-//! - [`tls`]: serving TLS and the process's one crypto provider.
-//! - [`route`], [`auth`], [`authz`], [`proxy`], [`upstream`]: the request path.
-//! - [`credentials`]: what the relay sends upstream as `Authorization` per cluster (passthrough,
-//!   token file, Azure identity, Entra on-behalf-of), cached and refreshed off the request path.
-//! - [`error`]: the one place errors become `metav1.Status` responses.
-//! - [`dev`]: the embedded default (`kube-relay dev`).
+//! The map, its layers and the invariants each module keeps are in docs/architecture.md.
+//! - Server side: [`server`] (listeners, reload, drain, admin) over [`proxy`] and [`portal`],
+//!   which share [`state`]; below them [`route`], [`auth`], [`authz`], [`credentials`],
+//!   [`upstream`], [`streams`], [`body`], [`audit`], [`metrics`], [`limits`] and [`error`] (the
+//!   one place errors become `metav1.Status` responses).
+//! - Bottom: [`net`] (the one outbound HTTPS stack), [`wire`] (documents server and CLI share),
+//!   [`config`], [`tls`], [`private_file`].
+//! - User side: [`cli`] (`kube-relay token`, `kubeconfig`, `doctor`, `certs`).
+//! - `dev`: the embedded default (`kube-relay dev`), only with the default `dev` feature.
 
 pub mod audit;
 pub mod auth;

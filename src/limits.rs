@@ -1,6 +1,6 @@
 //! Limits that keep one caller from starving the others.
 //!
-//! - [`FailureLimiter`]: per-source limits on failed authentication (security.md F5).
+//! - [`FailureLimiter`]: per-source limits on failed authentication (docs/security.md F5).
 //! - [`IdentityRate`]: a token bucket per authenticated identity (issuer, subject), so one user or
 //!   pipeline flooding requests gets 429 while everyone else is unaffected (scenario 9). The cap
 //!   on concurrent long-running streams per identity lives in the stream registry.
@@ -63,7 +63,7 @@ impl FailureLimiter {
     }
 }
 
-/// Open connections per source address (security.md F1: one address cannot hold every slot).
+/// Open connections per source address (docs/security.md F1: one address cannot hold every slot).
 #[derive(Default)]
 pub struct SourceConnections {
     open: Mutex<HashMap<IpAddr, u32>>,

@@ -1,4 +1,4 @@
-//! Prometheus metrics (protocols.md §5.1 names). Labels never carry user ids, tokens or raw
+//! Prometheus metrics (docs/protocols.md §5.1 names). Labels never carry user ids, tokens or raw
 //! paths: cluster names come from config, verbs and reasons from fixed sets.
 
 use prometheus_client::encoding::EncodeLabelSet;

@@ -1,4 +1,5 @@
-//! Routing: which cluster a request is for (design.md §4). Pure: no I/O, no allocation beyond the
+//! Routing: which cluster a request is for (docs/architecture.md "Routing"). Pure: no I/O, no
+//! allocation beyond the
 //! result, fuzzed and property-tested.
 //!
 //! Three inputs can name a cluster: the TLS SNI (`<cluster>.<host_suffix>`), the Host header or

@@ -105,7 +105,7 @@ fn spawn_probes(state: &State) {
     }
 }
 
-/// Closes live streams the (new) rules no longer admit (security.md A6).
+/// Closes live streams the (new) rules no longer admit (docs/security.md A6).
 fn revoke_streams(state: &State) {
     for s in state.streams.snapshot() {
         let allowed = match state.upstreams.get(&s.cluster) {
@@ -372,7 +372,7 @@ impl App {
     }
 }
 
-/// Graceful drain (security.md scenario 7): readiness fails at once so load balancers stop
+/// Graceful drain (docs/security.md scenario 7): readiness fails at once so load balancers stop
 /// sending; new connections are still accepted for `drain_delay` (they may already be on their
 /// way); HTTP/2 connections get GOAWAY and HTTP/1.1 ones lose keep-alive, so in-flight REST
 /// completes; watches are closed at random moments spread over `drain_window` so clients do not

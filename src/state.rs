@@ -50,7 +50,7 @@ pub struct ConnCtx {
 impl State {
     /// The authenticate phase: extracts and verifies the caller's bearer token. A source that
     /// keeps failing is refused with 429 before any verification work, except for tokens
-    /// already verified (security.md F5). Shared by the proxy and the portal's APIs.
+    /// already verified (docs/security.md F5). Shared by the proxy and the portal's APIs.
     pub async fn authenticate(
         &self,
         peer: std::net::IpAddr,

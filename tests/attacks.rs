@@ -1,4 +1,4 @@
-//! The attack suite (issue 5 item 5): security.md rows C1–C4, D2–D4, F1–F3 and F6, each driven
+//! The attack suite (issue 5 item 5): docs/security.md rows C1–C4, D2–D4, F1–F3 and F6, each driven
 //! over raw TLS sockets or hand-written HTTP/2 frames against an in-process relay, with the
 //! simulated clusters' request records as the ground truth of what got through.
 //!
@@ -135,7 +135,8 @@ fn front(tok: &str, extra_headers: &str) -> String {
 /// upstream gets a rebuilt body. Remove the close and the smuggled GET (valid token) reaches beta
 /// (the control at the end shows the record would show it).
 ///
-/// Note: security.md asks for a 400 here; the relay instead forwards the TE-framed request and
+/// Note: docs/security.md C1 records that the ideal answer is a 400 here; the relay instead
+/// forwards the TE-framed request and
 /// closes (RFC-permitted; reported to the lead). The one answer is the cluster's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c1_cl_te_and_te_cl_never_smuggle_a_request() {
@@ -1241,7 +1242,8 @@ fn legacy_client_hello(version: [u8; 2]) -> Vec<u8> {
     rec
 }
 
-/// F6 TLS 1.0 and 1.1 ClientHellos get one fatal alert and a close, never a ServerHello; TLS 1.2 and 1.3 handshakes succeed.
+/// F6 TLS 1.0 and 1.1 ClientHellos get one fatal alert and a close, never a ServerHello; TLS 1.2
+/// and 1.3 handshakes succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn f6_tls_below_1_2_is_refused() {
     let _cpu = CPU_MEASURED.read().await;

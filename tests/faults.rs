@@ -1,4 +1,5 @@
-//! Fault scenarios (security.md (b) 1 and 2): an upstream that black-holes connections or never
+//! Fault scenarios (docs/security.md scenarios 1 and 2): an upstream that black-holes connections
+//! or never
 //! answers makes requests fail fast with a Status naming the cluster, never hang; other clusters
 //! are unaffected. (Refused and flapping upstreams: tests/lifecycle.rs; IdP outages:
 //! tests/identity.rs.)

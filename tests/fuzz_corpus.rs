@@ -1,6 +1,7 @@
-//! The fuzz targets on stable (issue 5 item 7; style.md "fuzz every parser"): every committed
+//! The fuzz targets on stable (issue 5 item 7; docs/architecture.md "Invariants"): every committed
 //! seed under `fuzz/corpus/<target>/` replays through the same checks the cargo-fuzz targets run
-//! (`fuzz/harness.rs`), and proptest properties generate structured inputs for routing (security.md
+//! (`fuzz/harness.rs`), and proptest properties generate structured inputs for routing
+//! (docs/security.md
 //! D1–D3) and header hygiene (B1, B4, B5, B7, D4).
 
 #[path = "../fuzz/harness.rs"]

@@ -1,4 +1,5 @@
-//! Identity like Entra shops need it (issue "identity", security.md group B and E rows): v1 and
+//! Identity like Entra shops need it (issue "identity", docs/security.md group B and E rows): v1
+//! and
 //! v2 tokens each against their own metadata, tenant and scope rules, app-only tokens, group
 //! overage, key rollover, IdP outage, refresh amplification, the verified-token cache and the
 //! per-source limit on failures. The authority is a loopback stand-in serving Entra's layout.

@@ -1,4 +1,4 @@
-//! Reload and drain (security.md scenarios 5 and 7): configuration changes under continuous
+//! Reload and drain (docs/security.md scenarios 5 and 7): configuration changes under continuous
 //! traffic lose no request; an invalid file is rejected whole; live streams survive unless their
 //! access was revoked; SIGHUP and file changes trigger reloads; SIGTERM drains gracefully.
 
@@ -844,7 +844,7 @@ async fn try_tls(
     .map_err(|_| std::io::Error::other("handshake timed out"))?
 }
 
-/// security.md F1: one source address cannot hold more than its share of connections.
+/// docs/security.md F1: one source address cannot hold more than its share of connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_source_connection_cap() {
     let env = dev_env().await;

@@ -270,7 +270,8 @@ async fn oidc_provider_tokens_are_accepted_and_its_key_rotation_followed() {
 }
 
 /// oidc-provider's stock JWT access tokens (RFC 9068) carry no `nbf`; kube-relay requires one
-/// (design.md §5, security.md E4), so such a token is refused even though everything else about
+/// (docs/architecture.md "Identity and upstream credentials", docs/security.md E4), so such a token
+/// is refused even though everything else about
 /// it is right. provider.mjs adds `nbf` = `iat` unless `--no-nbf`. If the relay ever stops
 /// requiring `nbf`, this test is the one to change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! The relay's rules, each driven the way a client meets them: raw TLS requests with chosen SNI
-//! and Host, checked against what the simulated cluster recorded (design.md §4–5, security.md
+//! and Host, checked against what the simulated cluster recorded (docs/architecture.md "Routing"
+//! and "Identity and upstream credentials", docs/security.md
 //! A, B, C, D, E rows that apply to the data plane).
 
 mod support;
@@ -329,7 +330,8 @@ async fn header_hygiene_in_impersonate_and_passthrough_modes() {
 async fn client_impersonation_is_refused_and_underscored_names_rejected() {
     let env = dev_env().await;
     let tok = bearer(&env.dev.token("alice"));
-    // Default deny (design.md §5): no dev rule allows `kubectl --as`, in any spelling.
+    // Default deny (docs/architecture.md "Identity and upstream credentials"): no dev rule allows
+    // `kubectl --as`, in any spelling.
     for extra in [
         vec![("Impersonate-User", "admin")],
         vec![
@@ -687,7 +689,7 @@ async fn non_101_upgrade_answer_closes_and_pipelined_bytes_never_reach_upstream(
     }
 }
 
-/// Redirects are never followed; for upgrades they become an error (security.md A5).
+/// Redirects are never followed; for upgrades they become an error (docs/security.md A5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_are_not_followed() {
     let up = FakeUpstream::start(
@@ -722,7 +724,7 @@ async fn redirects_are_not_followed() {
     assert_eq!(up2.received_text().matches("GET ").count(), 1);
 }
 
-/// A 101 that does not match what was asked for is not a tunnel (security.md A1, C5).
+/// A 101 that does not match what was asked for is not a tunnel (docs/security.md A1, C5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mismatched_101_is_refused() {
     for answer in [
@@ -823,7 +825,7 @@ async fn metrics_and_health_on_the_admin_listener() {
 }
 
 /// A response hyper cannot parse fails that exchange with a 502 naming the cluster, and the
-/// connection it came on is never used again (security.md C5).
+/// connection it came on is never used again (docs/security.md C5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_upstream_response_is_502_and_its_connection_is_dropped() {
     let up = FakeUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nhello").await;
@@ -899,7 +901,7 @@ async fn long_running_gauge_follows_a_live_watch() {
 }
 
 /// Browsers put the bearer token in `Sec-WebSocket-Protocol`; the relay validates it like any
-/// token and never forwards or echoes the entry (security.md B7).
+/// token and never forwards or echoes the entry (docs/security.md B7).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_bearer_subprotocol_is_validated_and_stripped() {
     use base64::Engine as _;

@@ -1,5 +1,5 @@
-# kube-relay's configuration, rendered from this deployment (design.md §3). The same document
-# is installed on every instance and exported as the output `relay_config_yaml`.
+# kube-relay's configuration, rendered from this deployment (the configuration reference in
+# README.md). The same document is installed on every instance and exported as the output `relay_config_yaml`.
 
 locals {
   # systemd's LoadCredential= copies the Key Vault PEM (chain + key in one file) here; the relay

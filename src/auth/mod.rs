@@ -1,6 +1,6 @@
 //! Authentication: bearer tokens from the configured OIDC / Entra issuers become a [`Principal`].
 //!
-//! Order of checks, cheapest first, so junk never costs a signature verification (security.md
+//! Order of checks, cheapest first, so junk never costs a signature verification (docs/security.md
 //! E1–E4, F5): size → JWT shape and header (`alg` in the issuer's allowlist, `kid` present and
 //! short) → the verified-token cache → `iss` names a configured key source → `kid` is in that
 //! source's cached keys (one rate-limited, single-flight refresh on a miss) → the key's type
@@ -11,7 +11,8 @@
 //! keys fetched from the issuer's own discovery document, and an Entra issuer's v1 and v2 tokens
 //! are each checked against the keys of their own metadata document.
 //!
-//! Key freshness (protocols.md §2.3, security.md E8 and scenario 3): a background task refreshes
+//! Key freshness (docs/protocols.md §2.3, docs/security.md E8 and scenario 3): a background task
+//! refreshes
 //! every source on `key_refresh_interval` (retrying with backoff while the IdP is down); an
 //! unknown `kid` triggers at most one fetch per `key_refresh_cooldown`; failed fetches keep the
 //! last good keys, for at most `max_key_staleness`. No request waits on a refresh when its key is
@@ -516,7 +517,7 @@ fn claim_list(claims: &serde_json::Map<String, Value>, name: &str) -> Vec<String
 }
 
 /// Entra replaces `groups` by a pointer to Graph above 200 groups (or sets `hasgroups`); the
-/// pointer's URL is never fetched (security.md E7).
+/// pointer's URL is never fetched (docs/security.md E7).
 fn has_groups_overage(claims: &serde_json::Map<String, Value>) -> bool {
     claims
         .get("_claim_names")

@@ -209,7 +209,7 @@ pub struct Attempt {
     pub state: String,
     pub verifier: String,
     pub nonce: String,
-    /// Where to go after signing in (already checked by [`super::safe_next`]).
+    /// Where to go after signing in (already checked by the portal's `safe_next`).
     pub next: String,
     /// Seconds since the epoch; the cookie's Max-Age says the same to the browser.
     pub expires_at: u64,

@@ -1,6 +1,7 @@
 //! `kube-relay certs dev`: a throwaway CA and a serving certificate for trials.
 //!
-//! The certificate covers what the relay must answer for (design.md §3): the public host and
+//! The certificate covers what the relay must answer for (docs/architecture.md "Configuration"):
+//! the public host and
 //! `*.<host_suffix>` (SNI routing), plus `localhost` and `127.0.0.1` so a trial on one machine
 //! works. Production certificates come from Key Vault, cert-manager or ACME instead
 //! (certs/README.md); nothing written here belongs in git (the repository's .gitignore keeps

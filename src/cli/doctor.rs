@@ -1,5 +1,5 @@
 //! `kube-relay doctor --config FILE`: checks, from where the relay runs, every path a request
-//! takes, and prints one table row per check (design.md §2).
+//! takes, and prints one table row per check (README.md "Commands").
 //!
 //! Per cluster, in order — a failed step skips the steps that need it, never the others:
 //! 1. `dns`: resolve the host the relay dials (`connect`, else the `server` host);
@@ -317,7 +317,8 @@ async fn check_cluster(cluster: &Arc<ClusterConfig>, opts: &Options) -> Report {
     report
 }
 
-/// Resolves `host:port`; an IP literal needs no lookup (the usual `connect: <private endpoint IP>`).
+/// Resolves `host:port`; an IP literal needs no lookup (the usual `connect: <private endpoint
+/// IP>`).
 async fn resolve(dial: &str) -> Result<(Vec<SocketAddr>, String), String> {
     if let Ok(addr) = dial.parse::<SocketAddr>() {
         return Ok((vec![addr], format!("{dial}: IP address, no lookup needed")));

@@ -1,4 +1,5 @@
-//! The relay's own pages and APIs, on the public host only (design.md §4): the portal at `/`
+//! The relay's own pages and APIs, on the public host only (docs/architecture.md "Routing"): the
+//! portal at `/`
 //! and everything under `/-/`. Nothing here is ever forwarded to a cluster.
 //!
 //! - [`api`]: `/-/clusters`, `/-/kubeconfig` (bearer token or portal session) and

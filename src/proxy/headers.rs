@@ -1,6 +1,6 @@
 //! Header hygiene: what may cross the relay, and what the relay adds.
 //!
-//! Order matters (security.md B1, B4, B5, B7, D4):
+//! Order matters (docs/security.md B1, B4, B5, B7, D4):
 //! 1. Read the client's `Connection` tokens first, then drop hop-by-hop headers and every header
 //!    they name, so a client can never use `Connection:` to delete what the relay adds later.
 //! 2. Drop identity-bearing headers the client must not control: `Authorization`, any
@@ -198,7 +198,7 @@ pub fn sanitize_request(headers: &HeaderMap) -> HeaderMap {
 }
 
 /// A header value from identity data: CR, LF and other control characters are refused rather
-/// than stripped, so an identity is never silently changed into another (security.md B3).
+/// than stripped, so an identity is never silently changed into another (docs/security.md B3).
 fn identity_value(s: &str) -> Result<HeaderValue, ProxyError> {
     if s.bytes().any(|b| b.is_ascii_control()) {
         return Err(ProxyError::Forbidden(

@@ -99,7 +99,7 @@ pub async fn handle(
     resp.headers_mut().insert("audit-id", audit_id.clone());
     if is_upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // A refused upgrade closes the client connection: whatever the client pipelined after
-        // it is never read as another request (security.md A1, A2).
+        // it is never read as another request (docs/security.md A1, A2).
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -324,7 +324,8 @@ async fn proxy(
             subresource: info.subresource.clone(),
         });
     }
-    // Nested impersonation (`kubectl --as`) is denied unless a rule allows it (security.md B2).
+    // Nested impersonation (`kubectl --as`) is denied unless a rule allows it (docs/security.md
+    // B2).
     let nested = headers::requested_impersonation(req.headers())?;
     if let Some(n) = &nested {
         out.audit.impersonated = Some(AuditUser {
@@ -367,7 +368,7 @@ async fn proxy(
     )?;
     headers::add_forwarding(&mut up_headers, req.headers(), conn.peer.ip(), audit_id);
 
-    // Long-running requests end when the caller's token does (plus grace): security.md A6.
+    // Long-running requests end when the caller's token does (plus grace): docs/security.md A6.
     let token_deadline = token_deadline(&principal, state.cfg.timeouts.token_grace);
 
     // Phase: forward or upgrade.

@@ -1,7 +1,7 @@
 //! exec / attach / port-forward: HTTP/1.1 upgrades to SPDY/3.1 or WebSocket, relayed as a byte
 //! tunnel.
 //!
-//! Invariants (security.md A1–A3, A5, C5):
+//! Invariants (docs/security.md A1–A3, A5, C5):
 //! - Only `websocket` and `SPDY/3.1`, only on `pods/{exec,attach,portforward}`; anything else is
 //!   refused before any upstream connection is made.
 //! - Each upgrade dials its own upstream HTTP/1.1 connection, never pooled before or after.

@@ -46,7 +46,7 @@ pub struct ClusterEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sni_server: Option<String>,
     /// `<name>.<host_suffix>`: set with the path-style server so SNI still names the cluster
-    /// when `kubectl get --raw` drops the path (design.md §4).
+    /// when `kubectl get --raw` drops the path (docs/architecture.md "Routing").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_server_name: Option<String>,
     /// `passthrough`, `impersonate` or `on_behalf_of`: passthrough clusters need a token for

@@ -16,7 +16,7 @@
 //                api://kube-relay). An access token for resource R is a JWT (RFC 9068) with
 //                aud = R, sub = client_id, RS256.
 // --no-nbf       issue tokens exactly as stock oidc-provider does (no `nbf`). By default an
-//                `nbf` = `iat` claim is added, because kube-relay requires `nbf` (design.md §5).
+//                `nbf` = `iat` claim is added, because kube-relay requires `nbf` (docs/architecture.md "Identity and upstream credentials").
 // --parent-stdin exit when stdin reaches EOF (the parent died), besides on SIGTERM / SIGINT.
 //
 // People signing in (kube-relay token, the browser portal), all off unless a flag names them:

@@ -1,4 +1,4 @@
-//! The client-go exec credential wire format (protocols.md §1.2): `KUBERNETES_EXEC_INFO` in,
+//! The client-go exec credential wire format (docs/protocols.md §1.2): `KUBERNETES_EXEC_INFO` in,
 //! one `ExecCredential` on stdout.
 
 use std::time::SystemTime;

@@ -1,7 +1,7 @@
 //! Sealed cookies: the portal keeps no server-side state, so what a browser must carry between
 //! requests (the sign-in attempt, then the session) is sealed with AES-256-GCM under the
 //! configured cookie key. Every replica reads the same key file, so any replica opens a cookie
-//! another one sealed (design.md §1, horizontal scale).
+//! another one sealed (docs/operations.md "Scale out").
 //!
 //! Wire format of a sealed value: `base64url(nonce[12] ‖ ciphertext ‖ tag[16])`, no padding.
 //! The nonce is random per seal (96 bits; a key seals far fewer than 2³² values between
