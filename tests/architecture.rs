@@ -291,3 +291,38 @@ fn the_server_side_never_imports_the_cli() {
     }
     assert!(found.is_empty(), "layering broken:\n{}", found.join("\n"));
 }
+
+/// Comments send a reader only to documents in the repository (docs/architecture.md,
+/// docs/security.md, docs/protocols.md), never to product documents kept elsewhere.
+#[test]
+fn comments_cite_only_documents_in_the_repository() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for dir in ["src", "tests", "benches", "kube-sim/src", "kube-sim/tests", "fuzz"] {
+        if root.join(dir).is_dir() {
+            rust_files(&root.join(dir), &mut files);
+        }
+    }
+    let mut found = Vec::new();
+    for f in &files {
+        if f.components().any(|c| c.as_os_str() == "target") {
+            continue;
+        }
+        let text = std::fs::read_to_string(f).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            for doc in ["design.md", "style.md", "security.md", "protocols.md"] {
+                let mut at = 0;
+                while let Some(i) = line[at..].find(doc) {
+                    let start = at + i;
+                    if !line[..start].ends_with("docs/") {
+                        found.push(format!("{}:{}: {}", f.display(), n + 1, line.trim()));
+                    }
+                    at = start + doc.len();
+                }
+            }
+        }
+    }
+    // This test names the files it looks for.
+    found.retain(|l| !l.contains("architecture.rs"));
+    assert!(found.is_empty(), "outside citations:\n{}", found.join("\n"));
+}

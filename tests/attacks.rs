@@ -8,7 +8,9 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use support::*;

@@ -198,12 +198,12 @@ impl World {
         let token = self.user_token(oid);
         // The first call starts the issuer's key fetch and waits a bounded time for it; on a
         // loaded machine that wait can end first, so retry until the keys are in.
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
             match self.auth.authenticate(&token).await {
                 Ok((p, _)) => return p,
                 Err(e) => assert!(
-                    std::time::Instant::now() < deadline,
+                    tokio::time::Instant::now() < deadline,
                     "token never authenticated: {e:?}"
                 ),
             }
@@ -317,14 +317,14 @@ async fn azure_client_secret_is_cached_and_refreshed() {
     // The grant was counted when it arrived; the cache takes the answer a moment later.
     // Tokens minted in the same second can be byte-identical, so the claims tell them apart.
     let first_exp = claims_of(&first)["exp"].as_u64();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let after = c.authorization(&alice).await.unwrap().unwrap();
         if claims_of(&after)["exp"].as_u64() > first_exp {
             break;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "the refreshed token never replaced the cached one"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -566,10 +566,10 @@ async fn status_body(p: kube_relay::error::ProxyError) -> Value {
 }
 
 async fn wait_for(mut f: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !f() {
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "condition not reached in 10 s"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -56,11 +56,14 @@ async fn managed_identity_for_impersonation_and_as_obo_federated_assertion() {
     let mi = kube_sim::token_endpoint::serve(l, None, mi_cfg)
         .await
         .unwrap();
-    // Set before any credential is built, and the only test in this binary (see module docs).
+    // Set before any credential is built, and the only test in this binary (see module docs):
+    // azure_identity's managed identity reads its endpoint from the environment only.
+    #[allow(clippy::disallowed_methods)]
     std::env::set_var(
         "IDENTITY_ENDPOINT",
         format!("http://127.0.0.1:{mi_port}/msi/token"),
     );
+    #[allow(clippy::disallowed_methods)]
     std::env::set_var("IDENTITY_HEADER", &identity_header);
 
     // The callers' IdP and the OBO token endpoint, which trusts the MI's tokens as federated
@@ -120,12 +123,12 @@ clusters:
     }));
     // The first call starts the key fetch and waits a bounded time for it; on a loaded machine
     // that wait can end first, so retry until the keys are in.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
     let alice = loop {
         match auth.authenticate(&token).await {
             Ok((p, _)) => break p,
             Err(e) => assert!(
-                std::time::Instant::now() < deadline,
+                tokio::time::Instant::now() < deadline,
                 "token never authenticated: {e:?}"
             ),
         }

@@ -411,7 +411,7 @@ async fn device_flow_is_pending_until_approved_then_issues_a_token() {
         ("client_id", CLI_CLIENT_ID),
         ("device_code", device_code),
     ];
-    let span = std::time::Instant::now();
+    let span = tokio::time::Instant::now();
     let (status, err) = issuer.token(&poll).await;
     assert_eq!(
         (status, err["error"].as_str()),
@@ -515,11 +515,11 @@ async fn kube_relay_token_signs_in_with_the_device_code_at_the_dev_issuer() {
             }
         }
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut seen = Vec::new();
     let user_code = loop {
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "no user code on stderr: {seen:?}"
         );
         match rx.try_recv() {

@@ -140,10 +140,10 @@ fn sibling_binary(name: &str) -> PathBuf {
 }
 
 fn wait_for(path: &Path) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !path.exists() {
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "{} never appeared",
             path.display()
         );
@@ -276,7 +276,7 @@ clusters:
     };
 
     // Wait (bounded) for the relay to answer through the hub.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let out = k(&["get", "pods", "--request-timeout=5s"], None);
         if out.status.success() {
@@ -284,7 +284,7 @@ clusters:
             break;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "the relay never answered across the hub: {}\nrelay log:\n{}",
             String::from_utf8_lossy(&out.stderr),
             std::fs::read_to_string(d.join("relay.log")).unwrap_or_default()

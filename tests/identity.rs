@@ -436,7 +436,7 @@ async fn idp_outage_keeps_cached_keys_and_bounds_unknown_kid_fetches() {
         .mint(e.v1_user(OID_ALICE, json!({"groups": [GROUP_OPS], "uti": "second"})));
     assert_eq!(e.get(&t2, PODS).await.0, 200);
     // A flood of unknown kids: fast 401s, at most one IdP fetch per cooldown (5 min default).
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     for i in 0..40 {
         let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
         h.kid = Some(format!("random-kid-{i}"));
@@ -498,7 +498,7 @@ async fn keys_older_than_max_staleness_are_not_trusted() {
         // A fresh token each time (the verified-token cache would answer for a known one).
         let t = e.issuer.mint(e.v1_user(
             OID_ALICE,
-            json!({"groups": [GROUP_OPS], "uti": format!("{:?}", std::time::Instant::now())}),
+            json!({"groups": [GROUP_OPS], "uti": format!("{:?}", tokio::time::Instant::now())}),
         ));
         if e.get(&t, PODS).await.0 == 401 {
             break;
@@ -786,12 +786,12 @@ async fn streams_end_when_the_token_expires_plus_grace() {
         .spawn()
         .unwrap();
     let _stdin = child.stdin.take();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         if child.try_wait().unwrap().is_some() {
             break;
         }
-        if std::time::Instant::now() > deadline {
+        if tokio::time::Instant::now() > deadline {
             let _ = child.kill();
             panic!("kubectl exec outlived its token");
         }

@@ -545,12 +545,12 @@ async fn sighup_reloads_and_sigterm_drains_the_serve_process() {
         &rest[rest.len().saturating_sub(40)..]
     );
     // The exec session is ended by the drain (after its grace, the window), not left hanging.
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         if exec.try_wait().unwrap().is_some() {
             break;
         }
-        if std::time::Instant::now() > deadline {
+        if tokio::time::Instant::now() > deadline {
             let _ = exec.kill();
             panic!("kubectl exec still running after the drain window");
         }
@@ -595,7 +595,7 @@ async fn per_identity_limits_do_not_touch_other_identities() {
     let pods = "/clusters/beta/api/v1/namespaces/default/pods";
     // All at once, so the bucket's refill during the burst stays small; the bound allows for
     // whatever refilled while they ran, however slow the machine.
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     let codes: Vec<u16> = futures_util::future::join_all((0..12).map(|_| {
         let (env, alice) = (&env, alice.as_str());
         async move {
@@ -789,7 +789,7 @@ async fn a_down_cluster_fails_fast_and_recovers() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Down means fast, names the cluster, and the rest of the relay is fine.
-    let t = std::time::Instant::now();
+    let t = tokio::time::Instant::now();
     let (c, _, body) = get("beta").await;
     assert_eq!(c, 503, "{body}");
     assert!(body.contains("beta"), "{body}");

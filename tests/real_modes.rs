@@ -147,7 +147,7 @@ fn impersonate_mode_with_a_service_account_token_and_a_client_certificate() {
             .find(|r| pred(r))
             .unwrap_or_else(|| panic!("the relay audited the {what}"));
         let id = rec["auditID"].as_str().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(e) = cluster
                 .audit_events()
@@ -162,7 +162,7 @@ fn impersonate_mode_with_a_service_account_token_and_a_client_certificate() {
                 break;
             }
             assert!(
-                std::time::Instant::now() < deadline,
+                tokio::time::Instant::now() < deadline,
                 "{what}: no API server event {id}"
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -489,14 +489,14 @@ fn one_relay_in_front_of_three_clusters_with_different_modes() {
         assert_eq!(got, want);
     };
     // The watch is open once the API server has audited it; then events flow.
-    let deadline = std::time::Instant::now() + T;
+    let deadline = tokio::time::Instant::now() + T;
     while !eus.audit_events().iter().any(|e| {
         e["verb"] == "watch"
             && e["objectRef"]["resource"] == "configmaps"
             && e["stage"] == "ResponseStarted"
     }) {
         assert!(
-            std::time::Instant::now() < deadline,
+            tokio::time::Instant::now() < deadline,
             "the watch on eus never opened"
         );
         std::thread::sleep(Duration::from_millis(50));

@@ -3,7 +3,7 @@
 //! - TLS to a cluster always verifies the cluster's own CA (never the system roots, never
 //!   "insecure") against the host of its `server` URL, also when `connect` makes us dial an IP:
 //!   the dial address and the verified name are separate inputs on purpose (docs/architecture.md
-//! "Configuration").
+//!   "Configuration").
 //! - The pooled client offers ALPN `h2` and `http/1.1` and speaks HTTP/2 when the server picks it,
 //!   so many watches share few connections.
 //! - Upgrades (exec/attach/port-forward) each get their own HTTP/1.1 connection that is dropped

@@ -149,10 +149,10 @@ pub fn read_until(
             }
         }
     });
-    let deadline = std::time::Instant::now() + limit;
+    let deadline = tokio::time::Instant::now() + limit;
     let mut lines = Vec::new();
     let mut done = false;
-    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+    while let Some(left) = deadline.checked_duration_since(tokio::time::Instant::now()) {
         match rx.recv_timeout(left) {
             Ok(l) => {
                 let hit = pred(&l);
