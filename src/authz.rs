@@ -142,11 +142,17 @@ impl RequestInfo {
     }
 }
 
-/// The outcome of an authorization check.
+/// Why the rules refused a request: the message of the 403 Status.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Decision {
-    Allow,
-    Deny(String),
+pub struct Denied(pub String);
+
+/// Proof that the relay's rules admitted one request. Only [`authorize`] makes one (the field
+/// is private), and the proxy's forward and upgrade phases take one by value, so a request the
+/// rules did not admit cannot be sent to a cluster (docs/architecture.md "Invariants").
+#[derive(Debug)]
+#[must_use = "a request is admitted only where the proof is handed to forward or upgrade"]
+pub struct Admitted {
+    _proof: (),
 }
 
 /// Default deny: admitted only when some rule matches the caller, the verb and the namespace.
@@ -158,7 +164,7 @@ pub fn authorize(
     cluster: &ClusterConfig,
     info: &RequestInfo,
     impersonating: bool,
-) -> Decision {
+) -> Result<Admitted, Denied> {
     let mut subject_matched = false;
     let mut overage_blocked = false;
     for rule in &cluster.access {
@@ -185,20 +191,20 @@ pub fn authorize(
             },
         };
         if verb_ok && namespace_ok && (!impersonating || rule.allow_impersonation) {
-            return Decision::Allow;
+            return Ok(Admitted { _proof: () });
         }
     }
     if impersonating && subject_matched {
-        return Decision::Deny(format!(
+        return Err(Denied(format!(
             "user \"{}\" may not impersonate (kubectl --as) on cluster {} through kube-relay",
             p.username, cluster.name
-        ));
+        )));
     }
     if overage_blocked && !subject_matched {
-        return Decision::Deny(format!(
+        return Err(Denied(format!(
             "user \"{}\" has too many groups for the token to list them (Entra group overage); group rules on cluster {} cannot be checked, so they do not admit",
             p.username, cluster.name
-        ));
+        )));
     }
     let what = match (&info.resource, &info.subresource) {
         (Some(r), Some(s)) => format!("{r}/{s}"),
@@ -206,15 +212,15 @@ pub fn authorize(
         _ => "this path".to_owned(),
     };
     if subject_matched {
-        Decision::Deny(format!(
+        Err(Denied(format!(
             "user \"{}\" may not {} {} on cluster {} through kube-relay",
             p.username, info.verb, what, cluster.name
-        ))
+        )))
     } else {
-        Decision::Deny(format!(
+        Err(Denied(format!(
             "user \"{}\" has no access to cluster {} through kube-relay",
             p.username, cluster.name
-        ))
+        )))
     }
 }
 

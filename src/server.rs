@@ -109,10 +109,9 @@ fn spawn_probes(state: &State) {
 fn revoke_streams(state: &State) {
     for s in state.streams.snapshot() {
         let allowed = match state.upstreams.get(&s.cluster) {
-            Some(u) => matches!(
-                crate::authz::authorize(&s.principal, &u.cluster, &s.info, s.impersonating),
-                crate::authz::Decision::Allow
-            ),
+            Some(u) => {
+                crate::authz::authorize(&s.principal, &u.cluster, &s.info, s.impersonating).is_ok()
+            }
             None => false,
         };
         if !allowed {

@@ -1,11 +1,13 @@
-//! The request path, as named phases in order (see the lifecycle in `lib.rs`):
+//! The request path, as named phases in order (docs/architecture.md "Request lifecycle"):
 //!
-//! route → check headers → authenticate → find cluster → authorize → prepare upstream headers →
-//! forward (stream) or upgrade (tunnel after a real 101) → respond (errors rendered in one place)
-//! → access log and metrics.
+//! [`route`] → [`check_headers`] → [`authenticate`] → [`find_cluster`] → [`authorize`] →
+//! [`prepare_upstream`] → [`dispatch`]: forward (stream) or upgrade (tunnel after a real 101).
 //!
-//! [`handle`] never fails: every phase returns `Result<_, ProxyError>` and the one `Err` arm in
-//! `handle` renders it with [`ProxyError::into_response`].
+//! Each phase is a plain async fn that returns `Result<_, ProxyError>` and records what it
+//! learnt in the request's [`Ctx`]; the audit record, the access log line and the metrics are
+//! derived from that context once, at the end of [`handle`]. [`handle`] never fails: the one
+//! `Err` arm there renders every error with [`ProxyError::into_response`]. [`authorize`] yields
+//! the [`Admitted`] proof that [`dispatch`] requires.
 
 pub mod headers;
 pub mod upgrade;
@@ -20,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::audit::{AuditBase, AuditObject, AuditUser};
 use crate::auth::Principal;
-use crate::authz::{authorize, Decision, RequestInfo};
+use crate::authz::{Admitted, RequestInfo};
 use crate::body::{OnClose, RelayBody, StreamBody};
 use crate::error::{Fault, ProxyError};
 use crate::metrics::{DurationLabels, LongRunningLabels, ReasonLabels, RequestLabels};
@@ -28,12 +30,63 @@ use crate::route::{self, Route, RouteInput};
 use crate::state::{ConnCtx, State};
 use crate::upstream::Upstream;
 
-/// Per-request facts gathered by the phases, for the access log, metrics and audit.
+/// What the phases learnt about one request, in the order they learn it. The audit record
+/// (and from it the access log and metrics) is derived from this in [`Ctx::audit`], never
+/// assembled piecemeal by the phases.
 #[derive(Default)]
-struct Outcome {
+struct Ctx {
+    /// Request-side facts known before any phase runs.
+    base: AuditBase,
     cluster: Option<String>,
+    principal: Option<Arc<Principal>>,
+    info: Option<RequestInfo>,
+    /// The identity a permitted `kubectl --as` asks for.
+    nested: Option<headers::Impersonation>,
+    admitted: bool,
     long_running: bool,
-    audit: AuditBase,
+}
+
+impl Ctx {
+    /// The audit record's fields as of now (streams take a copy when they start).
+    fn audit(&self) -> AuditBase {
+        let mut a = self.base.clone();
+        if let Some(c) = &self.cluster {
+            a.annotations.insert("kube-relay.io/cluster", c.clone());
+        }
+        if let Some(p) = &self.principal {
+            a.user = Some(audit_user(p));
+            if let Some(uti) = p.claim("uti").or_else(|| p.claim("jti")) {
+                // The token's id, for correlation with the IdP's sign-in logs; never the token.
+                a.annotations
+                    .insert("kube-relay.io/token-id", uti.to_owned());
+            }
+        }
+        if let Some(info) = &self.info {
+            a.verb = info.verb.clone();
+            if info.is_resource {
+                a.object_ref = Some(AuditObject {
+                    resource: info.resource.clone(),
+                    namespace: info.namespace.clone(),
+                    name: info.name.clone(),
+                    api_group: info.api_group.clone(),
+                    subresource: info.subresource.clone(),
+                });
+            }
+        }
+        if let Some(n) = &self.nested {
+            a.impersonated = Some(AuditUser {
+                username: n.user.clone(),
+                uid: n.uid.clone(),
+                groups: n.groups.clone(),
+                extra: std::collections::BTreeMap::new(),
+            });
+        }
+        if self.admitted {
+            a.annotations
+                .insert("authorization.k8s.io/decision", "allow".into());
+        }
+        a
+    }
 }
 
 /// Serves one request. Never fails: errors become Status responses here and only here.
@@ -46,12 +99,14 @@ pub async fn handle(
     let audit_id = headers::audit_id(req.headers());
     let method = req.method().clone();
     let is_upgrade = req.headers().contains_key(header::UPGRADE);
-    let mut out = Outcome {
-        audit: audit_base(&req, &audit_id, conn.peer.ip()),
-        ..Outcome::default()
+    let mut ctx = Ctx {
+        base: audit_base(&req, &audit_id, conn.peer.ip()),
+        ..Ctx::default()
     };
 
-    let mut resp = match proxy(&state, &conn, req, &audit_id, &mut out).await {
+    let result = phases(&state, &conn, req, &audit_id, &mut ctx).await;
+    let mut audit = ctx.audit();
+    let mut resp = match result {
         Ok(r) => r,
         Err(err) => {
             match err.fault() {
@@ -79,16 +134,16 @@ pub async fn handle(
                     .inc();
             }
             if let ProxyError::Forbidden(why) = &err {
-                out.audit
+                audit
                     .annotations
                     .insert("authorization.k8s.io/decision", "forbid".into());
-                out.audit
+                audit
                     .annotations
                     .insert("authorization.k8s.io/reason", why.clone());
             }
             if let ProxyError::Unauthorized(why) = &err {
                 // The failure class only (e.g. `signature`, `unknown_key`): never token content.
-                out.audit.annotations.insert(
+                audit.annotations.insert(
                     "kube-relay.io/authentication-failure",
                     why.failure.as_label().to_owned(),
                 );
@@ -104,8 +159,8 @@ pub async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
 
-    let cluster = out.cluster.unwrap_or_default();
-    let verb = out.audit.verb.to_ascii_uppercase();
+    let cluster = ctx.cluster.unwrap_or_default();
+    let verb = audit.verb.to_ascii_uppercase();
     let code = resp.status().as_u16();
     state
         .metrics
@@ -117,7 +172,7 @@ pub async fn handle(
         })
         .inc();
     let elapsed = start.elapsed();
-    let streaming = out.long_running && (code == 101 || resp.status().is_success());
+    let streaming = ctx.long_running && (code == 101 || resp.status().is_success());
     if !streaming {
         state
             .metrics
@@ -135,7 +190,7 @@ pub async fn handle(
         "ResponseComplete"
     };
     state.audit.emit(
-        &out.audit,
+        &audit,
         stage,
         code,
         &[("kube-relay.io/latency-ms", elapsed.as_millis().to_string())],
@@ -146,10 +201,10 @@ pub async fn handle(
         peer = %conn.peer,
         method = %method,
         // The path only: queries can carry label values users consider sensitive.
-        path = %out.audit.request_uri.split('?').next().unwrap_or(""),
+        path = %audit.request_uri.split('?').next().unwrap_or(""),
         cluster = %cluster,
-        verb = %out.audit.verb,
-        user = out.audit.user.as_ref().map_or("-", |u| u.username.as_str()),
+        verb = %audit.verb,
+        user = audit.user.as_ref().map_or("-", |u| u.username.as_str()),
         code,
         ms = elapsed.as_millis() as u64,
         "request"
@@ -217,46 +272,15 @@ fn audit_user(p: &Principal) -> AuditUser {
     }
 }
 
-/// The phases, in order.
-async fn proxy(
+/// The phases, in order. Returns early with the portal's answer for the relay's own pages.
+async fn phases(
     state: &State,
     conn: &ConnCtx,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     audit_id: &HeaderValue,
-    out: &mut Outcome,
+    ctx: &mut Ctx,
 ) -> Result<Response<RelayBody>, ProxyError> {
-    // Phase: route (pure; malformed or contradictory names are refused before anything else).
-    let target = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
-    let uri_host = req.uri().authority().map(|a| a.as_str().to_owned());
-    let host_header = match req.headers().get(header::HOST) {
-        Some(h) => Some(
-            h.to_str()
-                .map_err(|_| ProxyError::BadRequest("malformed Host header".into()))?
-                .to_owned(),
-        ),
-        None => None,
-    };
-    let route = route::resolve(
-        &state.cfg.routing,
-        &state.cfg.public_host,
-        RouteInput {
-            sni: conn.sni.as_deref(),
-            hosts: [uri_host.as_deref(), host_header.as_deref()],
-            target: &target,
-        },
-    )
-    .map_err(|e| match e {
-        route::RouteError::BadRequest(m) => ProxyError::BadRequest(m.to_owned()),
-        e @ (route::RouteError::Misdirected { .. } | route::RouteError::HostMismatch(_)) => {
-            ProxyError::Misdirected(e.to_string())
-        }
-        e @ route::RouteError::NoCluster(_) => ProxyError::NotFound(e.to_string()),
-    })?;
-    let (cluster_name, upstream_target) = match route {
+    let (cluster_name, target) = match route(state, conn, &req)? {
         Route::Relay { path } => {
             let path = path.to_owned();
             return crate::portal::handle(state, conn, req, &path).await;
@@ -266,44 +290,90 @@ async fn proxy(
             upstream_target,
         } => (cluster, upstream_target.to_path_and_query()),
     };
-    out.cluster = Some(cluster_name.clone());
-    out.audit
-        .annotations
-        .insert("kube-relay.io/cluster", cluster_name.clone());
+    ctx.cluster = Some(cluster_name.clone());
+    check_headers(&req)?;
+    let principal = authenticate(state, conn, &req, ctx).await?;
+    let upstream = find_cluster(state, &cluster_name)?;
+    let info = RequestInfo::parse(req.method(), &target);
+    let admitted = authorize(state, upstream, &principal, &req, &info, ctx)?;
+    let up_headers = prepare_upstream(conn, upstream, &principal, &req, audit_id, ctx).await?;
+    let up = Prepared {
+        req,
+        headers: up_headers,
+        target: &target,
+        info: &info,
+    };
+    dispatch(state, upstream, admitted, &principal, up, ctx).await
+}
 
-    // Phase: header checks that need no identity.
+/// Phase: route. Pure; malformed or contradictory names are refused before anything else.
+fn route<'a>(
+    state: &'a State,
+    conn: &'a ConnCtx,
+    req: &'a Request<Incoming>,
+) -> Result<Route<'a>, ProxyError> {
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let uri_host = req.uri().authority().map(|a| a.as_str());
+    let host_header = match req.headers().get(header::HOST) {
+        Some(h) => Some(
+            h.to_str()
+                .map_err(|_| ProxyError::BadRequest("malformed Host header".into()))?,
+        ),
+        None => None,
+    };
+    route::resolve(
+        &state.cfg.routing,
+        &state.cfg.public_host,
+        RouteInput {
+            sni: conn.sni.as_deref(),
+            hosts: [uri_host, host_header],
+            target,
+        },
+    )
+    .map_err(|e| match e {
+        route::RouteError::BadRequest(m) => ProxyError::BadRequest(m.to_owned()),
+        e @ (route::RouteError::Misdirected { .. } | route::RouteError::HostMismatch(_)) => {
+            ProxyError::Misdirected(e.to_string())
+        }
+        e @ route::RouteError::NoCluster(_) => ProxyError::NotFound(e.to_string()),
+    })
+}
+
+/// Phase: header checks that need no identity.
+fn check_headers(req: &Request<Incoming>) -> Result<(), ProxyError> {
     if headers::total_size(req.headers()) > headers::MAX_HEADER_BYTES {
         return Err(ProxyError::HeaderTooLarge);
     }
-    headers::reject_underscore_identity_headers(req.headers())?;
+    headers::reject_underscore_identity_headers(req.headers())
+}
 
-    // Phase: authenticate.
+/// Phase: authenticate, then the caller's request rate.
+async fn authenticate(
+    state: &State,
+    conn: &ConnCtx,
+    req: &Request<Incoming>,
+    ctx: &mut Ctx,
+) -> Result<Arc<Principal>, ProxyError> {
     let principal = state.authenticate(conn.peer.ip(), req.headers()).await?;
-    out.audit.user = Some(audit_user(&principal));
+    ctx.principal = Some(principal.clone());
     if let Err(wait) = state.identity_rate.take(principal.user_key()) {
         return Err(ProxyError::TooManyRequests {
             message: format!("too many requests from {}; slow down", principal.username),
             retry_after: wait.as_secs().max(1),
         });
     }
-    if let Some(uti) = principal.claim("uti").or_else(|| principal.claim("jti")) {
-        // The token's id, for correlation with the IdP's sign-in logs; never the token.
-        out.audit
-            .annotations
-            .insert("kube-relay.io/token-id", uti.to_owned());
-    }
+    Ok(principal)
+}
 
-    // Phase: find the cluster (after authentication, so anonymous callers cannot enumerate).
-    let upstream = state.upstreams.get(&cluster_name).ok_or_else(|| {
-        ProxyError::NotFound(format!(
-            "cluster {cluster_name} is not served by this relay"
-        ))
+/// Phase: find the cluster. After authentication, so anonymous callers cannot enumerate; a
+/// cluster the probe found down answers at once instead of after the connect timeout.
+fn find_cluster<'a>(state: &'a State, name: &str) -> Result<&'a Upstream, ProxyError> {
+    let upstream = state.upstreams.get(name).ok_or_else(|| {
+        ProxyError::NotFound(format!("cluster {name} is not served by this relay"))
     })?;
-
-    // A cluster the probe found down answers at once instead of after the connect timeout.
     if !upstream.health.is_up() {
         return Err(ProxyError::Upstream {
-            cluster: cluster_name.clone(),
+            cluster: name.to_owned(),
             failure: crate::error::UpstreamFailure::ConnectRefused,
             detail: upstream
                 .health
@@ -311,107 +381,142 @@ async fn proxy(
                 .unwrap_or_else(|| "health probe failing".into()),
         });
     }
+    Ok(upstream)
+}
 
-    // Phase: authorize.
-    let info = RequestInfo::parse(req.method(), &upstream_target);
-    out.audit.verb = info.verb.clone();
-    if info.is_resource {
-        out.audit.object_ref = Some(AuditObject {
-            resource: info.resource.clone(),
-            namespace: info.namespace.clone(),
-            name: info.name.clone(),
-            api_group: info.api_group.clone(),
-            subresource: info.subresource.clone(),
-        });
-    }
-    // Nested impersonation (`kubectl --as`) is denied unless a rule allows it (docs/security.md
-    // B2).
+/// Phase: authorize. Nested impersonation (`kubectl --as`) is denied unless a rule allows it
+/// (docs/security.md B2).
+fn authorize(
+    state: &State,
+    upstream: &Upstream,
+    principal: &Principal,
+    req: &Request<Incoming>,
+    info: &RequestInfo,
+    ctx: &mut Ctx,
+) -> Result<Admitted, ProxyError> {
+    ctx.info = Some(info.clone());
     let nested = headers::requested_impersonation(req.headers())?;
-    if let Some(n) = &nested {
-        out.audit.impersonated = Some(AuditUser {
-            username: n.user.clone(),
-            uid: n.uid.clone(),
-            groups: n.groups.clone(),
-            extra: std::collections::BTreeMap::new(),
-        });
+    let impersonating = nested.is_some();
+    ctx.nested = nested;
+    let decision = crate::authz::authorize(principal, &upstream.cluster, info, impersonating);
+    match decision {
+        Ok(admitted) => {
+            ctx.admitted = true;
+            Ok(admitted)
+        }
+        Err(crate::authz::Denied(why)) => {
+            state
+                .metrics
+                .denials
+                .get_or_create(&crate::metrics::ClusterLabels {
+                    cluster: upstream.cluster.name.to_string(),
+                })
+                .inc();
+            Err(ProxyError::Forbidden(why))
+        }
     }
-    if let Decision::Deny(why) = authorize(&principal, &upstream.cluster, &info, nested.is_some()) {
-        state
-            .metrics
-            .denials
-            .get_or_create(&crate::metrics::ClusterLabels {
-                cluster: cluster_name.clone(),
-            })
-            .inc();
-        return Err(ProxyError::Forbidden(why));
-    }
-    out.audit
-        .annotations
-        .insert("authorization.k8s.io/decision", "allow".into());
+}
 
-    // Phase: prepare upstream headers.
+/// Phase: prepare upstream headers. The client's are sanitised first, then the cluster's
+/// credential and the identity it carries are added.
+async fn prepare_upstream(
+    conn: &ConnCtx,
+    upstream: &Upstream,
+    principal: &Principal,
+    req: &Request<Incoming>,
+    audit_id: &HeaderValue,
+    ctx: &Ctx,
+) -> Result<http::HeaderMap, ProxyError> {
     let mut up_headers = headers::sanitize_request(req.headers());
     let authorization = upstream
         .credentials
-        .authorization(&principal)
+        .authorization(principal)
         .await
-        .map_err(|e| e.into_proxy_error(&cluster_name))?;
-    let impersonates = upstream.credentials.impersonates();
+        .map_err(|e| e.into_proxy_error(&upstream.cluster.name.to_string()))?;
     // In impersonate mode the relay speaks for the caller (or for whom a permitted `--as` names);
     // in the other modes a permitted `--as` travels with the caller's own credential, so the
     // cluster checks the caller's right to impersonate itself.
-    let own = impersonates.then(|| headers::Impersonation::of(&principal));
+    let own = upstream
+        .credentials
+        .impersonates()
+        .then(|| headers::Impersonation::of(principal));
     headers::add_identity(
         &mut up_headers,
         authorization,
-        nested.as_ref().or(own.as_ref()),
+        ctx.nested.as_ref().or(own.as_ref()),
     )?;
     headers::add_forwarding(&mut up_headers, req.headers(), conn.peer.ip(), audit_id);
+    Ok(up_headers)
+}
 
-    // Long-running requests end when the caller's token does (plus grace): docs/security.md A6.
-    let token_deadline = token_deadline(&principal, state.cfg.timeouts.token_grace);
+/// A request ready to leave for its cluster.
+struct Prepared<'a> {
+    req: Request<Incoming>,
+    /// Sanitised, with the cluster's credential and identity added.
+    headers: http::HeaderMap,
+    /// The upstream request-target (path and query).
+    target: &'a str,
+    info: &'a RequestInfo,
+}
 
-    // Phase: forward or upgrade.
-    if let Some(kind) = upgrade::requested(&req, &info)? {
-        out.long_running = true;
+/// Phase: forward or upgrade. Takes the [`Admitted`] proof: nothing else sends to a cluster.
+/// Long-running requests end when the caller's token does, plus grace (docs/security.md A6).
+async fn dispatch(
+    state: &State,
+    upstream: &Upstream,
+    admitted: Admitted,
+    principal: &Arc<Principal>,
+    up: Prepared<'_>,
+    ctx: &mut Ctx,
+) -> Result<Response<RelayBody>, ProxyError> {
+    let Prepared {
+        mut req,
+        headers: up_headers,
+        target,
+        info,
+    } = up;
+    let cluster_name = upstream.cluster.name.to_string();
+    let impersonating = ctx.nested.is_some();
+    let token_deadline = token_deadline(principal, state.cfg.timeouts.token_grace);
+    if let Some(kind) = upgrade::requested(&req, info)? {
+        ctx.long_running = true;
         let client_upgrade = hyper::upgrade::on(&mut req);
-        let audit = out.audit.clone();
         let guard = register_stream(
             state,
-            &principal,
+            principal,
             &cluster_name,
-            &info,
-            nested.is_some(),
+            info,
+            impersonating,
             crate::streams::StreamKind::Tunnel,
         )?;
         let up = upgrade::UpgradeRequest {
             req,
             headers: up_headers,
-            target: &upstream_target,
+            target,
             kind,
             client_upgrade,
             token_deadline,
-            audit,
+            audit: ctx.audit(),
             guard,
         };
-        return upgrade::relay(state, upstream, up).await;
+        return upgrade::relay(state, upstream, admitted, up).await;
     }
-    let query = upstream_target.split_once('?').map_or("", |(_, q)| q);
-    out.long_running = info.is_long_running_read(query);
-    let stream = if out.long_running {
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    ctx.long_running = info.is_long_running_read(query);
+    let stream = if ctx.long_running {
         let guard = register_stream(
             state,
-            &principal,
+            principal,
             &cluster_name,
-            &info,
-            nested.is_some(),
+            info,
+            impersonating,
             crate::streams::StreamKind::Watch,
         )?;
-        Some((out.audit.clone(), token_deadline, guard))
+        Some((ctx.audit(), token_deadline, guard))
     } else {
         None
     };
-    forward(state, upstream, req, up_headers, &upstream_target, stream).await
+    forward(state, upstream, admitted, req, up_headers, target, stream).await
 }
 
 /// Registers a long-running request, within the per-identity cap (scenario 9: one identity's
@@ -458,6 +563,7 @@ fn token_deadline(p: &Principal, grace: std::time::Duration) -> Instant {
 async fn forward(
     state: &State,
     upstream: &Upstream,
+    _admitted: Admitted,
     req: Request<Incoming>,
     headers: http::HeaderMap,
     target: &str,

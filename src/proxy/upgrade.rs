@@ -146,6 +146,7 @@ pub struct UpgradeRequest<'a> {
 pub async fn relay(
     state: &State,
     upstream: &Upstream,
+    _admitted: crate::authz::Admitted,
     up: UpgradeRequest<'_>,
 ) -> Result<Response<RelayBody>, ProxyError> {
     let UpgradeRequest {
