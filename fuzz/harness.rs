@@ -1,5 +1,5 @@
 //! The checks every fuzz input goes through, shared by the cargo-fuzz targets (`fuzz_targets/`,
-//! nightly) and by `tests/fuzz_corpus.rs` (stable), which replays the committed corpora and runs
+//! nightly) and by `tests/e2e/fuzz_corpus.rs` (stable), which replays the committed corpora and runs
 //! proptest properties through these same functions.
 //!
 //! Each function takes raw bytes, never panics on its own, and `assert!`s the invariants of the

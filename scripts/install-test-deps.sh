@@ -4,12 +4,12 @@
 #     client), reinstalled only when requirements.txt or the interpreter changes;
 #   - tests/clients/node/node_modules via `npm ci` (@kubernetes/client-node), only when
 #     node_modules is missing or package-lock.json changed;
-#   - tests/idp/node_modules via `npm ci` (oidc-provider, the real IdP of tests/oidc_provider.rs),
+#   - tests/idp/node_modules via `npm ci` (oidc-provider, the real IdP of tests/e2e/oidc_provider.rs),
 #     on the same terms;
 #   - tests/browser/node_modules via `npm ci` (playwright-core, which drives the browser of
-#     tests/browser.rs), on the same terms, and Debian's `chromium` (apt-get, root only, only when
+#     tests/e2e/browser.rs), on the same terms, and Debian's `chromium` (apt-get, root only, only when
 #     /usr/bin/chromium is missing): playwright-core never downloads a browser of its own;
-#   - .venv-deploy/ with tests/deploy/requirements.txt (checkov, for tests/deploy.rs), a venv of
+#   - .venv-deploy/ with tests/deploy/requirements.txt (checkov, for tests/e2e/deploy.rs), a venv of
 #     its own because checkov's pins conflict with the kubernetes client's; reinstalled only
 #     when that file or the interpreter changes.
 # Needs python3 (3.11) and node 20 + npm; on Debian without the venv module it installs
@@ -124,7 +124,7 @@ elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     fi
     log "chromium installed ($(/usr/bin/chromium --version 2>/dev/null | head -n1))"
 else
-    log "chromium missing (not root: cannot apt-get install it): tests/browser.rs will fail until it is installed"
+    log "chromium missing (not root: cannot apt-get install it): tests/e2e/browser.rs will fail until it is installed"
 fi
 
 # --- Deploy checks (checkov) ---
@@ -151,9 +151,9 @@ else
     log "deploy check deps installed: $("$DEPLOY_VENV/bin/python" -m pip show checkov 2>/dev/null | sed -n 's/^Version: /checkov /p')"
 fi
 
-# --- Benchmark harness tools (scripts/bench, tests/bench_harness.rs) ---
+# --- Benchmark harness tools (scripts/bench, tests/e2e/bench_harness.rs) ---
 # h2load (nghttp2-client), nginx (nginx-light, the peer proxy) and wrk, from Debian; only what
-# is missing, and only as root with apt-get (tests/bench_harness.rs skips itself without them).
+# is missing, and only as root with apt-get (tests/e2e/bench_harness.rs skips itself without them).
 bench_missing=()
 command -v h2load >/dev/null || bench_missing+=(nghttp2-client)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || bench_missing+=(nginx-light)
@@ -168,5 +168,5 @@ elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         apt-get install -y -qq "${bench_missing[@]}" >/dev/null
     fi
 else
-    log "benchmark tools missing (${bench_missing[*]}): tests/bench_harness.rs will skip"
+    log "benchmark tools missing (${bench_missing[*]}): tests/e2e/bench_harness.rs will skip"
 fi

@@ -759,10 +759,7 @@ fn signed_assertion(
     key: &jsonwebtoken::EncodingKey,
     x5t_s256: &str,
 ) -> Result<SecretString, CredentialError> {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let now = crate::clock::unix_now();
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
     header.x5t_s256 = Some(x5t_s256.to_owned());
     let claims = serde_json::json!({

@@ -123,7 +123,7 @@ fn groups_of(user: &str) -> Vec<&'static str> {
 }
 
 fn mint_for(issuer: &DevIssuer, user: &str, ttl: Duration) -> String {
-    let now = unix_now();
+    let now = crate::clock::unix_now();
     issuer.mint(json!({
         "sub": user,
         "aud": DEV_AUDIENCE,
@@ -176,12 +176,6 @@ fn random_text(len: usize, engine: &impl base64::Engine) -> anyhow::Result<Strin
     aws_lc_rs::rand::fill(&mut bytes)
         .map_err(|_| anyhow::anyhow!("the random number generator failed"))?;
     Ok(engine.encode(bytes))
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {

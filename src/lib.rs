@@ -32,11 +32,13 @@ pub mod auth;
 pub mod authz;
 pub mod body;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod credentials;
 #[cfg(feature = "dev")]
 pub mod dev;
 pub mod error;
+pub mod html;
 pub mod limits;
 pub mod metrics;
 pub mod net;

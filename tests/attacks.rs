@@ -5,6 +5,8 @@
 //! Every wait is bounded; every test asserts one specific outcome that disappears if the defence
 //! does (the comment on each names the defence it exercises).
 
+// Shared with the end-to-end binary (tests/e2e), which uses all of it; this one does not.
+#[allow(dead_code)]
 mod support;
 
 use std::sync::Arc;
@@ -790,7 +792,7 @@ async fn d2_raw_snis_via_openssl() {
     env.dev.stop().await;
 }
 
-/// D3 path confusion beyond tests/relay.rs: an absolute-form target naming beta on an alpha
+/// D3 path confusion beyond tests/e2e/relay.rs: an absolute-form target naming beta on an alpha
 /// connection (421), `//clusters/beta` (never beta), `#` and `?` inside the cluster segment
 /// (the fragment is dropped, the query stays with alpha, byte for byte).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,8 +5,12 @@
 //! else IMDS at 169.254.169.254). So this is its own test binary with ONE test that sets those
 //! variables before anything reads them: no other test shares the process environment.
 
+// Shared with the end-to-end binary (tests/e2e), which uses all of it; this one does not.
+#[allow(dead_code)]
+mod support;
+
 use std::sync::atomic::Ordering;
-use std::time::{SystemTime, UNIX_EPOCH};
+use support::tenant::{now, AKS_APP, GROUP_OPS, OID_ALICE, RELAY_APP, TID};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -15,19 +19,7 @@ use kube_sim::token_endpoint::TokenEndpointConfig;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-const TID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-const AKS_APP: &str = "6dae42f8-4368-4678-94ff-3960e28e3630";
-const RELAY_APP: &str = "0b1c8a2e-7d3f-4e5a-9b6c-1d2e3f4a5b6c";
 const MI_CLIENT: &str = "f6f6f6f6-0000-0000-0000-000000000006";
-const OID_ALICE: &str = "a1a1a1a1-0000-0000-0000-000000000001";
-const GROUP_OPS: &str = "0f0f0f0f-0000-0000-0000-00000000000f";
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 fn claims_of(v: &http::HeaderValue) -> Value {
     let jwt = v.to_str().unwrap().strip_prefix("Bearer ").unwrap();
@@ -123,17 +115,12 @@ clusters:
     }));
     // The first call starts the key fetch and waits a bounded time for it; on a loaded machine
     // that wait can end first, so retry until the keys are in.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
-    let alice = loop {
-        match auth.authenticate(&token).await {
-            Ok((p, _)) => break p,
-            Err(e) => assert!(
-                tokio::time::Instant::now() < deadline,
-                "token never authenticated: {e:?}"
-            ),
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let alice = support::eventually(
+        "the token authenticates",
+        std::time::Duration::from_secs(15),
+        || async { auth.authenticate(&token).await.map(|(p, _)| p) },
+    )
+    .await;
 
     // Impersonation with the managed identity: an AKS-audience app token, then cached.
     let c = kube_relay::credentials::UpstreamCredentials::new(&cfg.clusters[0]).unwrap();

@@ -13,7 +13,7 @@
 //! `relay-token` and `direct-token` (static tokens kube-sim accepts), and `stage.json` with the
 //! addresses. Ports for the relay, its admin listener and nginx are picked free here.
 //!
-//! Shared by the example's `main.rs` and `tests/bench_harness.rs` (which runs the stage in its
+//! Shared by the example's `main.rs` and `tests/e2e/bench_harness.rs` (which runs the stage in its
 //! own process and the harness against it).
 
 use std::net::SocketAddr;

@@ -21,7 +21,7 @@
 //! saying so: `kubectl create deployment` needs a real cluster); a watch with selectors does not turn MODIFIED into ADDED/DELETED
 //! when an object starts or stops matching; pods run at once and are deleted at once; JSON
 //! object keys come out sorted rather than in Go struct order. Against a real kube-apiserver
-//! (tests/real_fidelity.rs) kube-sim also still serves SelfSubjectReview v1beta1, which 1.34
+//! (tests/e2e/real_fidelity.rs) kube-sim also still serves SelfSubjectReview v1beta1, which 1.34
 //! no longer does.
 
 mod auth;

@@ -26,7 +26,7 @@ pub mod sso;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -376,7 +376,7 @@ impl Authenticator {
     /// A previously verified, unexpired token, without any signature work.
     pub fn cached(&self, token: &str) -> Option<Arc<Principal>> {
         let p = self.cache.get(&token_hash(token))?;
-        (now_secs() < p.expires_at + LEEWAY_SECS).then_some(p)
+        (crate::clock::unix_now() < p.expires_at + LEEWAY_SECS).then_some(p)
     }
 
     /// Validates a bearer token.
@@ -395,7 +395,7 @@ impl Authenticator {
         }
         let hash = token_hash(token);
         if let Some(p) = self.cache.get(&hash) {
-            if now_secs() < p.expires_at + LEEWAY_SECS {
+            if crate::clock::unix_now() < p.expires_at + LEEWAY_SECS {
                 return Ok((p, Verified::Cached));
             }
             self.cache.remove(&hash);
@@ -490,12 +490,6 @@ fn token_hash(token: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn claim_str<'a>(claims: &'a serde_json::Map<String, Value>, name: &str) -> Option<&'a str> {

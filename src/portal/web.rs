@@ -25,7 +25,6 @@ pub mod html;
 pub mod session;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -596,11 +595,7 @@ fn issuer_display(login: &LoginConfig) -> String {
     }
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use crate::clock::unix_now as now;
 
 // === responses ===
 

@@ -550,10 +550,7 @@ fn register_stream(
 
 /// When a long-running request by `p` must end: its token's expiry plus the grace period.
 fn token_deadline(p: &Principal, grace: std::time::Duration) -> Instant {
-    let now_unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let left = p.expires_at.saturating_sub(now_unix);
+    let left = p.expires_at.saturating_sub(crate::clock::unix_now());
     Instant::now() + std::time::Duration::from_secs(left) + grace
 }
 

@@ -168,11 +168,6 @@ impl Idp {
         }
     }
 
-    /// Every event so far, in order.
-    pub fn events(&self) -> Vec<Value> {
-        self.events.lock().unwrap().clone()
-    }
-
     /// What the provider printed on stderr so far (for failure messages).
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()

@@ -1,9 +1,9 @@
 //! Test harness: the dev environment in-process, real kubectl binaries, raw TLS clients with a
 //! chosen SNI, and scriptable fake upstreams. Every wait is bounded.
-#![allow(dead_code)]
 
 pub mod idp;
 pub mod real;
+pub mod tenant;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -33,8 +33,6 @@ impl Traffic for kube_sim::record::Record {
     }
 }
 
-pub const KUBECTL_VERSIONS: &[&str] = &["1.27", "1.29", "1.30", "1.31", "1.33"];
-
 /// A dev environment in a temporary directory, on ephemeral ports.
 pub struct Env {
     pub dev: DevEnv,
@@ -62,6 +60,62 @@ pub async fn dev_env() -> Env {
 }
 
 /// Waits (bounded) until the relay's /readyz answers 200.
+/// The suite's one bounded wait: polls `check` every 20 ms until it returns `Ok`, for at most
+/// `limit`, and fails the test naming `what` and the last error otherwise. Wait for an event
+/// with this, never with a fixed sleep.
+pub async fn eventually<T, E: std::fmt::Debug, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    limit: Duration,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not reached within {limit:?} (last: {e:?})"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`eventually`] for a plain condition.
+pub async fn eventually_true(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    eventually(what, limit, || {
+        let ok = cond();
+        async move {
+            if ok {
+                Ok(())
+            } else {
+                Err("false")
+            }
+        }
+    })
+    .await
+}
+
+/// [`eventually`] for tests without a runtime (they drive processes from plain threads).
+pub fn eventually_blocking<T, E: std::fmt::Debug>(
+    what: &str,
+    limit: Duration,
+    pause: Duration,
+    mut check: impl FnMut() -> Result<T, E>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not reached within {limit:?} (last: {e:?})"
+            ),
+        }
+        std::thread::sleep(pause);
+    }
+}
+
 pub async fn wait_ready(admin: std::net::SocketAddr) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {

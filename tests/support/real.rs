@@ -17,7 +17,7 @@ use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
@@ -26,18 +26,7 @@ use kube_sim::pki::{LeafCert, TestCa};
 use kube_sim::server::{SimConfig, SimHandle};
 use serde_json::{json, Value};
 
-/// The tenant every test bed token comes from.
-pub const TID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-/// The AKS server application: the audience AKS clusters (and the test bed) accept.
-pub const AKS_APP: &str = "6dae42f8-4368-4678-94ff-3960e28e3630";
-/// The relay's own application (on_behalf_of: the client's token is for it).
-pub const RELAY_APP: &str = "0b1c8a2e-7d3f-4e5a-9b6c-1d2e3f4a5b6c";
-/// Alice: in [`GROUP_OPS`], cluster-admin by RBAC.
-pub const OID_ALICE: &str = "a1a1a1a1-0000-0000-0000-000000000001";
-/// Bob: in no group RBAC knows.
-pub const OID_BOB: &str = "b2b2b2b2-0000-0000-0000-000000000002";
-/// The operators' group: bound to cluster-admin in every test bed cluster.
-pub const GROUP_OPS: &str = "0f0f0f0f-0000-0000-0000-00000000000f";
+pub use super::tenant::{now, AKS_APP, GROUP_OPS, OID_ALICE, OID_BOB, RELAY_APP, TID};
 /// The one Node, whose kubelet is the stand-in.
 pub const NODE: &str = "testbed-node";
 /// Pods every cluster starts with (namespace `default`, container `main`, Running on [`NODE`]).
@@ -49,13 +38,6 @@ const KUBECTL_LIMIT: Duration = Duration::from_secs(60);
 
 pub fn upn(oid: &str) -> String {
     format!("{}@contoso.test", &oid[..8])
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 /// The directory holding `kube-apiserver` and `etcd`, built once per test process by
@@ -873,8 +855,8 @@ impl Upstream<'_> {
 /// Entra stand-in, with a kubeconfig whose users carry fixed tokens.
 pub struct Front {
     pub relay: std::net::SocketAddr,
-    pub admin: std::net::SocketAddr,
-    pub dir: tempfile::TempDir,
+    /// Holds the relay's files (configuration, certificates, kubeconfig) until the test ends.
+    _dir: tempfile::TempDir,
     pub audit: PathBuf,
     pub kubeconfig: PathBuf,
     pub home: PathBuf,
@@ -977,11 +959,10 @@ clusters:
         std::fs::create_dir_all(&home).unwrap();
         Self {
             relay,
-            admin,
             audit: d.join("audit.jsonl"),
             kubeconfig,
             home,
-            dir,
+            _dir: dir,
             shutdown,
         }
     }

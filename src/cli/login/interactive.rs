@@ -389,13 +389,7 @@ fn page(status: StatusCode, title: &str, text: &str) -> Response<Full<Bytes>> {
     r
 }
 
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
+use crate::html::html_escape;
 
 // === device code ===
 

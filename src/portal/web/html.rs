@@ -7,21 +7,7 @@
 
 use std::fmt::Write as _;
 
-/// Escapes text for HTML element content and double- or single-quoted attribute values.
-pub fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use crate::html::html_escape as esc;
 
 /// A whole document: `title` is text (escaped here), `main` is markup built with [`esc`].
 pub fn layout(title: &str, main: &str) -> String {

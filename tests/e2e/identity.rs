@@ -4,30 +4,23 @@
 //! overage, key rollover, IdP outage, refresh amplification, the verified-token cache and the
 //! per-source limit on failures. The authority is a loopback stand-in serving Entra's layout.
 
-mod support;
-
+use crate::support::tenant::{
+    now, AKS_APP, GROUP_OPS, OID_ALICE, OID_BOB, OTHER_TID, RELAY_APP, TID,
+};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use crate::support::*;
 use kube_sim::issuer::{DevIssuer, IssuerHandle, KeyAlg};
-use kube_sim::record::UserInfo;
-use kube_sim::server::{SimAuth, SimConfig, SimHandle, StaticToken};
+use kube_sim::server::SimHandle;
 use serde_json::{json, Value};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-const TID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-const OTHER_TID: &str = "11111111-2222-3333-4444-555555555555";
 const MSA_TID: &str = "9188040d-6c67-4c5b-b112-36a304b66dad";
-const AKS_APP: &str = "6dae42f8-4368-4678-94ff-3960e28e3630";
-const RELAY_APP: &str = "0b1c8a2e-7d3f-4e5a-9b6c-1d2e3f4a5b6c";
-const OID_ALICE: &str = "a1a1a1a1-0000-0000-0000-000000000001";
-const OID_BOB: &str = "b2b2b2b2-0000-0000-0000-000000000002";
 const OID_CI: &str = "c3c3c3c3-0000-0000-0000-000000000003";
 const OID_CAROL: &str = "e5e5e5e5-0000-0000-0000-000000000005";
 const CI_APP: &str = "d4d4d4d4-0000-0000-0000-000000000004";
-const GROUP_OPS: &str = "0f0f0f0f-0000-0000-0000-00000000000f";
 
 struct Entra {
     authority: String,
@@ -48,13 +41,6 @@ impl Drop for Entra {
         self.idp.shutdown();
         self.sim.shutdown();
     }
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 async fn entra(issuer_extra: &str, start_idp_failing: bool) -> Entra {
@@ -81,33 +67,7 @@ async fn entra_with(issuer_extra: &str, top_extra: &str, start_idp_failing: bool
         .unwrap();
     idp.set_failing(start_idp_failing);
 
-    let sim_ca = kube_sim::pki::TestCa::new("aks CA").unwrap();
-    let sim_leaf = sim_ca
-        .issue(&["aks.privatelink.test", "127.0.0.1"])
-        .unwrap();
-    std::fs::write(dir.path().join("aks-ca.crt"), sim_ca.cert_pem()).unwrap();
-    std::fs::write(dir.path().join("relay-token"), "relay-sa-token").unwrap();
-    let sim = kube_sim::server::start(
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        Some(kube_sim::server::tls_config(&sim_leaf).unwrap()),
-        SimConfig {
-            name: "aks".into(),
-            git_version: "v1.31.2".into(),
-            auth: SimAuth {
-                static_tokens: vec![StaticToken {
-                    token: "relay-sa-token".into(),
-                    user: UserInfo {
-                        username: "system:serviceaccount:kube-system:kube-relay".into(),
-                        ..UserInfo::default()
-                    },
-                    can_impersonate: true,
-                }],
-                jwt: vec![],
-            },
-        },
-    )
-    .await
-    .unwrap();
+    let sim = crate::support::tenant::aks_stand_in(dir.path()).await;
 
     let yaml = format!(
         r#"listen: 127.0.0.1:0

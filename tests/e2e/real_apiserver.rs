@@ -3,17 +3,15 @@
 //! attach, cp, port-forward and logs reaching the kubelet stand-in through the API server's own
 //! upgrade proxy and WebSocket translator.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::support::real::*;
+use crate::support::*;
 use serde_json::Value;
-use support::real::*;
-use support::*;
 
 const T: Duration = Duration::from_secs(60);
 

@@ -2,31 +2,17 @@
 //! (a loopback stand-in for) Entra's token endpoint → the cluster receives an AKS-audience token
 //! for the same user and sees the real user (`kubectl auth whoami`), with no impersonation.
 
-mod support;
-
+use crate::support::tenant::{now, AKS_APP, GROUP_OPS as GROUP, OID_ALICE as OID, RELAY_APP, TID};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use crate::support::*;
 use base64::Engine as _;
 use kube_sim::issuer::{DevIssuer, KeyAlg};
 use kube_sim::server::{JwtIssuer, SimAuth, SimConfig};
 use kube_sim::token_endpoint::TokenEndpointConfig;
 use serde_json::{json, Value};
-use support::*;
 use tokio::net::TcpListener;
-
-const TID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-const AKS_APP: &str = "6dae42f8-4368-4678-94ff-3960e28e3630";
-const RELAY_APP: &str = "0b1c8a2e-7d3f-4e5a-9b6c-1d2e3f4a5b6c";
-const OID: &str = "a1a1a1a1-0000-0000-0000-000000000001";
-const GROUP: &str = "0f0f0f0f-0000-0000-0000-00000000000f";
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_whoami_through_on_behalf_of_shows_the_real_user() {

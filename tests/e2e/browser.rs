@@ -14,18 +14,16 @@
 //! (scripts/install-test-deps.sh installs them). Screenshots of every step are saved under
 //! target/test-artifacts/browser/<test>/ (each test prints where).
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::idp::{form_encode, jwt_parts, rsa_key, Idp, AUDIENCE};
 use kube_sim::pki::TestCa;
 use kube_sim::record::UserInfo;
 use kube_sim::server::{SimAuth, SimConfig, SimHandle, StaticToken};
 use serde_json::Value;
-use support::idp::{form_encode, jwt_parts, rsa_key, Idp, AUDIENCE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -82,7 +80,7 @@ fn drive_raw(artifacts: &Path, args: &[&str]) -> Value {
         .arg("--artifacts")
         .arg(artifacts)
         .current_dir(browser_dir());
-    let out = support::run(cmd, None, DRIVE_TIMEOUT);
+    let out = crate::support::run(cmd, None, DRIVE_TIMEOUT);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout
         .lines()
@@ -576,7 +574,7 @@ clusters:
         let app = kube_relay::server::App::with_listeners(cfg, listener, Some(admin)).unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(app.run(shutdown.clone()));
-        support::wait_ready(admin_addr).await;
+        crate::support::wait_ready(admin_addr).await;
         Self {
             url: format!("https://localhost:{port}"),
             ca_file,
@@ -677,7 +675,7 @@ impl FakeBrowser {
         let script = dir.join("browser.sh");
         let body = format!(
             r#"#!/bin/sh
-# Stand-in browser for kube-relay token (tests/browser.rs).
+# Stand-in browser for kube-relay token (tests/e2e/browser.rs).
 echo "$1" >> '{dir}/browser.log'
 n=$(wc -l < '{dir}/browser.log' | tr -d ' ')
 # A session of its own (setsid): the plugin runs under kubectl's terminal, whose hangup when
@@ -854,7 +852,7 @@ impl Drop for PtyRun {
 /// `kubectl auth whoami` through `kubeconfig`'s `context`, in a pseudo-terminal, with `env`.
 fn whoami(kubeconfig: &Path, context: &str, env: &[(&str, String)]) -> PtyRun {
     let argv: Vec<String> = vec![
-        support::kubectl("1.33").display().to_string(),
+        crate::support::kubectl("1.33").display().to_string(),
         "--kubeconfig".into(),
         kubeconfig.display().to_string(),
         "--context".into(),
@@ -1436,7 +1434,7 @@ async fn kubectl_token_plugin_browser_device_cache_and_logout() {
     cmd.args(token_args(&env, "devicecode", &device_cache))
         .arg("--logout")
         .env("HOME", &env.home);
-    let out = support::run(cmd, None, Duration::from_secs(30));
+    let out = crate::support::run(cmd, None, Duration::from_secs(30));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "logout failed: {stderr}");
     assert!(stderr.contains("removed"), "{stderr}");
@@ -1449,7 +1447,7 @@ async fn kubectl_token_plugin_browser_device_cache_and_logout() {
 
     // Now nothing is cached for the device user and kubectl has no terminal: the plugin
     // refuses at once (no device prompt nobody can answer).
-    let mut cmd = Command::new(support::kubectl("1.33"));
+    let mut cmd = Command::new(crate::support::kubectl("1.33"));
     cmd.arg("--kubeconfig")
         .arg(&kubeconfig)
         .args([
@@ -1464,7 +1462,7 @@ async fn kubectl_token_plugin_browser_device_cache_and_logout() {
     for (k, v) in &denv {
         cmd.env(k, v);
     }
-    let out = support::run(cmd, None, KUBECTL_TIMEOUT);
+    let out = crate::support::run(cmd, None, KUBECTL_TIMEOUT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("no terminal"), "{stderr}");

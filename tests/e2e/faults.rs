@@ -1,16 +1,14 @@
 //! Fault scenarios (docs/security.md scenarios 1 and 2): an upstream that black-holes connections
 //! or never
 //! answers makes requests fail fast with a Status naming the cluster, never hang; other clusters
-//! are unaffected. (Refused and flapping upstreams: tests/lifecycle.rs; IdP outages:
-//! tests/identity.rs.)
-
-mod support;
+//! are unaffected. (Refused and flapping upstreams: tests/e2e/lifecycle.rs; IdP outages:
+//! tests/e2e/identity.rs.)
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use support::*;
+use crate::support::*;
 
 fn get(relay: &CustomRelay, cluster: &str) -> String {
     format!(

@@ -4,9 +4,12 @@
 //! the Status the user sees, token-file rotation, and no secret in Debug output or errors.
 //! Everything listens on 127.0.0.1.
 
+use crate::support::tenant::{
+    now, AKS_APP, GROUP_OPS, OID_ALICE, OID_BOB, OTHER_TID, RELAY_APP, TID,
+};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -19,14 +22,7 @@ use kube_sim::token_endpoint::{Failure, TokenEndpointConfig, TokenEndpointHandle
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-const TID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-const OTHER_TID: &str = "11111111-2222-3333-4444-555555555555";
-const AKS_APP: &str = "6dae42f8-4368-4678-94ff-3960e28e3630";
-const RELAY_APP: &str = "0b1c8a2e-7d3f-4e5a-9b6c-1d2e3f4a5b6c";
 const WI_APP: &str = "e5e5e5e5-0000-0000-0000-000000000005";
-const OID_ALICE: &str = "a1a1a1a1-0000-0000-0000-000000000001";
-const OID_BOB: &str = "b2b2b2b2-0000-0000-0000-000000000002";
-const GROUP_OPS: &str = "0f0f0f0f-0000-0000-0000-00000000000f";
 const OBO_SECRET: &str = "obo-s3cr3t-value";
 const APP_SECRET: &str = "app-s3cr3t-value";
 
@@ -49,13 +45,6 @@ impl Drop for World {
         self.idp.shutdown();
         self.te.shutdown();
     }
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 /// The payload of a JWT, unverified (the test reads what the endpoint minted).
@@ -198,17 +187,12 @@ impl World {
         let token = self.user_token(oid);
         // The first call starts the issuer's key fetch and waits a bounded time for it; on a
         // loaded machine that wait can end first, so retry until the keys are in.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            match self.auth.authenticate(&token).await {
-                Ok((p, _)) => return p,
-                Err(e) => assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "token never authenticated: {e:?}"
-                ),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::support::eventually(
+            "the token authenticates",
+            Duration::from_secs(15),
+            || async { self.auth.authenticate(&token).await.map(|(p, _)| p) },
+        )
+        .await
     }
 
     fn grants(&self) -> (u64, u64) {
@@ -304,7 +288,12 @@ async fn azure_client_secret_is_cached_and_refreshed() {
     assert_eq!(during, first);
     // The background refresh reached the (hanging) endpoint; only then heal it, so that grant
     // is not counted against the next part.
-    wait_for(|| w.te.requests.load(Ordering::SeqCst) == hung).await;
+    crate::support::eventually_true(
+        "the hung refresh reaches the endpoint",
+        Duration::from_secs(10),
+        || w.te.requests.load(Ordering::SeqCst) == hung,
+    )
+    .await;
     w.te.set_failure(Failure::None);
 
     // And the refresh replaces the token before it expires, without an extra fetch.
@@ -313,22 +302,27 @@ async fn azure_client_secret_is_cached_and_refreshed() {
     let base = w.grants().0;
     tokio::time::sleep(Duration::from_millis(6500)).await;
     assert_eq!(c.authorization(&alice).await.unwrap().unwrap(), first);
-    wait_for(|| w.grants().0 == base + 1).await;
+    crate::support::eventually_true("the refresh is granted", Duration::from_secs(10), || {
+        w.grants().0 == base + 1
+    })
+    .await;
     // The grant was counted when it arrived; the cache takes the answer a moment later.
     // Tokens minted in the same second can be byte-identical, so the claims tell them apart.
     let first_exp = claims_of(&first)["exp"].as_u64();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let after = c.authorization(&alice).await.unwrap().unwrap();
-        if claims_of(&after)["exp"].as_u64() > first_exp {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the refreshed token never replaced the cached one"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::support::eventually(
+        "the refreshed token replaces the cached one",
+        Duration::from_secs(10),
+        || async {
+            let after = c.authorization(&alice).await.unwrap().unwrap();
+            let exp = claims_of(&after)["exp"].as_u64();
+            if exp > first_exp {
+                Ok(())
+            } else {
+                Err(exp)
+            }
+        },
+    )
+    .await;
     assert_eq!(
         w.grants().0,
         base + 1,
@@ -563,15 +557,4 @@ async fn status_body(p: kube_relay::error::ProxyError) -> Value {
     let resp = p.into_response();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     serde_json::from_slice(&bytes).unwrap()
-}
-
-async fn wait_for(mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not reached in 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

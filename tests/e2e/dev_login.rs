@@ -2,18 +2,16 @@
 //! makes the portal, `kube-relay token` and `kube-relay kubeconfig` work with no external
 //! identity provider. Tokens it issues are checked where it matters: through the relay.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::support::*;
 use base64::Engine as _;
 use kube_relay::dev::{CLI_CLIENT_ID, DEV_SCOPE, PORTAL_CLIENT_ID};
 use kube_relay::net::idp::IdpHttp;
 use serde_json::Value;
-use support::*;
 
 /// A client of the dev issuer: HTTPS trusting the dev CA, redirects not followed.
 struct Issuer {

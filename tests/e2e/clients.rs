@@ -2,13 +2,11 @@
 //! watch, WebSocket v4 exec and port-forward) and `@kubernetes/client-node` (list, exec).
 //! Their packages are installed, pinned, by scripts/install-test-deps.sh.
 
-mod support;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -3,8 +3,6 @@
 //! problem, and the report as a whole must fail. Every wait is bounded by the doctor's own
 //! per-check timeout or an explicit deadline.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -489,7 +487,7 @@ async fn the_command_exits_by_the_result() {
             let mut cmd = std::process::Command::new(exe);
             cmd.args(["doctor", "--timeout", "3s", "--config"])
                 .arg(path);
-            support::run(cmd, None, Duration::from_secs(60))
+            crate::support::run(cmd, None, Duration::from_secs(60))
         })
     };
     let out = run(good).await.expect("join");
@@ -506,7 +504,7 @@ async fn the_command_exits_by_the_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dev_environment_is_all_green() {
-    let env = support::dev_env().await;
+    let env = crate::support::dev_env().await;
     let report = doctor(&env.dev.dir.join("relay.yaml"), &opts()).await;
     assert!(report.passed(), "{}", report.render());
     row(&report, "cluster/alpha", "version", Outcome::Ok, "v1.31.2");

@@ -9,8 +9,7 @@
 //! oidc-provider); here only their non-interactive refusal. Everything listens on 127.0.0.1.
 //! Each test starts its own world, so the endpoints' request counters are the test's own.
 
-mod support;
-
+use crate::support::tenant::{now, TID};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt as _;
@@ -18,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
@@ -26,13 +25,11 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use kube_sim::issuer::{DevIssuer, IssuerHandle, KeyAlg};
-use kube_sim::record::UserInfo;
-use kube_sim::server::{SimAuth, SimConfig, SimHandle, StaticToken};
+use kube_sim::server::SimHandle;
 use kube_sim::token_endpoint::{TokenEndpointConfig, TokenEndpointHandle};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-const TID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
 /// The app-only principal the token endpoint mints (`TokenEndpointConfig::app_oid`).
 const APP_OID: &str = "99999999-9999-9999-9999-999999999999";
 const OID_AZ_USER: &str = "a1a1a1a1-0000-0000-0000-000000000001";
@@ -46,13 +43,6 @@ const GH_REQUEST_TOKEN: &str = "gh-request-bearer";
 const ADO_ACCESS_TOKEN: &str = "ado-system-access-token";
 const ADO_CONNECTION: &str = "3c3c3c3c-0000-0000-0000-00000000000c";
 const KUBECTL: &str = "1.33";
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 // === the world ===
 
@@ -144,33 +134,7 @@ async fn world() -> World {
     let ci = CiStandIn::start(github.clone(), ado.clone()).await;
 
     // The cluster behind the relay.
-    let sim_ca = kube_sim::pki::TestCa::new("aks CA").unwrap();
-    let sim_leaf = sim_ca
-        .issue(&["aks.privatelink.test", "127.0.0.1"])
-        .unwrap();
-    std::fs::write(dir.path().join("aks-ca.crt"), sim_ca.cert_pem()).unwrap();
-    std::fs::write(dir.path().join("relay-token"), "relay-sa-token").unwrap();
-    let sim = kube_sim::server::start(
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        Some(kube_sim::server::tls_config(&sim_leaf).unwrap()),
-        SimConfig {
-            name: "aks".into(),
-            git_version: "v1.31.2".into(),
-            auth: SimAuth {
-                static_tokens: vec![StaticToken {
-                    token: "relay-sa-token".into(),
-                    user: UserInfo {
-                        username: "system:serviceaccount:kube-system:kube-relay".into(),
-                        ..UserInfo::default()
-                    },
-                    can_impersonate: true,
-                }],
-                jwt: vec![],
-            },
-        },
-    )
-    .await
-    .unwrap();
+    let sim = crate::support::tenant::aks_stand_in(dir.path()).await;
 
     // Bound first so public_url (and the kubeconfigs the relay hands out) carry the real port.
     let relay_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -223,7 +187,7 @@ clusters:
     let admin = app.admin_addr().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(app.run(shutdown.clone()));
-    support::wait_ready(admin).await;
+    crate::support::wait_ready(admin).await;
     World {
         dir,
         te,
@@ -328,7 +292,7 @@ impl World {
     }
 
     fn kubectl_cmd(&self, r: &Run) -> Command {
-        let mut c = Command::new(support::kubectl(KUBECTL));
+        let mut c = Command::new(crate::support::kubectl(KUBECTL));
         c.arg("--kubeconfig").arg(self.kubeconfig(r)).args([
             "get",
             "pods",
@@ -342,7 +306,7 @@ impl World {
 
     async fn kubectl(&self, r: &Run) -> Output {
         let c = self.kubectl_cmd(r);
-        tokio::task::spawn_blocking(move || support::run(c, None, Duration::from_secs(60)))
+        tokio::task::spawn_blocking(move || crate::support::run(c, None, Duration::from_secs(60)))
             .await
             .unwrap()
     }
@@ -355,7 +319,7 @@ impl World {
         if let Some(i) = exec_info {
             c.env("KUBERNETES_EXEC_INFO", i.to_string());
         }
-        tokio::task::spawn_blocking(move || support::run(c, None, Duration::from_secs(60)))
+        tokio::task::spawn_blocking(move || crate::support::run(c, None, Duration::from_secs(60)))
             .await
             .unwrap()
     }
@@ -367,7 +331,7 @@ impl World {
 
 /// kubectl listed the simulated cluster's pods.
 fn assert_listed(out: &Output, what: &str) {
-    let stdout = support::ok(out, what);
+    let stdout = crate::support::ok(out, what);
     assert!(stdout.contains("pod/"), "{what}: no pods listed:\n{stdout}");
 }
 
@@ -612,7 +576,7 @@ async fn six_kubectl_processes_at_once_make_one_token_request() {
         std::thread::scope(|s| {
             let hs: Vec<_> = cmds
                 .into_iter()
-                .map(|c| s.spawn(move || support::run(c, None, Duration::from_secs(60))))
+                .map(|c| s.spawn(move || crate::support::run(c, None, Duration::from_secs(60))))
                 .collect();
             hs.into_iter()
                 .map(|h| h.join().unwrap())
@@ -660,7 +624,7 @@ async fn a_token_close_to_expiry_is_replaced_and_logout_forgets_it() {
         &["--client-id", SP_APP, "--scope", "api://other/.default"],
     ));
     other.env = r.env.clone();
-    support::ok(
+    crate::support::ok(
         &w.plugin(&other, None).await,
         "a second login in the same cache",
     );
@@ -668,14 +632,14 @@ async fn a_token_close_to_expiry_is_replaced_and_logout_forgets_it() {
     let mut logout = w.run(r.args.clone());
     logout.args.push("--logout".into());
     let out = w.plugin(&logout, None).await;
-    support::ok(&out, "--logout");
+    crate::support::ok(&out, "--logout");
     assert!(stderr(&out).contains("removed"), "{}", stderr(&out));
     assert_eq!(entries(&w.cache("exp")).len(), 1);
     assert_listed(&w.kubectl(&r).await, "after logout");
     assert_eq!(w.token_requests(), 5);
     // --logout --all removes every entry.
     logout.args.push("--all".into());
-    support::ok(&w.plugin(&logout, None).await, "--logout --all");
+    crate::support::ok(&w.plugin(&logout, None).await, "--logout --all");
     assert!(entries(&w.cache("exp")).is_empty());
 }
 
@@ -957,7 +921,8 @@ async fn v1beta1_in_v1beta1_out() {
             Some(json!({"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential", "spec": {"interactive": false}})),
         )
         .await;
-    let cred: Value = serde_json::from_slice(&support::ok(&out, "plugin").into_bytes()).unwrap();
+    let cred: Value =
+        serde_json::from_slice(&crate::support::ok(&out, "plugin").into_bytes()).unwrap();
     assert_eq!(cred["apiVersion"], "client.authentication.k8s.io/v1beta1");
     assert_eq!(cred["kind"], "ExecCredential");
     let out = w
@@ -966,7 +931,8 @@ async fn v1beta1_in_v1beta1_out() {
             Some(json!({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential", "spec": {"interactive": false}})),
         )
         .await;
-    let cred: Value = serde_json::from_slice(&support::ok(&out, "plugin").into_bytes()).unwrap();
+    let cred: Value =
+        serde_json::from_slice(&crate::support::ok(&out, "plugin").into_bytes()).unwrap();
     assert_eq!(cred["apiVersion"], "client.authentication.k8s.io/v1");
     assert_eq!(w.token_requests(), 1);
 }
@@ -1024,10 +990,11 @@ impl World {
             env: env.to_vec(),
         };
         self.base_env(&mut c, &r);
-        let out =
-            tokio::task::spawn_blocking(move || support::run(c, None, Duration::from_secs(60)))
-                .await
-                .unwrap();
+        let out = tokio::task::spawn_blocking(move || {
+            crate::support::run(c, None, Duration::from_secs(60))
+        })
+        .await
+        .unwrap();
         assert!(
             out.status.success(),
             "kube-relay kubeconfig: {}",
@@ -1039,7 +1006,7 @@ impl World {
 
     /// Step 2: `kubectl --context aks get pods` with that kubeconfig, same environment.
     async fn recipe_kubectl(&self, kubeconfig: &Path, env: &[(String, String)]) -> Output {
-        let mut c = Command::new(support::kubectl(KUBECTL));
+        let mut c = Command::new(crate::support::kubectl(KUBECTL));
         c.arg("--kubeconfig").arg(kubeconfig).args([
             "--context",
             "aks",
@@ -1055,7 +1022,7 @@ impl World {
             env: env.to_vec(),
         };
         self.base_env(&mut c, &r);
-        tokio::task::spawn_blocking(move || support::run(c, None, Duration::from_secs(60)))
+        tokio::task::spawn_blocking(move || crate::support::run(c, None, Duration::from_secs(60)))
             .await
             .unwrap()
     }

@@ -6,15 +6,13 @@
 //! come from the documentation range 198.51.100.0/24 and exist only on those links. The test
 //! needs root and `ip netns`; without them it fails and says so.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::support::*;
 use base64::Engine as _;
 use serde_json::json;
-use support::*;
 
 const INET_IP: &str = "198.51.100.1";
 const HUB_IP: &str = "198.51.100.2";
@@ -140,15 +138,13 @@ fn sibling_binary(name: &str) -> PathBuf {
 }
 
 fn wait_for(path: &Path) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let what = format!("{} appears", path.display());
+    crate::support::eventually_blocking(
+        &what,
+        Duration::from_secs(20),
+        Duration::from_millis(20),
+        || path.exists().then_some(()).ok_or("missing"),
+    )
 }
 
 #[test]
@@ -276,21 +272,24 @@ clusters:
     };
 
     // Wait (bounded) for the relay to answer through the hub.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = k(&["get", "pods", "--request-timeout=5s"], None);
-        if out.status.success() {
-            assert!(String::from_utf8_lossy(&out.stdout).contains("web-0"));
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the relay never answered across the hub: {}\nrelay log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(d.join("relay.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let out = crate::support::eventually_blocking(
+        "the relay answers across the hub",
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || {
+            let out = k(&["get", "pods", "--request-timeout=5s"], None);
+            if out.status.success() {
+                Ok(out)
+            } else {
+                Err(format!(
+                    "{}\nrelay log:\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    std::fs::read_to_string(d.join("relay.log")).unwrap_or_default()
+                ))
+            }
+        },
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("web-0"));
     // Path routing to alpha, SNI routing to beta, exec and whoami across the topology.
     let out = ok(
         &k(&["--context", "beta-sni", "get", "pods"], None),

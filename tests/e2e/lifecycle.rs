@@ -2,15 +2,13 @@
 //! traffic lose no request; an invalid file is rejected whole; live streams survive unless their
 //! access was revoked; SIGHUP and file changes trigger reloads; SIGTERM drains gracefully.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn config_path(env: &Env) -> std::path::PathBuf {

@@ -1,12 +1,10 @@
 //! `kube-relay dev` as a newcomer runs it: a separate process, driven with plain kubectl.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 #[test]
 fn kube_relay_dev_works_with_plain_kubectl() {

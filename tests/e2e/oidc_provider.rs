@@ -8,16 +8,14 @@
 //! prints one JSON line per event on stdout (ready, each request it serves, key reloads) and
 //! rotates its keys on SIGHUP.
 
-mod support;
-
 use std::path::Path;
 
+use crate::support::idp::{jwt_parts, rsa_key, Idp, AUDIENCE, CLIENT_ID, OTHER_AUDIENCE, WAIT};
 use kube_sim::pki::TestCa;
 use kube_sim::record::UserInfo;
 use kube_sim::server::{SimAuth, SimConfig, SimHandle, StaticToken};
 use rustls::pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use support::idp::{jwt_parts, rsa_key, Idp, AUDIENCE, CLIENT_ID, OTHER_AUDIENCE, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -103,7 +101,7 @@ clusters:
         let admin = app.admin_addr().unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
         tokio::spawn(app.run(shutdown.clone()));
-        support::wait_ready(admin).await;
+        crate::support::wait_ready(admin).await;
         let ca = CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
@@ -121,7 +119,8 @@ clusters:
             "GET /clusters/sim/api/v1/namespaces/default/pods HTTP/1.1\r\nHost: localhost\r\n\
              Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
         );
-        let mut s = support::tls_connect(self.addr, &self.ca, "localhost", &[b"http/1.1"]).await;
+        let mut s =
+            crate::support::tls_connect(self.addr, &self.ca, "localhost", &[b"http/1.1"]).await;
         s.write_all(req.as_bytes()).await.unwrap();
         let mut buf = Vec::new();
         tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
@@ -129,7 +128,7 @@ clusters:
             .expect("relay answers in time")
             .ok();
         let raw = String::from_utf8_lossy(&buf).into_owned();
-        let (code, _, body) = support::parse_response(&raw);
+        let (code, _, body) = crate::support::parse_response(&raw);
         (code, body)
     }
 

@@ -4,16 +4,14 @@
 //! callbacks that must never create a session. The full sign-in through a real provider is
 //! covered by the browser tests.
 
-mod support;
+use crate::support::tenant::now;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
+use crate::support::{parse_response, CustomRelay, FakeUpstream};
 use kube_relay::auth::sso::Attempt;
 use kube_relay::config::CookieKey;
 use kube_relay::portal::web::session::{
     self, Session, LOGIN_COOKIE, LOGIN_PURPOSE, SESSION_COOKIE, SESSION_PURPOSE,
 };
-use support::{parse_response, CustomRelay, FakeUpstream};
 
 const CSP: &str = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
@@ -61,13 +59,6 @@ async fn portal_with(portal_keys: &str) -> Portal {
         _beta: beta,
         _dir: dir,
     }
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 /// One HTTP/1.1 request to the public host; returns (status, head, body).

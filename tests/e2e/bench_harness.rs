@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-#[path = "../examples/bench_stage/stage.rs"]
+#[path = "../../examples/bench_stage/stage.rs"]
 mod stage;
 
 const TIMEOUT: Duration = Duration::from_secs(240);

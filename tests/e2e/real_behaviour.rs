@@ -3,18 +3,16 @@
 //! Priority and Fairness 429s, the API server stopped and started again (AKS stop/start), and
 //! the API server's own `MAX_CONCURRENT_STREAMS` with 500 concurrent watches.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::support::real::*;
+use crate::support::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
 use serde_json::Value;
-use support::real::*;
-use support::*;
 
 const T: Duration = Duration::from_secs(60);
 

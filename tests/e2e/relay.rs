@@ -3,12 +3,10 @@
 //! and "Identity and upstream credentials", docs/security.md
 //! A, B, C, D, E rows that apply to the data plane).
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use serde_json::{json, Value};
-use support::*;
 
 const ALPHA_SNI: &str = "alpha.relay.localhost";
 const BETA_SNI: &str = "beta.relay.localhost";
@@ -157,7 +155,7 @@ async fn disagreeing_names_are_421_and_bad_segments_400() {
     // Nothing named: 404; relay pages are not forwarded; unknown clusters 404.
     let (c, h, b) = request(&env, PUBLIC, "GET", "/api/v1/pods", &auth).await;
     assert_status(c, &h, &b, 404, "NotFound");
-    // `/-/clusters` is the relay's own API (tests/relay_pages.rs); an unknown relay page is 404.
+    // `/-/clusters` is the relay's own API (tests/e2e/relay_pages.rs); an unknown relay page is 404.
     let (c, _, _) = request(&env, PUBLIC, "GET", "/-/clusters", &auth).await;
     assert_eq!(c, 200);
     let (c, h, b) = request(&env, PUBLIC, "GET", "/-/api/v1/pods", &auth).await;

@@ -1,12 +1,10 @@
 //! The relay's own APIs on the public host: `/-/clusters`, `/-/kubeconfig`, `/-/login-config`,
 //! and `kube-relay kubeconfig` merging the result into a real kubeconfig that kubectl uses.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::{dev_env, kubectl, ok, request, run, CustomRelay, FakeUpstream};
 use serde_json::Value;
-use support::{dev_env, kubectl, ok, request, run, CustomRelay, FakeUpstream};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -133,7 +131,7 @@ async fn relay_apis_refuse_what_they_should() {
     // A relay without a login section: the CLI gets a clear 404 Status.
     let up = FakeUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
     let bare = CustomRelay::start(&[("alpha", &up)]).await;
-    let (code, _, body) = support::parse_response(
+    let (code, _, body) = crate::support::parse_response(
         &bare
             .exchange(
                 "localhost",
@@ -173,7 +171,7 @@ async fn relay_with_login() -> (CustomRelay, FakeUpstream) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_config_and_kubeconfig_download() {
     let (relay, _up) = relay_with_login().await;
-    let (code, _, body) = support::parse_response(
+    let (code, _, body) = crate::support::parse_response(
         &relay
             .exchange(
                 "localhost",
@@ -196,7 +194,7 @@ async fn login_config_and_kubeconfig_download() {
         "GET /-/kubeconfig?style=sni HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
     );
     let (code, head, body) =
-        support::parse_response(&relay.exchange("localhost", req.as_bytes()).await);
+        crate::support::parse_response(&relay.exchange("localhost", req.as_bytes()).await);
     assert_eq!(code, 200, "{body}");
     assert!(
         head.to_ascii_lowercase()
@@ -226,7 +224,7 @@ async fn login_config_and_kubeconfig_download() {
         "GET /-/kubeconfig?style=weird HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
     );
     let (code, _, body) =
-        support::parse_response(&relay.exchange("localhost", bad.as_bytes()).await);
+        crate::support::parse_response(&relay.exchange("localhost", bad.as_bytes()).await);
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("expected path or sni"));
 }

@@ -2,12 +2,10 @@
 //! (`kube-relay dev`) and to a real kube-apiserver, comparing what kubectl shows (exit codes
 //! and the shape of the output). Where kube-sim deliberately does less, its answer must say so.
 
-mod support;
-
 use std::time::Duration;
 
-use support::real::*;
-use support::*;
+use crate::support::real::*;
+use crate::support::*;
 
 const T: Duration = Duration::from_secs(60);
 

@@ -4,7 +4,7 @@
 //! (docs/security.md
 //! D1–D3) and header hygiene (B1, B4, B5, B7, D4).
 
-#[path = "../fuzz/harness.rs"]
+#[path = "../../fuzz/harness.rs"]
 mod harness;
 
 use std::path::PathBuf;

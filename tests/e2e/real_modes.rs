@@ -3,14 +3,12 @@
 //! certificate, on_behalf_of with the API server trusting the exchanged token's issuer, and the
 //! audit join (the relay's `auditID` is the API server's).
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::real::*;
+use crate::support::*;
 use kube_sim::token_endpoint::TokenEndpointConfig;
 use serde_json::Value;
-use support::real::*;
-use support::*;
 
 const T: Duration = Duration::from_secs(60);
 

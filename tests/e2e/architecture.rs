@@ -298,7 +298,14 @@ fn the_server_side_never_imports_the_cli() {
 fn comments_cite_only_documents_in_the_repository() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
-    for dir in ["src", "tests", "benches", "kube-sim/src", "kube-sim/tests", "fuzz"] {
+    for dir in [
+        "src",
+        "tests",
+        "benches",
+        "kube-sim/src",
+        "kube-sim/tests",
+        "fuzz",
+    ] {
         if root.join(dir).is_dir() {
             rust_files(&root.join(dir), &mut files);
         }

@@ -11,9 +11,7 @@
 //! - Prometheus and Grafana: parsed, and every metric they query exists in the relay.
 //!
 //! checkov runs offline: `--skip-download`, no external modules, no update check, no platform
-//! key. Every child process runs under a deadline (support::run kills it and fails the test).
-
-mod support;
+//! key. Every child process runs under a deadline (crate::support::run kills it and fails the test).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -63,7 +61,7 @@ fn checkov(args: &[&str]) -> Json {
         .env("BC_SKIP_MAPPING", "TRUE")
         .env_remove("BC_API_KEY")
         .env_remove("PRISMA_API_URL");
-    let out = support::run(cmd, None, TOOL_TIMEOUT);
+    let out = crate::support::run(cmd, None, TOOL_TIMEOUT);
     let stdout = String::from_utf8_lossy(&out.stdout);
     // checkov exits 1 when a check fails; the JSON says which, so parse before judging.
     let doc: Json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
@@ -112,8 +110,8 @@ fn terraform_parses_and_every_reference_resolves() {
     cmd.current_dir(root())
         .arg("tests/deploy/check_terraform.py")
         .arg("deploy/terraform");
-    let out = support::run(cmd, None, TOOL_TIMEOUT);
-    let stdout = support::ok(&out, "check_terraform.py");
+    let out = crate::support::run(cmd, None, TOOL_TIMEOUT);
+    let stdout = crate::support::ok(&out, "check_terraform.py");
     let summary: Json = serde_json::from_str(stdout.trim()).expect("summary JSON");
     assert!(
         summary["resources"].as_u64().unwrap_or(0) >= 30,
@@ -199,8 +197,8 @@ fn kustomize(overlay: &str) -> (String, Vec<Yaml>) {
     cmd.current_dir(root())
         .arg("kustomize")
         .arg(format!("deploy/kubernetes/overlays/{overlay}"));
-    let out = support::run(cmd, None, Duration::from_secs(60));
-    let text = support::ok(&out, "kubectl kustomize");
+    let out = crate::support::run(cmd, None, Duration::from_secs(60));
+    let text = crate::support::ok(&out, "kubectl kustomize");
     let docs = serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).expect("kustomize output is YAML"))
         .collect();
@@ -474,7 +472,7 @@ fn systemd_unit_verifies_and_is_hardened() {
     std::fs::write(&copy, unit.replace("/usr/local/bin/kube-relay", exe)).expect("write");
     let mut cmd = Command::new(analyze);
     cmd.arg("verify").arg("--man=no").arg(&copy);
-    let out = support::run(cmd, None, Duration::from_secs(60));
+    let out = crate::support::run(cmd, None, Duration::from_secs(60));
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Unknown keys and bad values are only warnings (exit 0), so read what it says about us.
     let about_us: Vec<&str> = stderr
@@ -650,10 +648,10 @@ fn prometheus_and_grafana_query_only_metrics_the_relay_exports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exported_names_follow_the_rule_the_dashboard_assumes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let env = support::dev_env().await;
+    let env = crate::support::dev_env().await;
     let token = env.dev.token("alice");
     let auth = format!("Bearer {token}");
-    let (code, _, _) = support::request(
+    let (code, _, _) = crate::support::request(
         &env,
         "localhost",
         "GET",
@@ -688,7 +686,7 @@ async fn exported_names_follow_the_rule_the_dashboard_assumes() {
 #[test]
 fn no_private_keys_are_tracked_or_unignored() {
     // Every key-like file in the tree is ignored by git; certs/ holds documentation only.
-    let out = support::run(
+    let out = crate::support::run(
         {
             let mut c = Command::new("git");
             c.current_dir(root())
@@ -698,7 +696,7 @@ fn no_private_keys_are_tracked_or_unignored() {
         None,
         Duration::from_secs(60),
     );
-    let files = support::ok(&out, "git ls-files");
+    let files = crate::support::ok(&out, "git ls-files");
     let offenders: Vec<&str> = files
         .lines()
         .filter(|f| {

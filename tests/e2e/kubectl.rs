@@ -1,8 +1,6 @@
 //! Real kubectl through the relay: the version matrix of issue "data plane" (1.27 SPDY exec …
 //! 1.33 WebSocket exec and port-forward tunnel), both routing styles, every verb users reach for.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::Stdio;
@@ -10,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use support::*;
+use crate::support::*;
 
 const T: Duration = Duration::from_secs(60);
 

@@ -1,0 +1,60 @@
+//! The Entra-shaped tenant the tests share: one tenant, its applications, users and groups (so a
+//! token minted in one story means the same in another), and the clock tokens are minted with.
+
+use std::path::Path;
+
+use kube_sim::record::UserInfo;
+use kube_sim::server::{SimAuth, SimConfig, SimHandle, StaticToken};
+
+/// The tenant every test token comes from.
+pub const TID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+/// The AKS server application: the audience AKS clusters (and the test bed) accept.
+pub const AKS_APP: &str = "6dae42f8-4368-4678-94ff-3960e28e3630";
+/// The relay's own application (on_behalf_of: the client's token is for it).
+pub const RELAY_APP: &str = "0b1c8a2e-7d3f-4e5a-9b6c-1d2e3f4a5b6c";
+/// Alice: in [`GROUP_OPS`] (cluster-admin by the test bed's RBAC).
+pub const OID_ALICE: &str = "a1a1a1a1-0000-0000-0000-000000000001";
+/// Bob: in no group RBAC knows.
+pub const OID_BOB: &str = "b2b2b2b2-0000-0000-0000-000000000002";
+/// The operators' group (bound to cluster-admin in every test bed cluster).
+pub const GROUP_OPS: &str = "0f0f0f0f-0000-0000-0000-00000000000f";
+/// Another tenant, whose tokens the relay must refuse.
+pub const OTHER_TID: &str = "11111111-2222-3333-4444-555555555555";
+/// The relay's own ServiceAccount token at the simulated AKS cluster (impersonate mode).
+pub const RELAY_SA_TOKEN: &str = "relay-sa-token";
+
+/// Seconds since the Unix epoch, for `iat`, `nbf` and `exp`.
+pub fn now() -> u64 {
+    kube_relay::clock::unix_now()
+}
+
+/// A simulated AKS cluster (`aks.privatelink.test`, on a CA of its own) that accepts the
+/// relay's ServiceAccount token and lets it impersonate. Writes `aks-ca.crt` and `relay-token`
+/// (the token file the relay reads) into `dir`.
+pub async fn aks_stand_in(dir: &Path) -> SimHandle {
+    let ca = kube_sim::pki::TestCa::new("aks CA").unwrap();
+    let leaf = ca.issue(&["aks.privatelink.test", "127.0.0.1"]).unwrap();
+    std::fs::write(dir.join("aks-ca.crt"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.join("relay-token"), RELAY_SA_TOKEN).unwrap();
+    kube_sim::server::start(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        Some(kube_sim::server::tls_config(&leaf).unwrap()),
+        SimConfig {
+            name: "aks".into(),
+            git_version: "v1.31.2".into(),
+            auth: SimAuth {
+                static_tokens: vec![StaticToken {
+                    token: RELAY_SA_TOKEN.into(),
+                    user: UserInfo {
+                        username: "system:serviceaccount:kube-system:kube-relay".into(),
+                        ..UserInfo::default()
+                    },
+                    can_impersonate: true,
+                }],
+                jwt: vec![],
+            },
+        },
+    )
+    .await
+    .unwrap()
+}
