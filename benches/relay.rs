@@ -9,6 +9,8 @@
 //! The relay's configuration and the dev OIDC issuer are real: a `relay.yaml` like the one
 //! `kube-relay dev` writes is parsed by the same loader `serve` uses, and the issuer serves its
 //! discovery document and JWKS over TLS on 127.0.0.1.
+// A test binary has no outside users, so `pub` in its support code means "shared here".
+#![allow(unreachable_pub)]
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};

@@ -4,6 +4,8 @@
 //!
 //! Every wait is bounded; every test asserts one specific outcome that disappears if the defence
 //! does (the comment on each names the defence it exercises).
+// A test binary has no outside users, so `pub` in its support code means "shared here".
+#![allow(unreachable_pub)]
 
 // Shared with the end-to-end binary (tests/e2e), which uses all of it; this one does not.
 #[allow(dead_code)]

@@ -4,6 +4,8 @@
 //! (`IDENTITY_ENDPOINT` + `IDENTITY_HEADER`, as App Service, Container Apps and Arc set them;
 //! else IMDS at 169.254.169.254). So this is its own test binary with ONE test that sets those
 //! variables before anything reads them: no other test shares the process environment.
+// A test binary has no outside users, so `pub` in its support code means "shared here".
+#![allow(unreachable_pub)]
 
 // Shared with the end-to-end binary (tests/e2e), which uses all of it; this one does not.
 #[allow(dead_code)]

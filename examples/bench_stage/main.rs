@@ -1,6 +1,8 @@
 //! `cargo run --release --example bench_stage -- DIR`: the stage for `scripts/bench` (see
 //! `stage.rs`). Prints the addresses as one JSON line and stays up until its standard input
 //! closes (the harness holds it open), Ctrl-C, or ten hours.
+// An example binary has no outside users; its stage module is shared with a test.
+#![allow(unreachable_pub)]
 
 use std::io::Read as _;
 use std::path::Path;

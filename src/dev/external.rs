@@ -16,7 +16,7 @@ use base64::Engine as _;
 use serde_json::Value;
 
 /// One cluster taken from the user's kubeconfig, its files written into the dev directory.
-pub struct External {
+pub(super) struct External {
     /// The relay's name for it (the context name made a valid cluster name).
     pub name: String,
     /// The kubeconfig context it came from.
@@ -26,7 +26,7 @@ pub struct External {
 }
 
 /// The kubeconfig `kubectl` would read: the first of `$KUBECONFIG`, else `~/.kube/config`.
-pub fn default_kubeconfig() -> Option<PathBuf> {
+pub(super) fn default_kubeconfig() -> Option<PathBuf> {
     if let Some(list) = std::env::var_os("KUBECONFIG") {
         if let Some(first) = std::env::split_paths(&list).find(|p| !p.as_os_str().is_empty()) {
             return Some(first);
@@ -37,7 +37,7 @@ pub fn default_kubeconfig() -> Option<PathBuf> {
 
 /// A context name as a relay cluster name (`[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63):
 /// lower-cased, anything else becomes `-`.
-pub fn cluster_name(context: &str) -> String {
+pub(super) fn cluster_name(context: &str) -> String {
     let mapped: String = context
         .chars()
         .map(|c| {
@@ -58,7 +58,11 @@ pub fn cluster_name(context: &str) -> String {
 }
 
 /// Reads `contexts` from `kubeconfig` and writes each one's CA and credential into `dir`.
-pub fn load(kubeconfig: &Path, contexts: &[String], dir: &Path) -> anyhow::Result<Vec<External>> {
+pub(super) fn load(
+    kubeconfig: &Path,
+    contexts: &[String],
+    dir: &Path,
+) -> anyhow::Result<Vec<External>> {
     let text = std::fs::read_to_string(kubeconfig)
         .with_context(|| format!("--add-context: cannot read {}", kubeconfig.display()))?;
     let doc: Value = serde_yaml_ng::from_str(&text).with_context(|| {

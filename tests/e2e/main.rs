@@ -2,6 +2,8 @@
 //! library (`tests/support`). Two stories keep binaries of their own because they need the
 //! process to themselves: `tests/attacks.rs` measures the process's CPU time, and
 //! `tests/credentials_mi.rs` sets the process environment that Azure's managed identity reads.
+// A test binary has no outside users, so `pub` in its support code means "shared here".
+#![allow(unreachable_pub)]
 
 #[path = "../support/mod.rs"]
 mod support;

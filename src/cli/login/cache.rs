@@ -48,12 +48,12 @@ impl std::fmt::Debug for Stored {
 
 impl Stored {
     /// Whether the access token is still good for at least `margin`.
-    pub fn usable_for(&self, margin: Duration) -> bool {
+    pub(crate) fn usable_for(&self, margin: Duration) -> bool {
         let now = unix_now();
         self.expires_at > now.saturating_add(margin.as_secs())
     }
 
-    pub fn expiry(&self) -> SystemTime {
+    pub(crate) fn expiry(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(self.expires_at)
     }
 }
@@ -70,7 +70,7 @@ impl Cache {
     /// Opens `dir`, creating it (and missing parents) with mode 0700. An existing directory
     /// that other users can write to (`/tmp`, a shared `--cache-dir`) is refused: anyone who can
     /// create files in it could plant a token for us to use, or a file for us to write into.
-    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+    pub(super) fn open(dir: &Path) -> anyhow::Result<Self> {
         use std::os::unix::fs::PermissionsExt as _;
         fs::DirBuilder::new()
             .recursive(true)
@@ -93,7 +93,7 @@ impl Cache {
     }
 
     /// The entry for `key` (hex SHA-256, so it is a safe file name).
-    pub fn entry(&self, key: &str) -> Entry {
+    pub(super) fn entry(&self, key: &str) -> Entry {
         Entry {
             path: self.dir.join(format!("{key}.json")),
             lock_path: self.dir.join(format!("{key}.lock")),
@@ -102,7 +102,7 @@ impl Cache {
 
     /// Removes every entry and lock file this cache wrote (`--logout --all`); other files in
     /// the directory are left alone. Returns how many entries were removed.
-    pub fn clear(&self) -> anyhow::Result<usize> {
+    pub(super) fn clear(&self) -> anyhow::Result<usize> {
         let mut removed = 0;
         let dir = match fs::read_dir(&self.dir) {
             Ok(d) => d,
@@ -160,13 +160,13 @@ impl Drop for Locked {
 
 impl Entry {
     #[cfg(test)]
-    pub fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Takes the entry's exclusive lock, waiting at most `wait` for another process to finish.
     /// Polls `try_lock` so the wait is bounded and never blocks the async runtime.
-    pub async fn lock(&self, wait: Duration) -> anyhow::Result<Locked> {
+    pub(super) async fn lock(&self, wait: Duration) -> anyhow::Result<Locked> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -196,7 +196,7 @@ impl Entry {
     }
 
     /// The stored entry, if there is a readable one. Needs the lock (the type says so).
-    pub fn read(&self, _lock: &Locked) -> Option<Stored> {
+    pub(super) fn read(&self, _lock: &Locked) -> Option<Stored> {
         let bytes = fs::read(&self.path).ok()?;
         serde_json::from_slice(&bytes).ok()
     }
@@ -204,12 +204,12 @@ impl Entry {
     /// Replaces the entry atomically (temp file + rename), the file created 0600. The temporary
     /// name is random and created exclusively (`O_EXCL`: never an existing file, never through a
     /// symlink), so the token only ever lands in a file this process just made.
-    pub fn write(&self, _lock: &Locked, s: &Stored) -> anyhow::Result<()> {
+    pub(super) fn write(&self, _lock: &Locked, s: &Stored) -> anyhow::Result<()> {
         crate::private_file::replace(&self.path, &serde_json::to_vec(s)?)
     }
 
     /// Deletes the entry (`--logout`).
-    pub fn remove(&self, _lock: &Locked) -> anyhow::Result<bool> {
+    pub(super) fn remove(&self, _lock: &Locked) -> anyhow::Result<bool> {
         let existed = self.path.exists();
         remove_if_present(&self.path)?;
         Ok(existed)

@@ -33,7 +33,7 @@ struct RawSpec {
 impl ExecInfo {
     /// Parses the variable's value; absent or empty means "not run by client-go": v1, and the
     /// caller decides interactivity from stdin.
-    pub fn parse(value: Option<&str>) -> anyhow::Result<Self> {
+    pub(super) fn parse(value: Option<&str>) -> anyhow::Result<Self> {
         let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
             return Ok(Self {
                 api_version: V1.to_owned(),

@@ -187,7 +187,7 @@ fn env_first(names: &[&str]) -> Option<String> {
 }
 
 impl Plan {
-    pub fn new(a: &LoginArgs) -> anyhow::Result<Self> {
+    pub(crate) fn new(a: &LoginArgs) -> anyhow::Result<Self> {
         let mode = a.login;
         let service_principal = matches!(mode, LoginMode::Secret | LoginMode::Workloadidentity);
         let tenant = a.tenant_id.clone().or_else(|| {
@@ -295,7 +295,7 @@ impl Plan {
 
     /// SHA-256 of what makes two logins different (hex): authority, client, sorted scopes,
     /// resource and mode.
-    pub fn cache_key(&self) -> String {
+    pub(crate) fn cache_key(&self) -> String {
         let mut scopes = self.scopes.clone();
         scopes.sort();
         scopes.dedup();
