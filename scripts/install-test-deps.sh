@@ -170,3 +170,13 @@ elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
 else
     log "benchmark tools missing (${bench_missing[*]}): tests/e2e/bench_harness.rs will skip"
 fi
+
+# --- cargo-deny (licences, bans and sources of the dependency tree; deny.toml) ---
+# Built from crates.io at a pinned version with its own lock file; cached in ~/.cargo/bin.
+CARGO_DENY_VERSION=0.20.2
+if [ "$(cargo deny --version 2>/dev/null)" = "cargo-deny $CARGO_DENY_VERSION" ]; then
+    log "cargo-deny $CARGO_DENY_VERSION present"
+else
+    log "cargo install cargo-deny $CARGO_DENY_VERSION (a few minutes, once)"
+    cargo install --quiet --locked cargo-deny --version "$CARGO_DENY_VERSION"
+fi

@@ -15,7 +15,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::BodyExt as _;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use crate::streams::StreamGuard;
+use crate::streams::{CloseReason, StreamGuard};
 use tokio::time::{Instant, Sleep};
 
 /// Errors a relayed body can end with.
@@ -36,7 +36,7 @@ pub fn full(b: impl Into<Bytes>) -> RelayBody {
 pub struct StreamEnd {
     /// Bytes relayed to the client.
     pub bytes: u64,
-    pub reason: &'static str,
+    pub reason: CloseReason,
 }
 
 /// Runs a closure exactly once when dropped, with the stream's bytes and the reason it ended
@@ -53,7 +53,7 @@ impl OnClose {
             f: Some(Box::new(f)),
             end: StreamEnd {
                 bytes: 0,
-                reason: "client_gone",
+                reason: CloseReason::ClientGone,
             },
         }
     }
@@ -110,7 +110,7 @@ impl<B> StreamBody<B> {
     }
 }
 
-fn finish(close: &mut Option<OnClose>, reason: &'static str) {
+fn finish(close: &mut Option<OnClose>, reason: CloseReason) {
     if let Some(mut c) = close.take() {
         c.end.reason = reason;
     }
@@ -137,7 +137,7 @@ where
         }
         if let Some(deadline) = this.deadline.as_mut() {
             if deadline.as_mut().poll(cx).is_ready() {
-                finish(this.close, "token_expired");
+                finish(this.close, CloseReason::TokenExpired);
                 return Poll::Ready(None);
             }
         }
@@ -152,17 +152,17 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                finish(this.close, "upstream_error");
+                finish(this.close, CloseReason::UpstreamError);
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
-                finish(this.close, "complete");
+                finish(this.close, CloseReason::Complete);
                 Poll::Ready(None)
             }
             Poll::Pending => {
                 if let Some((_, sleep)) = this.idle.as_mut() {
                     if sleep.as_mut().poll(cx).is_ready() {
-                        finish(this.close, "idle_timeout");
+                        finish(this.close, CloseReason::IdleTimeout);
                         return Poll::Ready(None);
                     }
                 }
@@ -218,7 +218,7 @@ mod tests {
             *ended.lock().unwrap(),
             Some(StreamEnd {
                 bytes: 9,
-                reason: "idle_timeout"
+                reason: CloseReason::IdleTimeout
             })
         );
     }
@@ -243,7 +243,10 @@ mod tests {
         }
         assert!(body.frame().await.is_none(), "ends cleanly at the deadline");
         drop(body);
-        assert_eq!(ended.lock().unwrap().unwrap().reason, "token_expired");
+        assert_eq!(
+            ended.lock().unwrap().unwrap().reason,
+            CloseReason::TokenExpired
+        );
     }
 
     #[tokio::test]
@@ -257,7 +260,10 @@ mod tests {
             Some(OnClose::new(move |end| *e2.lock().unwrap() = Some(end))),
         );
         drop(body);
-        assert_eq!(ended.lock().unwrap().unwrap().reason, "client_gone");
+        assert_eq!(
+            ended.lock().unwrap().unwrap().reason,
+            CloseReason::ClientGone
+        );
     }
 
     fn tokio_stream_from<T: Send + 'static>(

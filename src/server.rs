@@ -116,7 +116,7 @@ fn revoke_streams(state: &State) {
         };
         if !allowed {
             tracing::info!(cluster = %s.cluster, user = %s.principal.user_key(), "closing a stream whose access was revoked");
-            s.close("access_revoked");
+            s.close(crate::streams::CloseReason::AccessRevoked);
         }
     }
 }
@@ -410,7 +410,7 @@ fn schedule_drain_closes(st: &State, t: &crate::config::Timeouts) {
         };
         tokio::spawn(async move {
             tokio::time::sleep(at).await;
-            s.close("draining");
+            s.close(crate::streams::CloseReason::Draining);
         });
     }
 }

@@ -20,6 +20,46 @@ pub enum StreamKind {
     Tunnel,
 }
 
+/// Why a stream (a watch, `logs -f`, an exec / attach / port-forward tunnel) ended: the
+/// audit record's `kube-relay.io/close-reason` and the tunnel log's `close`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client went away (or the response was dropped) first.
+    ClientGone,
+    /// The cluster ended the response (a watch timeout, the pod's process exiting).
+    Complete,
+    /// A tunnel whose two sides both closed.
+    Closed,
+    /// Reading or writing failed on the cluster's side.
+    UpstreamError,
+    /// Reading or writing a tunnel failed.
+    Error,
+    /// No bytes either way for the idle limit.
+    IdleTimeout,
+    /// The caller's token expired (plus grace): docs/security.md A6.
+    TokenExpired,
+    /// A reload's rules no longer admit the caller: docs/security.md A6.
+    AccessRevoked,
+    /// The relay is shutting down.
+    Draining,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientGone => "client_gone",
+            Self::Complete => "complete",
+            Self::Closed => "closed",
+            Self::UpstreamError => "upstream_error",
+            Self::Error => "error",
+            Self::IdleTimeout => "idle_timeout",
+            Self::TokenExpired => "token_expired",
+            Self::AccessRevoked => "access_revoked",
+            Self::Draining => "draining",
+        }
+    }
+}
+
 /// One live stream.
 pub struct StreamEntry {
     pub principal: Arc<Principal>,
@@ -28,17 +68,17 @@ pub struct StreamEntry {
     pub impersonating: bool,
     pub kind: StreamKind,
     cancel: CancellationToken,
-    reason: Mutex<&'static str>,
+    reason: Mutex<CloseReason>,
 }
 
 impl StreamEntry {
     /// Ends the stream; `reason` goes to the audit record.
-    pub fn close(&self, reason: &'static str) {
+    pub fn close(&self, reason: CloseReason) {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
         self.cancel.cancel();
     }
 
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> CloseReason {
         *self.reason.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -112,7 +152,7 @@ impl StreamRegistry {
             impersonating,
             kind,
             cancel: CancellationToken::new(),
-            reason: Mutex::new("closed"),
+            reason: Mutex::new(CloseReason::Closed),
         });
         self.entries
             .lock()

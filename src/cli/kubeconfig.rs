@@ -226,10 +226,9 @@ pub struct KubeconfigArgs {
     /// The command kubeconfig users run to get tokens.
     #[arg(long, default_value = "kube-relay")]
     pub exec_command: String,
-    /// How the written contexts (and this command) sign in: browser, devicecode, azurecli,
-    /// secret, workloadidentity, msi, github. Default: browser.
-    #[arg(long, env = "KUBE_RELAY_LOGIN")]
-    pub login: Option<String>,
+    /// How the written contexts (and this command) sign in. Default: browser.
+    #[arg(long, value_enum, env = "KUBE_RELAY_LOGIN")]
+    pub login: Option<crate::cli::login::LoginMode>,
     /// Audience of the GitHub Actions OIDC token (with --login github).
     #[arg(long)]
     pub audience: Option<String>,
@@ -326,12 +325,7 @@ async fn run(args: KubeconfigArgs) -> anyhow::Result<()> {
             )))
         }
     };
-    let mode = match &args.login {
-        Some(m) => Some(crate::cli::login::LoginMode::from_name(m).with_context(|| {
-            format!("--login {m}: expected browser, devicecode, azurecli, secret, workloadidentity, msi or github")
-        })?),
-        None => None,
-    };
+    let mode = args.login;
     let login_args = |passthrough: bool| {
         login_params.as_ref().map(|p| {
             let mut l = crate::cli::login::LoginArgs::from_params(p, passthrough);

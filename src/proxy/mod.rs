@@ -659,7 +659,7 @@ async fn forward(
                     &[
                         ("kube-relay.io/protocol", "watch".into()),
                         ("kube-relay.io/bytes-to-client", end.bytes.to_string()),
-                        ("kube-relay.io/close-reason", end.reason.to_owned()),
+                        ("kube-relay.io/close-reason", end.reason.as_str().to_owned()),
                     ],
                 );
             });

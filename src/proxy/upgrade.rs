@@ -36,6 +36,7 @@ use crate::body::{RelayBody, StreamBody};
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::metrics::{DirectionLabels, DurationLabels, LongRunningLabels};
 use crate::state::State;
+use crate::streams::CloseReason;
 use crate::upstream::Upstream;
 
 /// The upgrade protocols the relay tunnels.
@@ -334,7 +335,7 @@ pub async fn relay(
                 return;
             }
         };
-        let (up, down, mut reason) = tunnel(
+        let (up, down, ended) = tunnel(
             TokioIo::new(client_io),
             TokioIo::new(upstream_io),
             idle,
@@ -342,10 +343,8 @@ pub async fn relay(
             guard.entry.token(),
         )
         .await;
-        if reason == "stopped" {
-            // Revoked access or draining: the registry says which.
-            reason = guard.entry.reason();
-        }
+        // Stopped from outside (revoked access, draining): the registry says which.
+        let reason = ended.unwrap_or_else(|| guard.entry.reason()).as_str();
         drop(guard);
         gauge.dec();
         to_up.inc_by(up);
@@ -368,14 +367,14 @@ pub async fn relay(
 
 /// Copies both ways until either side closes, an error, `idle` passes with no bytes, or the
 /// caller's token deadline passes. Returns bytes client→upstream, upstream→client, and why it
-/// closed.
+/// closed (`None`: stopped through `stop`, whose owner knows why).
 async fn tunnel<A, B>(
     client: A,
     upstream: B,
     idle: Duration,
     deadline: Instant,
     stop: tokio_util::sync::CancellationToken,
-) -> (u64, u64, &'static str)
+) -> (u64, u64, Option<CloseReason>)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -410,13 +409,13 @@ where
         tokio::pin!(expiry);
         loop {
             tokio::select! {
-                r = &mut copy => break match r { Ok(_) => "closed", Err(_) => "error" },
-                () = &mut expiry => break "token_expired",
-                () = stop.cancelled() => break "stopped",
+                r = &mut copy => break Some(match r { Ok(_) => CloseReason::Closed, Err(_) => CloseReason::Error }),
+                () = &mut expiry => break Some(CloseReason::TokenExpired),
+                () = stop.cancelled() => break None,
                 () = tokio::time::sleep(check) => {
                     let last = Duration::from_millis(activity.load(Ordering::Relaxed));
                     if base.elapsed().saturating_sub(last) >= idle {
-                        break "idle_timeout";
+                        break Some(CloseReason::IdleTimeout);
                     }
                 }
             }
@@ -491,7 +490,7 @@ mod tests {
             Default::default(),
         )
         .await;
-        assert_eq!(reason, "idle_timeout");
+        assert_eq!(reason, Some(CloseReason::IdleTimeout));
     }
 
     #[tokio::test(start_paused = true)]
@@ -510,7 +509,7 @@ mod tests {
         });
         let (_, _, reason) =
             tunnel(a, b, Duration::from_secs(60), deadline, Default::default()).await;
-        assert_eq!(reason, "token_expired");
+        assert_eq!(reason, Some(CloseReason::TokenExpired));
         feeder.abort();
     }
 }

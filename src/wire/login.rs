@@ -68,11 +68,6 @@ impl LoginMode {
         matches!(self, Self::Browser | Self::Devicecode)
     }
 
-    /// The mode for a `--login` value (case-insensitive).
-    pub fn from_name(name: &str) -> Option<Self> {
-        <Self as clap::ValueEnum>::from_str(name.trim(), true).ok()
-    }
-
     /// The `--login` value of this mode.
     pub fn name(self) -> &'static str {
         match self {
@@ -231,19 +226,6 @@ impl LoginArgs {
                 p.resource.clone()
             },
             ..Self::default()
-        }
-    }
-
-    /// Switches to the mode named `mode` (`browser`, `devicecode`, `azurecli`, `secret`,
-    /// `workloadidentity`, `msi`, `github`). Returns false, and changes nothing, for another
-    /// name; [`LoginMode::from_name`] checks a name up front.
-    pub fn set_mode(&mut self, mode: &str) -> bool {
-        match LoginMode::from_name(mode) {
-            Some(m) => {
-                self.login = m;
-                true
-            }
-            None => false,
         }
     }
 
