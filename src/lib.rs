@@ -26,6 +26,9 @@
 //!   [`config`], [`tls`], [`private_file`].
 //! - User side: [`cli`] (`kube-relay token`, `kubeconfig`, `doctor`, `certs`).
 //! - `dev`: the embedded default (`kube-relay dev`), only with the default `dev` feature.
+// Client input and I/O fail in ordinary operation: errors are handled, never unwrapped
+// (tests may unwrap: clippy.toml).
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod audit;
 pub mod auth;

@@ -1,4 +1,7 @@
 //! The `kube-relay` command line: a thin shell over the library.
+// Client input and I/O fail in ordinary operation: errors are handled, never unwrapped
+// (tests may unwrap: clippy.toml).
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

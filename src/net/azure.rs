@@ -138,3 +138,43 @@ impl azure_core::http::HttpClient for HyperTransport {
         ))
     }
 }
+
+/// Options for azure_identity's Entra credentials: `authority_host` (sovereign clouds, test
+/// stand-ins) and our transport. Shared by the relay's credentials and `kube-relay token`.
+pub fn azure_client_options(
+    authority_host: &str,
+    transport: HyperTransport,
+) -> azure_core::http::ClientOptions {
+    let mut cloud = azure_core::cloud::CustomConfiguration::default();
+    cloud.authority_host = authority_host.trim_end_matches('/').to_owned();
+    azure_core::http::ClientOptions {
+        transport: Some(azure_core::http::Transport::new(std::sync::Arc::new(
+            transport,
+        ))),
+        // Our cache and FETCH_TIMEOUT bound the wait; the SDK's retries (up to a minute) would
+        // hold requests past it.
+        retry: azure_core::http::RetryOptions::none(),
+        cloud: Some(std::sync::Arc::new(cloud.into())),
+        ..Default::default()
+    }
+}
+
+/// A managed identity credential over `transport` (`kube-relay token --login msi` passes one
+/// that also trusts the public web PKI).
+pub fn managed_identity_over(
+    client_id: Option<&str>,
+    transport: HyperTransport,
+) -> anyhow::Result<std::sync::Arc<dyn azure_core::credentials::TokenCredential>> {
+    let options = azure_identity::ManagedIdentityCredentialOptions {
+        user_assigned_id: client_id.map(|c| azure_identity::UserAssignedId::ClientId(c.to_owned())),
+        client_options: azure_core::http::ClientOptions {
+            transport: Some(azure_core::http::Transport::new(std::sync::Arc::new(
+                transport,
+            ))),
+            ..Default::default()
+        },
+    };
+    let cred = azure_identity::ManagedIdentityCredential::new(Some(options))
+        .map_err(|e| anyhow::anyhow!("managed identity credential: {e}"))?;
+    Ok(cred)
+}

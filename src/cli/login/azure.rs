@@ -18,8 +18,8 @@ use serde::Deserialize;
 
 use super::cache::{unix_now, Stored};
 use super::{Authority, LoginArgs, LoginMode, Plan, TOKEN_EXCHANGE_AUDIENCE};
-use crate::credentials::{azure_client_options, managed_identity_over};
 use crate::net::azure::HyperTransport;
+use crate::net::azure::{azure_client_options, managed_identity_over};
 use crate::net::idp::IdpHttp;
 
 /// What to do next for the Entra errors people hit most (matched on the AADSTS code or the
