@@ -9,9 +9,10 @@
 //! writes into DIR: the relay's CA and serving certificate (`ca.crt`, `relay.crt`, `relay.key`),
 //! a certificate for nginx's static upstream (`static.crt`, `static.key`, CA `static-ca.crt`),
 //! the cluster's CA (`alpha-ca.crt`), `relay.yaml` (clusters `alpha` → kube-sim and `static` →
-//! nginx static upstream, both `impersonate`), `alice.jwt` (a token valid for two hours),
-//! `relay-token` and `direct-token` (static tokens kube-sim accepts), and `stage.json` with the
-//! addresses. Ports for the relay, its admin listener and nginx are picked free here.
+//! nginx static upstream, both `impersonate`, and `static-pt` → the same upstream in
+//! `passthrough`; audit records to `audit.log`), `alice.jwt` (a token valid for two hours),
+//! `entra.jwt` (the same user with an Entra-sized token, ~3 KB), `relay-token` and
+//! `direct-token` (static tokens kube-sim accepts), and `stage.json` with the addresses. Ports for the relay, its admin listener and nginx are picked free here.
 //!
 //! Shared by the example's `main.rs` and `tests/e2e/bench_harness.rs` (which runs the stage in its
 //! own process and the harness against it).
@@ -106,6 +107,27 @@ pub async fn start(dir: &Path) -> anyhow::Result<Stage> {
         "iat": now, "nbf": now, "exp": now + 7200,
     }));
     write(&dir, "alice.jwt", &jwt)?;
+    // An Entra-sized token for the fair scenario: a real Entra access token with ~40 groups and
+    // the usual claims is 2-4 KB, and its size is what the relay parses, verifies, hashes for
+    // its cache and (in passthrough) sends upstream on every request.
+    let groups: Vec<String> = (0..40)
+        .map(|i| format!("{i:08x}-5b1f-4c2e-9d3a-{:012x}", 0x2a17_0000_u64 + i))
+        .collect();
+    let entra = issuer.mint(json!({
+        "sub": "alice", "aud": AUDIENCE, "name": "Alice Example", "groups": groups,
+        "iat": now, "nbf": now, "exp": now + 7200,
+        "oid": "a1a1a1a1-0000-4000-8000-000000000001",
+        "tid": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+        "upn": "alice@contoso.example", "unique_name": "alice@contoso.example",
+        "scp": "user_impersonation", "ver": "1.0", "appid": "04b07795-8ddb-461a-bbee-02f9e1bf7b46",
+        "amr": ["pwd", "mfa"], "ipaddr": "203.0.113.7", "family_name": "Example",
+        "given_name": "Alice", "idtyp": "user", "acr": "1",
+        "aio": "AVQAq/8ZAAAAbWZr0M2x7Lq8w9kq3nV4cJd1pR6tYs5eXo2uGfHi7jK1lN0mBv9cQ3wZ4aS8dF2gH5jK7lP0oI9uY6tR3eW1qA==",
+        "rh": "0.AXwAv4j5cvGGr0GRqy180BHbR5V3sATbjRpGu-4C-eG_e0Z8AAA.",
+        "uti": "k3J9mQ2xR0aV7bN4cL8dPw", "wids": ["b79fbf4d-3ef9-4689-8143-76b194e85509"],
+        "xms_tcdt": 1_600_000_000u64,
+    }));
+    write(&dir, "entra.jwt", &entra)?;
 
     let sim_ca = TestCa::new("kube-sim alpha bench CA")?;
     let sim_leaf = sim_ca.issue(&[SIM_HOST, "localhost", "127.0.0.1"])?;
@@ -174,6 +196,16 @@ clusters:
     ca_file: static-ca.crt
     upstream_auth: {{mode: impersonate, token_file: relay-token}}
     access: [{{users: [dev/alice]}}]
+  # The fair scenario's cluster: the caller's own token goes upstream (the static upstream
+  # ignores it), as for an AKS cluster in passthrough mode.
+  - name: static-pt
+    server: https://{STATIC_HOST}:{static_port}
+    connect: 127.0.0.1:{static_port}
+    ca_file: static-ca.crt
+    upstream_auth: {{mode: passthrough}}
+    access: [{{users: [dev/alice]}}]
+# Every request gets its audit record, written to a file (as nginx writes its access log).
+audit: {{path: audit.log}}
 # One benchmark identity sends everything: per-identity limits stay on, out of reach.
 limits:
   max_connections: 20000
