@@ -7,43 +7,36 @@
 //! `ResponseStarted` when the stream opens and `ResponseComplete` when it closes, with bytes each
 //! way and the close reason. Denials carry the decision and its reason. A token never appears.
 //!
-//! Records are written by one background task so the request path never waits on the disk; the
-//! queue is bounded, and records that do not fit are counted (`relay_audit_dropped_total`) and
-//! logged rather than blocking traffic.
+//! Records are written by one background thread ([`crate::lines`]) so the request path never
+//! waits on the disk; the queue is bounded, and records that do not fit are counted
+//! (`relay_audit_dropped_total`) and logged rather than blocking traffic.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::sync::Arc;
 
 use serde::Serialize;
-use tokio::sync::mpsc;
 
+use crate::lines::LineWriter;
 use crate::metrics::Metrics;
 
 const QUEUE: usize = 65_536;
 
 pub use crate::config::AuditSink;
 
-/// What the writer thread receives: a record, or a request to report once everything queued
-/// before it is on disk.
-enum Msg {
-    Line(Vec<u8>),
-    Flush(tokio::sync::oneshot::Sender<()>),
-}
-
 /// A handle to the audit writer. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: Option<mpsc::Sender<Msg>>,
+    out: Option<LineWriter>,
     metrics: Arc<Metrics>,
 }
 
 impl AuditLog {
     /// Opens the sink (a file is created or appended to, mode 0600) and starts the writer.
     pub fn start(sink: &AuditSink, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let mut out: Box<dyn std::io::Write + Send> = match sink {
-            AuditSink::Off => return Ok(Self { tx: None, metrics }),
-            AuditSink::Stdout => Box::new(std::io::stdout()),
+        let out: Box<dyn std::io::Write + Send> = match sink {
+            AuditSink::Off => return Ok(Self { out: None, metrics }),
+            // Buffered: the writer hands over a whole batch at a time.
+            AuditSink::Stdout => Box::new(std::io::BufWriter::new(std::io::stdout())),
             AuditSink::File(p) => {
                 let mut o = std::fs::OpenOptions::new();
                 o.create(true).append(true);
@@ -57,30 +50,10 @@ impl AuditLog {
                 })?))
             }
         };
-        let (tx, mut rx) = mpsc::channel::<Msg>(QUEUE);
         // A plain thread: writes are blocking I/O and must not stall the async workers.
-        std::thread::Builder::new()
-            .name("kube-relay-audit".into())
-            .spawn(move || {
-                while let Some(msg) = rx.blocking_recv() {
-                    match msg {
-                        Msg::Line(line) => {
-                            let _ = out.write_all(&line);
-                            // Flush when the queue is drained, so bursts share one write.
-                            if rx.is_empty() {
-                                let _ = out.flush();
-                            }
-                        }
-                        Msg::Flush(done) => {
-                            let _ = out.flush();
-                            let _ = done.send(());
-                        }
-                    }
-                }
-                let _ = out.flush();
-            })?;
+        let out = LineWriter::spawn("kube-relay-audit", out, QUEUE)?;
         Ok(Self {
-            tx: Some(tx),
+            out: Some(out),
             metrics,
         })
     }
@@ -89,10 +62,8 @@ impl AuditLog {
     /// exits right after draining, and the writer is a detached thread: without this the last
     /// streams' `ResponseComplete` records could die in the queue.
     pub async fn flush(&self) {
-        let Some(tx) = &self.tx else { return };
-        let (done, wait) = tokio::sync::oneshot::channel();
-        if tx.send(Msg::Flush(done)).await.is_ok() {
-            let _ = wait.await;
+        if let Some(out) = &self.out {
+            out.flush().await;
         }
     }
 
@@ -104,7 +75,7 @@ impl AuditLog {
         code: u16,
         extra: &[(&'static str, String)],
     ) {
-        let Some(tx) = &self.tx else { return };
+        let Some(out) = &self.out else { return };
         let mut annotations = base.annotations.clone();
         for (k, v) in extra {
             annotations.insert(k, v.clone());
@@ -137,7 +108,7 @@ impl AuditLog {
             return;
         };
         line.push(b'\n');
-        if tx.try_send(Msg::Line(line)).is_err() {
+        if out.try_write(line).is_err() {
             self.metrics.audit_dropped.inc();
             tracing::warn!(audit_id = %base.audit_id, "audit queue full; record dropped");
         }

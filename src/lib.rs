@@ -43,6 +43,7 @@ pub mod dev;
 pub mod error;
 pub mod html;
 pub mod limits;
+pub mod lines;
 pub mod metrics;
 pub mod net;
 pub mod portal;

@@ -3,6 +3,12 @@
 // (tests may unwrap: clippy.toml).
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+/// mimalloc instead of glibc malloc: the request path allocates and frees small buffers on
+/// every worker thread and hands lines to the log writers, which glibc serialises on arena
+/// locks (docs/perf has the profile and the A/B).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -117,17 +123,39 @@ enum DevCmd {
 /// cost the request path a blocking write (measured ~0.25 ms of p50 at 2,000 req/s, docs/perf).
 /// Not lossy: under pressure the queue applies backpressure rather than dropping lines. Keep
 /// the guard alive until exit; dropping it flushes.
-fn init_tracing() -> tracing_appender::non_blocking::WorkerGuard {
+/// Flushes the process log when `main` returns.
+struct LogGuard(kube_relay::lines::LineWriter);
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.0.flush_blocking(std::time::Duration::from_secs(5));
+    }
+}
+
+/// The process log (including the access log line per request) on stderr, written by its own
+/// thread in batches (see `kube_relay::lines`).
+fn init_tracing() -> Option<LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .init();
-    guard
+    let out = Box::new(std::io::BufWriter::new(std::io::stderr()));
+    match kube_relay::lines::LineWriter::spawn("kube-relay-log", out, 128 * 1024) {
+        Ok(writer) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(writer.clone())
+                .init();
+            Some(LogGuard(writer))
+        }
+        // No thread for the writer: log straight to stderr rather than not at all.
+        Err(e) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .init();
+            tracing::warn!(error = %e, "cannot start the log writer thread; logging unbuffered");
+            None
+        }
+    }
 }
 
 fn main() -> ExitCode {
