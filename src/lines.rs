@@ -125,7 +125,10 @@ fn run(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>) {
         // Idle: block until the next line, so an idle relay never wakes for nothing.
         match rx.recv() {
             Ok(msg) => {
+                // The first line after a quiet spell goes out at once; what follows it is
+                // batched again by the polls.
                 if handle(msg, &mut out) {
+                    let _ = out.flush();
                     empty_polls = 0;
                 }
             }
@@ -218,6 +221,25 @@ mod tests {
         w.try_write(b"second\n".to_vec()).unwrap();
         w.flush().await;
         assert_eq!(&*sink.0.lock().unwrap(), b"first\nsecond\n");
+    }
+
+    #[tokio::test]
+    async fn a_line_after_a_quiet_spell_reaches_a_buffered_sink_without_a_flush() {
+        let sink = Shared::default();
+        let buffered = std::io::BufWriter::new(sink.clone());
+        let w = LineWriter::spawn("test-lines", Box::new(buffered), 16).unwrap();
+        w.try_write(b"first\n".to_vec()).unwrap();
+        // Long enough for the writer to go idle and block.
+        tokio::time::sleep(POLL * (IDLE_POLLS + 10)).await;
+        w.try_write(b"second\n".to_vec()).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while sink.0.lock().unwrap().as_slice() != b"first\nsecond\n" {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the line stayed in the writer's buffer"
+            );
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     #[test]
