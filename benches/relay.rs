@@ -11,6 +11,8 @@
 //! discovery document and JWKS over TLS on 127.0.0.1.
 // A test binary has no outside users, so `pub` in its support code means "shared here".
 #![allow(unreachable_pub)]
+// Test code may use std locks: poisoning there only fails the test that panicked.
+#![allow(clippy::disallowed_types)]
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};

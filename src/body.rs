@@ -192,13 +192,13 @@ mod tests {
     async fn idle_stream_ends_with_error_and_reports_why() {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
         let stream = StreamOf::new(tokio_stream_from(rx));
-        let ended = Arc::new(std::sync::Mutex::new(None));
+        let ended = Arc::new(parking_lot::Mutex::new(None));
         let e2 = ended.clone();
         let mut body = StreamBody::new(
             stream,
             Some(Duration::from_secs(60)),
             None,
-            Some(OnClose::new(move |end| *e2.lock().unwrap() = Some(end))),
+            Some(OnClose::new(move |end| *e2.lock() = Some(end))),
         );
         tx.send(Ok(Frame::data(Bytes::from_static(b"event"))))
             .await
@@ -215,7 +215,7 @@ mod tests {
         assert!(body.frame().await.is_none());
         drop(body);
         assert_eq!(
-            *ended.lock().unwrap(),
+            *ended.lock(),
             Some(StreamEnd {
                 bytes: 9,
                 reason: CloseReason::IdleTimeout
@@ -226,13 +226,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn deadline_cuts_a_busy_stream() {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
-        let ended = Arc::new(std::sync::Mutex::new(None));
+        let ended = Arc::new(parking_lot::Mutex::new(None));
         let e2 = ended.clone();
         let mut body = StreamBody::new(
             StreamOf::new(tokio_stream_from(rx)),
             Some(Duration::from_secs(60)),
             Some(Instant::now() + Duration::from_secs(10)),
-            Some(OnClose::new(move |end| *e2.lock().unwrap() = Some(end))),
+            Some(OnClose::new(move |end| *e2.lock() = Some(end))),
         );
         for _ in 0..3 {
             tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
@@ -243,27 +243,21 @@ mod tests {
         }
         assert!(body.frame().await.is_none(), "ends cleanly at the deadline");
         drop(body);
-        assert_eq!(
-            ended.lock().unwrap().unwrap().reason,
-            CloseReason::TokenExpired
-        );
+        assert_eq!(ended.lock().unwrap().reason, CloseReason::TokenExpired);
     }
 
     #[tokio::test]
     async fn client_going_away_is_recorded() {
-        let ended = Arc::new(std::sync::Mutex::new(None));
+        let ended = Arc::new(parking_lot::Mutex::new(None));
         let e2 = ended.clone();
         let body = StreamBody::new(
             http_body_util::Empty::<Bytes>::new(),
             None,
             None,
-            Some(OnClose::new(move |end| *e2.lock().unwrap() = Some(end))),
+            Some(OnClose::new(move |end| *e2.lock() = Some(end))),
         );
         drop(body);
-        assert_eq!(
-            ended.lock().unwrap().unwrap().reason,
-            CloseReason::ClientGone
-        );
+        assert_eq!(ended.lock().unwrap().reason, CloseReason::ClientGone);
     }
 
     fn tokio_stream_from<T: Send + 'static>(

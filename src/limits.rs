@@ -10,9 +10,9 @@
 //! of that work; tokens already in the verified-token cache still pass, so a client sharing the
 //! attacker's address (a NAT) keeps working.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -37,7 +37,7 @@ impl FailureLimiter {
 
     /// `Err(retry_after)` when `ip` has used up its failures for the current window.
     pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
-        let map = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.sources.lock();
         match map.get(&ip) {
             Some((start, n)) if *n >= self.max_failures && start.elapsed() < self.window => {
                 Err(self.window.saturating_sub(start.elapsed()))
@@ -47,7 +47,7 @@ impl FailureLimiter {
     }
 
     pub fn record_failure(&self, ip: IpAddr) {
-        let mut map = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.sources.lock();
         if map.len() >= MAX_SOURCES {
             let window = self.window;
             map.retain(|_, (start, _)| start.elapsed() < window);
@@ -78,7 +78,7 @@ pub struct SourceSlot<'a> {
 impl SourceConnections {
     /// A slot for `ip`, unless it already holds `limit` connections.
     pub fn acquire(&self, ip: IpAddr, limit: u32) -> Option<SourceSlot<'_>> {
-        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = self.open.lock();
         let n = open.entry(ip).or_insert(0);
         if *n >= limit {
             return None;
@@ -90,7 +90,7 @@ impl SourceConnections {
 
 impl Drop for SourceSlot<'_> {
     fn drop(&mut self) {
-        let mut open = self.owner.open.lock().unwrap_or_else(|e| e.into_inner());
+        let mut open = self.owner.open.lock();
         if let Some(n) = open.get_mut(&self.ip) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -118,7 +118,7 @@ impl IdentityRate {
 
     /// Takes one token for `identity`, or says how long until one is available.
     pub fn take(&self, identity: &str) -> Result<(), Duration> {
-        let mut map = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.buckets.lock();
         if map.len() >= MAX_SOURCES {
             // Full buckets carry no information; dropping them bounds memory.
             let burst = self.burst;

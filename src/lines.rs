@@ -183,14 +183,15 @@ impl Write for LogLine<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use parking_lot::Mutex;
+    use std::sync::Arc;
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
 
     impl Write for Shared {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
+            self.0.lock().extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -206,7 +207,7 @@ mod tests {
             w.try_write(format!("{i}\n").into_bytes()).unwrap();
         }
         w.flush().await;
-        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let text = String::from_utf8(sink.0.lock().clone()).unwrap();
         assert_eq!(text, "0\n1\n2\n3\n4\n5\n6\n7\n8\n9\n");
     }
 
@@ -220,7 +221,7 @@ mod tests {
         tokio::time::sleep(POLL * (IDLE_POLLS + 10)).await;
         w.try_write(b"second\n".to_vec()).unwrap();
         w.flush().await;
-        assert_eq!(&*sink.0.lock().unwrap(), b"first\nsecond\n");
+        assert_eq!(&*sink.0.lock(), b"first\nsecond\n");
     }
 
     #[tokio::test]
@@ -233,7 +234,7 @@ mod tests {
         tokio::time::sleep(POLL * (IDLE_POLLS + 10)).await;
         w.try_write(b"second\n".to_vec()).unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while sink.0.lock().unwrap().as_slice() != b"first\nsecond\n" {
+        while sink.0.lock().as_slice() != b"first\nsecond\n" {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the line stayed in the writer's buffer"

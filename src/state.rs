@@ -13,8 +13,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{Authenticator, Principal};
 use crate::config::Config;
 use crate::error::ProxyError;
-use crate::metrics::AuthnLabels;
-use crate::metrics::Metrics;
+use crate::metrics::{AuthnLabels, Metrics};
 use crate::upstream::Upstream;
 
 /// Everything a request needs, for one configuration generation. A reload builds a new one and

@@ -6,7 +6,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use tokio_util::sync::CancellationToken;
 
@@ -74,12 +76,12 @@ pub struct StreamEntry {
 impl StreamEntry {
     /// Ends the stream; `reason` goes to the audit record.
     pub fn close(&self, reason: CloseReason) {
-        *self.reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+        *self.reason.lock() = reason;
         self.cancel.cancel();
     }
 
     pub fn reason(&self) -> CloseReason {
-        *self.reason.lock().unwrap_or_else(|e| e.into_inner())
+        *self.reason.lock()
     }
 
     pub fn token(&self) -> CancellationToken {
@@ -105,16 +107,8 @@ pub struct StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.registry
-            .entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
-        let mut counts = self
-            .registry
-            .per_identity
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        self.registry.entries.lock().remove(&self.id);
+        let mut counts = self.registry.per_identity.lock();
         let key = self.entry.principal.user_key();
         if let Some(n) = counts.get_mut(key) {
             *n = n.saturating_sub(1);
@@ -137,7 +131,7 @@ impl StreamRegistry {
         limit: u32,
     ) -> Option<StreamGuard> {
         {
-            let mut counts = self.per_identity.lock().unwrap_or_else(|e| e.into_inner());
+            let mut counts = self.per_identity.lock();
             let n = counts.entry(principal.user_key().to_owned()).or_insert(0);
             if *n >= limit {
                 return None;
@@ -154,10 +148,7 @@ impl StreamRegistry {
             cancel: CancellationToken::new(),
             reason: Mutex::new(CloseReason::Closed),
         });
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, entry.clone());
+        self.entries.lock().insert(id, entry.clone());
         Some(StreamGuard {
             registry: self.clone(),
             id,
@@ -167,16 +158,11 @@ impl StreamRegistry {
 
     /// A snapshot of the live streams.
     pub fn snapshot(&self) -> Vec<Arc<StreamEntry>> {
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect()
+        self.entries.lock().values().cloned().collect()
     }
 
     pub fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.entries.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {

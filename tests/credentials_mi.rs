@@ -6,6 +6,8 @@
 //! variables before anything reads them: no other test shares the process environment.
 // A test binary has no outside users, so `pub` in its support code means "shared here".
 #![allow(unreachable_pub)]
+// Test code may use std locks: poisoning there only fails the test that panicked.
+#![allow(clippy::disallowed_types)]
 
 // Shared with the end-to-end binary (tests/e2e), which uses all of it; this one does not.
 #[allow(dead_code)]

@@ -32,21 +32,16 @@ impl KeySource {
         let fresh = self
             .fetched_at
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .is_some_and(|at| at.elapsed() <= self.issuer.keys.max_staleness);
         if fresh {
-            self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
+            self.keys.read().clone()
         } else {
             Arc::new(HashMap::new())
         }
     }
 
     pub(super) fn has_stale_keys(&self) -> bool {
-        !self
-            .keys
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
+        !self.keys.read().is_empty()
     }
 
     /// One fetch for an unknown `kid`, unless another ran within the cooldown. Concurrent
@@ -81,8 +76,8 @@ impl KeySource {
             .inc();
         let map = r?;
         tracing::info!(issuer = %self.name, iss = %self.iss, keys = map.len(), "loaded signing keys");
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(map);
-        *self.fetched_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *self.keys.write() = Arc::new(map);
+        *self.fetched_at.lock() = Some(Instant::now());
         Ok(())
     }
 

@@ -32,7 +32,9 @@ use claims::*;
 use keys::*;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 use std::time::Duration;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
@@ -279,10 +281,10 @@ impl Authenticator {
                 .iter()
                 .find(|o| o.iss == src.iss && o.discovery_url == src.discovery_url)
             {
-                let keys = o.keys.read().unwrap_or_else(|e| e.into_inner()).clone();
-                let at = *o.fetched_at.lock().unwrap_or_else(|e| e.into_inner());
-                *src.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
-                *src.fetched_at.lock().unwrap_or_else(|e| e.into_inner()) = at;
+                let keys = o.keys.read().clone();
+                let at = *o.fetched_at.lock();
+                *src.keys.write() = keys;
+                *src.fetched_at.lock() = at;
             }
         }
     }

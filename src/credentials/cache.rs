@@ -68,7 +68,7 @@ impl<K: Hash + Eq + Clone + Send + 'static> TokenCache<K> {
     }
 
     pub(super) fn slot(&self, key: &K) -> Arc<Slot> {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = self.slots.lock();
         if let Some(s) = slots.get(key) {
             return s.clone();
         }
@@ -79,8 +79,8 @@ impl<K: Hash + Eq + Clone + Send + 'static> TokenCache<K> {
             slots.retain(|_, s| {
                 s.current
                     .read()
-                    .map(|c| c.as_ref().is_some_and(|c| c.usable_until > now))
-                    .unwrap_or(false)
+                    .as_ref()
+                    .is_some_and(|c| c.usable_until > now)
             });
             if slots.len() >= MAX_CACHED_USERS {
                 slots.clear();
@@ -151,14 +151,11 @@ impl<K: Hash + Eq + Clone + Send + 'static> TokenCache<K> {
 }
 
 pub(super) fn read_slot(slot: &Slot) -> Option<Cached> {
-    slot.current
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
+    slot.current.read().clone()
 }
 
 pub(super) fn store(slot: &Slot, f: Fetched) {
-    *slot.current.write().unwrap_or_else(|e| e.into_inner()) = Some(Cached::new(f));
+    *slot.current.write() = Some(Cached::new(f));
 }
 
 pub(super) async fn bounded<T>(

@@ -40,7 +40,7 @@ impl TokenFile {
     /// a kubelet rewriting the projected token must not fail requests.
     pub(super) async fn current(&self) -> Result<SecretString, CredentialError> {
         let (token, stamp, due) = {
-            let st = self.state.read().unwrap_or_else(|e| e.into_inner());
+            let st = self.state.read();
             (
                 st.token.clone(),
                 st.stamp,
@@ -72,7 +72,7 @@ impl TokenFile {
                 }
             }
         }
-        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.write();
         st.token = fresh.clone();
         if new_stamp.is_some() {
             st.stamp = new_stamp;

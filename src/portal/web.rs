@@ -867,12 +867,13 @@ mod tests {
 
     #[test]
     fn provider_error_text_cannot_forge_log_lines() {
-        use std::sync::{Arc, Mutex};
+        use parking_lot::Mutex;
+        use std::sync::Arc;
         #[derive(Clone, Default)]
         struct Buf(Arc<Mutex<Vec<u8>>>);
         impl std::io::Write for Buf {
             fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
+                self.0.lock().extend_from_slice(b);
                 Ok(b.len())
             }
             fn flush(&mut self) -> std::io::Result<()> {
@@ -891,7 +892,7 @@ mod tests {
                 Some("x\r\nINFO forged"),
             );
         });
-        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let out = String::from_utf8(buf.0.lock().clone()).unwrap();
         assert_eq!(out.lines().count(), 1, "{out}");
         assert!(out.contains("the identity provider did not sign the user in"));
     }

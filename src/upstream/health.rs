@@ -7,7 +7,9 @@
 //! consecutive failures the cluster is marked down; one success marks it up again.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -47,10 +49,7 @@ impl Health {
     }
 
     pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.last_error.lock().clone()
     }
 
     fn record(&self, result: Result<(), String>) {
@@ -60,14 +59,14 @@ impl Health {
                 if !self.up.swap(true, Ordering::Relaxed) {
                     tracing::info!("cluster reachable again");
                 }
-                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *self.last_error.lock() = None;
             }
             Err(e) => {
                 let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
                 if n >= FAILURES_TO_MARK_DOWN && self.up.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "cluster marked down after failed probes");
                 }
-                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                *self.last_error.lock() = Some(e);
             }
         }
     }

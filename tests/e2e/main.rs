@@ -4,6 +4,8 @@
 //! `tests/credentials_mi.rs` sets the process environment that Azure's managed identity reads.
 // A test binary has no outside users, so `pub` in its support code means "shared here".
 #![allow(unreachable_pub)]
+// Test code may use std locks: poisoning there only fails the test that panicked.
+#![allow(clippy::disallowed_types)]
 
 #[path = "../support/mod.rs"]
 mod support;

@@ -636,11 +636,11 @@ mod tests {
 
     /// A generic OIDC provider on loopback HTTP answering discovery and refresh grants:
     /// `rt-good` is exchanged (and rotated), anything else is `invalid_grant`.
-    async fn refresh_idp() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    async fn refresh_idp() -> (String, std::sync::Arc<parking_lot::Mutex<Vec<String>>>) {
         use http_body_util::BodyExt as _;
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://127.0.0.1:{}", l.local_addr().unwrap().port());
-        let forms = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let forms = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
         let (b, f) = (base.clone(), forms.clone());
         tokio::spawn(async move {
             loop {
@@ -660,13 +660,13 @@ mod tests {
                                         serde_json::json!({"issuer": b, "authorization_endpoint": format!("{b}/authorize"), "token_endpoint": format!("{b}/token")}),
                                     )
                                 } else if form.contains("refresh_token=rt-good") {
-                                    f.lock().unwrap().push(form);
+                                    f.lock().push(form);
                                     (
                                         200,
                                         serde_json::json!({"access_token": "at-new", "token_type": "Bearer", "expires_in": 3600, "refresh_token": "rt-rotated"}),
                                     )
                                 } else {
-                                    f.lock().unwrap().push(form);
+                                    f.lock().push(form);
                                     (
                                         400,
                                         serde_json::json!({"error": "invalid_grant", "error_description": "refresh token expired"}),
@@ -731,7 +731,7 @@ mod tests {
         let s = read(&entry).await;
         assert_eq!(s.refresh_token.as_deref(), Some("rt-rotated"));
         assert!(s.usable_for(Duration::from_secs(3000)));
-        let form = forms.lock().unwrap()[0].clone();
+        let form = forms.lock()[0].clone();
         assert!(form.contains("grant_type=refresh_token"), "{form}");
         assert!(form.contains("offline_access"), "{form}");
         assert!(
@@ -743,7 +743,7 @@ mod tests {
             get_token(&args, false).await.unwrap().access_token,
             "at-new"
         );
-        assert_eq!(forms.lock().unwrap().len(), 1);
+        assert_eq!(forms.lock().len(), 1);
 
         // A dead refresh token: dropped, and without a terminal the sign-in is refused at once.
         seed(&entry, "rt-revoked").await;
@@ -751,7 +751,7 @@ mod tests {
         assert!(e.contains("no terminal"), "{e}");
         assert!(e.contains("token --login browser --issuer"), "{e}");
         assert_eq!(read(&entry).await.refresh_token, None);
-        assert_eq!(forms.lock().unwrap().len(), 2);
+        assert_eq!(forms.lock().len(), 2);
     }
 
     #[test]
