@@ -48,16 +48,8 @@ async fn entra(issuer_extra: &str, start_idp_failing: bool) -> Entra {
 }
 
 async fn entra_with(issuer_extra: &str, top_extra: &str, start_idp_failing: bool) -> Entra {
-    kube_relay::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let ca = kube_sim::pki::TestCa::new("entra test CA").unwrap();
-    let leaf = ca
-        .issue(&["127.0.0.1", "localhost", "*.relay.test"])
-        .unwrap();
-    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
-    std::fs::write(dir.path().join("relay.crt"), &leaf.cert_pem).unwrap();
-    std::fs::write(dir.path().join("relay.key"), &leaf.key_pem).unwrap();
-    let tls = kube_sim::server::tls_config(&leaf).unwrap();
+    let (ca, tls) = crate::support::tenant::test_pki(dir.path(), "entra test CA");
 
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let authority = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());

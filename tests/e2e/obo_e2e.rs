@@ -16,17 +16,9 @@ use tokio::net::TcpListener;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_whoami_through_on_behalf_of_shows_the_real_user() {
-    kube_relay::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let ca = kube_sim::pki::TestCa::new("obo e2e CA").unwrap();
-    let leaf = ca
-        .issue(&["127.0.0.1", "localhost", "*.relay.test"])
-        .unwrap();
-    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
-    std::fs::write(dir.path().join("relay.crt"), &leaf.cert_pem).unwrap();
-    std::fs::write(dir.path().join("relay.key"), &leaf.key_pem).unwrap();
+    let (ca, tls) = crate::support::tenant::test_pki(dir.path(), "obo e2e CA");
     std::fs::write(dir.path().join("obo-secret"), "s3cret").unwrap();
-    let tls = kube_sim::server::tls_config(&leaf).unwrap();
 
     // The users' tenant (what the relay validates).
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -79,16 +79,8 @@ impl Drop for World {
 }
 
 async fn world() -> World {
-    kube_relay::install_crypto_provider();
     let dir = tempfile::tempdir().unwrap();
-    let ca = kube_sim::pki::TestCa::new("token test CA").unwrap();
-    let leaf = ca
-        .issue(&["127.0.0.1", "localhost", "*.relay.test"])
-        .unwrap();
-    std::fs::write(dir.path().join("ca.crt"), ca.cert_pem()).unwrap();
-    std::fs::write(dir.path().join("relay.crt"), &leaf.cert_pem).unwrap();
-    std::fs::write(dir.path().join("relay.key"), &leaf.key_pem).unwrap();
-    let tls = kube_sim::server::tls_config(&leaf).unwrap();
+    let (_ca, tls) = crate::support::tenant::test_pki(dir.path(), "token test CA");
 
     // What the token endpoint trusts as federated assertions.
     let k8s = DevIssuer::generate("https://oidc.aks.test/cluster", KeyAlg::Rs256).unwrap();

@@ -2,6 +2,9 @@
 //! token minted in one story means the same in another), and the clock tokens are minted with.
 
 use std::path::Path;
+use std::sync::Arc;
+
+use kube_sim::pki::TestCa;
 
 use kube_sim::record::UserInfo;
 use kube_sim::server::{SimAuth, SimConfig, SimHandle, StaticToken};
@@ -26,6 +29,23 @@ pub const RELAY_SA_TOKEN: &str = "relay-sa-token";
 /// Seconds since the Unix epoch, for `iat`, `nbf` and `exp`.
 pub fn now() -> u64 {
     kube_relay::clock::unix_now()
+}
+
+/// The tests' own PKI in `dir`: a CA (`ca.crt`) and the relay's serving certificate for
+/// `127.0.0.1`, `localhost` and `*.relay.test` (`relay.crt`, `relay.key`). Returns the CA (to
+/// trust or issue more) and a TLS config with the same certificate, for the loopback identity
+/// provider stand-ins the relay then trusts through `ca.crt`.
+pub fn test_pki(dir: &Path, ca_name: &str) -> (TestCa, Arc<rustls::ServerConfig>) {
+    kube_relay::install_crypto_provider();
+    let ca = TestCa::new(ca_name).unwrap();
+    let leaf = ca
+        .issue(&["127.0.0.1", "localhost", "*.relay.test"])
+        .unwrap();
+    std::fs::write(dir.join("ca.crt"), ca.cert_pem()).unwrap();
+    std::fs::write(dir.join("relay.crt"), &leaf.cert_pem).unwrap();
+    std::fs::write(dir.join("relay.key"), &leaf.key_pem).unwrap();
+    let tls = kube_sim::server::tls_config(&leaf).unwrap();
+    (ca, tls)
 }
 
 /// A simulated AKS cluster (`aks.privatelink.test`, on a CA of its own) that accepts the
