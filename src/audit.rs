@@ -76,10 +76,10 @@ impl AuditLog {
         extra: &[(&'static str, String)],
     ) {
         let Some(out) = &self.out else { return };
-        let mut annotations = base.annotations.clone();
-        for (k, v) in extra {
-            annotations.insert(k, v.clone());
-        }
+        let annotations = Annotations {
+            base: &base.annotations,
+            extra,
+        };
         let ev = Event {
             api_version: "audit.k8s.io/v1",
             kind: "Event",
@@ -135,7 +135,7 @@ pub struct AuditBase {
 pub struct AuditUser {
     pub username: String,
     pub uid: Option<String>,
-    pub groups: Vec<String>,
+    pub groups: Arc<[String]>,
     pub extra: BTreeMap<&'static str, Vec<String>>,
 }
 
@@ -173,7 +173,30 @@ struct Event<'a> {
     response_status: ResponseStatus,
     request_received_timestamp: String,
     stage_timestamp: String,
-    annotations: BTreeMap<&'static str, String>,
+    annotations: Annotations<'a>,
+}
+
+/// The record's annotations: the request's, then the stage's (which win on a shared key),
+/// serialized from where they are rather than merged into a copy for every record.
+struct Annotations<'a> {
+    base: &'a BTreeMap<&'static str, String>,
+    extra: &'a [(&'static str, String)],
+}
+
+impl Serialize for Annotations<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut m = s.serialize_map(None)?;
+        for (k, v) in self.base {
+            if !self.extra.iter().any(|(e, _)| e == k) {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        for (k, v) in self.extra {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
 }
 
 #[derive(Serialize, Default)]
@@ -226,4 +249,33 @@ struct ResponseStatus {
 pub fn timestamp(t: Option<std::time::SystemTime>) -> String {
     let t = t.unwrap_or_else(std::time::SystemTime::now);
     humantime::format_rfc3339_micros(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_annotations_join_the_requests_and_win_on_a_shared_key() {
+        let mut base = BTreeMap::new();
+        base.insert("kube-relay.io/cluster", "prod".to_owned());
+        base.insert("kube-relay.io/latency-ms", "stale".to_owned());
+        let extra = [("kube-relay.io/latency-ms", "7".to_owned())];
+        let json = serde_json::to_value(Annotations {
+            base: &base,
+            extra: &extra,
+        })
+        .unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"kube-relay.io/cluster": "prod", "kube-relay.io/latency-ms": "7"})
+        );
+        // Exactly one entry per key in the text, as a JSON object must have.
+        let text = serde_json::to_string(&Annotations {
+            base: &base,
+            extra: &extra,
+        })
+        .unwrap();
+        assert_eq!(text.matches("latency-ms").count(), 1, "{text}");
+    }
 }

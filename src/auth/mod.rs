@@ -74,7 +74,9 @@ pub struct Principal {
     user_key: String,
     /// The name shown upstream: `upn`, else `oid` (Entra); the subject (OIDC).
     pub username: String,
-    pub groups: Vec<String>,
+    /// Shared, not copied, with the audit record and the impersonation headers: an Entra
+    /// token can carry up to 200 groups.
+    pub groups: Arc<[String]>,
     /// The token says its group list is incomplete (Entra overage): group rules cannot be
     /// evaluated and fail closed.
     pub groups_overage: bool,

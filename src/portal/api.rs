@@ -172,7 +172,7 @@ pub fn cluster_list(state: &State, p: &Principal) -> ClusterList {
         user: ListUser {
             username: p.username.clone(),
             issuer: p.issuer.to_string(),
-            groups: p.groups.clone(),
+            groups: p.groups.to_vec(),
         },
         relay: RelayInfo {
             public_url: public,

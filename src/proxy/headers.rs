@@ -9,6 +9,8 @@
 //! 3. Only then add the relay's own: the upstream credential, `Impersonate-*` for the caller,
 //!    `X-Forwarded-For`, `Audit-ID`.
 
+use std::sync::Arc;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::auth::Principal;
@@ -78,7 +80,7 @@ pub fn reject_underscore_identity_headers(headers: &HeaderMap) -> Result<(), Pro
 pub struct Impersonation {
     pub user: String,
     pub uid: Option<String>,
-    pub groups: Vec<String>,
+    pub groups: Arc<[String]>,
     /// `(key, value)`; keys lower-case and percent-encoded as they travel in header names.
     pub extra: Vec<(String, String)>,
 }
@@ -144,7 +146,7 @@ pub fn requested_impersonation(headers: &HeaderMap) -> Result<Option<Impersonati
         Some(user) if !user.is_empty() => Ok(Some(Impersonation {
             user,
             uid,
-            groups,
+            groups: groups.into(),
             extra,
         })),
         _ => Err(ProxyError::BadRequest(
@@ -233,7 +235,7 @@ pub fn add_identity(
                 identity_value(uid)?,
             );
         }
-        for g in &id.groups {
+        for g in id.groups.iter() {
             out.append(
                 HeaderName::from_static("impersonate-group"),
                 identity_value(g)?,
@@ -409,7 +411,7 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(got.user, "jane");
-        assert_eq!(got.groups, ["a", "b"]);
+        assert_eq!(&*got.groups, ["a", "b"]);
         assert_eq!(got.uid.as_deref(), Some("42"));
         assert_eq!(
             got.extra,
@@ -438,7 +440,7 @@ mod tests {
         let id = Impersonation {
             user: "alice".into(),
             uid: None,
-            groups: vec!["devs".into()],
+            groups: vec!["devs".into()].into(),
             extra: vec![("oid".into(), "1234".into())],
         };
         add_identity(
