@@ -87,12 +87,24 @@ impl LineWriter {
         }
     }
 
-    /// [`flush`](Self::flush) for code outside the runtime (process exit), bounded by `limit`.
+    /// [`flush`](Self::flush) for code outside the runtime (process exit). Gives up after
+    /// `limit` in all, also when the queue stays full (a writer stuck on its disk must not hold
+    /// the process).
     pub fn flush_blocking(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
         let (done, wait) = mpsc::channel();
-        if self.tx.send(Msg::Flush(done)).is_ok() {
-            let _ = wait.recv_timeout(limit);
+        let mut msg = Msg::Flush(done);
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(m)) if tokio::time::Instant::now() < deadline => {
+                    msg = m;
+                    std::thread::sleep(POLL);
+                }
+                Err(_) => return,
+            }
         }
+        let _ = wait.recv_timeout(deadline.saturating_duration_since(tokio::time::Instant::now()));
     }
 }
 
@@ -241,6 +253,25 @@ mod tests {
             );
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    #[test]
+    fn flush_at_exit_gives_up_on_a_stuck_writer() {
+        struct Stuck(std::sync::mpsc::Receiver<()>);
+        impl Write for Stuck {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let _ = self.0.recv();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (_hold, rx) = std::sync::mpsc::channel();
+        let w = LineWriter::spawn("test-lines", Box::new(Stuck(rx)), 1).unwrap();
+        while w.try_write(b"x\n".to_vec()).is_ok() {}
+        // Full queue, writer stuck: returns after the limit instead of hanging.
+        w.flush_blocking(Duration::from_millis(50));
     }
 
     #[test]
