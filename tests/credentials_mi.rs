@@ -13,6 +13,8 @@
 #[allow(dead_code)]
 mod support;
 
+use support::yaml::{contoso, RelayYaml};
+
 use std::sync::atomic::Ordering;
 use support::tenant::{now, AKS_APP, GROUP_OPS, OID_ALICE, RELAY_APP, TID};
 
@@ -79,33 +81,29 @@ async fn managed_identity_for_impersonation_and_as_obo_federated_assertion() {
         .await
         .unwrap();
 
-    let yaml = format!(
-        r#"listen: 127.0.0.1:0
-public_url: https://localhost
-tls: {{cert_file: relay.crt, key_file: relay.key}}
-routing: {{host_suffix: relay.test}}
-identity:
-  issuers:
-    - name: contoso
-      kind: entra
-      tenant_id: {TID}
-      authority_host: {idp_authority}
-      ca_file: ca.crt
-      audiences: [api://kube-relay]
-      required_scopes: [user_impersonation]
-clusters:
-  - name: mi
-    server: https://mi.privatelink.test
-    ca_file: ca.crt
-    upstream_auth: {{mode: impersonate, azure: {{credential: managed_identity, client_id: {MI_CLIENT}}}}}
-    access: [{{groups: [{GROUP_OPS}]}}]
-  - name: obo-mi
-    server: https://obo.privatelink.test
-    ca_file: ca.crt
-    upstream_auth: {{mode: on_behalf_of, client_id: {RELAY_APP}, federated: {{credential: managed_identity, client_id: {MI_CLIENT}}}, authority_host: '{te_authority}', ca_file: ca.crt}}
-    access: [{{groups: [{GROUP_OPS}]}}]
-"#
-    );
+    let yaml = RelayYaml::new("https://localhost")
+        .top("routing: {host_suffix: relay.test}")
+        .issuer(contoso(
+            &idp_authority,
+            "ca.crt",
+            "api://kube-relay",
+            "required_scopes: [user_impersonation]",
+        ))
+        .cluster(format!(
+            "name: mi
+server: https://mi.privatelink.test
+ca_file: ca.crt
+upstream_auth: {{mode: impersonate, azure: {{credential: managed_identity, client_id: {MI_CLIENT}}}}}
+access: [{{groups: [{GROUP_OPS}]}}]"
+        ))
+        .cluster(format!(
+            "name: obo-mi
+server: https://obo.privatelink.test
+ca_file: ca.crt
+upstream_auth: {{mode: on_behalf_of, client_id: {RELAY_APP}, federated: {{credential: managed_identity, client_id: {MI_CLIENT}}}, authority_host: '{te_authority}', ca_file: ca.crt}}
+access: [{{groups: [{GROUP_OPS}]}}]"
+        ))
+        .build();
     let cfg = kube_relay::config::parse(&yaml, dir.path()).unwrap_or_else(|e| panic!("{e}"));
     let auth = kube_relay::auth::Authenticator::new(
         &cfg.issuers,

@@ -7,6 +7,7 @@
 use crate::support::tenant::{
     now, AKS_APP, GROUP_OPS, OID_ALICE, OID_BOB, OTHER_TID, RELAY_APP, TID,
 };
+use crate::support::yaml::{contoso, RelayYaml};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,7 +112,7 @@ async fn world() -> World {
     let ep = format!("authority_host: '{te_authority}', ca_file: ca.crt");
     let cluster = |name: &str, auth: String| {
         format!(
-            "  - name: {name}\n    server: https://{name}.privatelink.test\n    ca_file: ca.crt\n    upstream_auth: {auth}\n    access:\n      - groups: [{GROUP_OPS}]\n"
+            "name: {name}\nserver: https://{name}.privatelink.test\nca_file: ca.crt\nupstream_auth: {auth}\naccess:\n  - groups: [{GROUP_OPS}]"
         )
     };
     let clusters = [
@@ -125,27 +126,23 @@ async fn world() -> World {
         cluster("obo-fed", format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, federated: {{credential: workload_identity, federated_token_file: sa-token}}, {ep}}}")),
         cluster("obo-other", format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, client_secret_file: obo-secret, tenant_id: {OTHER_TID}, {ep}}}")),
         cluster("obo-nowhere", format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, client_secret_file: obo-secret, authority_host: 'https://127.0.0.1:1', ca_file: ca.crt}}")),
-    ]
-    .concat();
+    ];
     std::fs::write(dir.path().join("relay.crt"), &leaf.cert_pem).unwrap();
     std::fs::write(dir.path().join("relay.key"), &leaf.key_pem).unwrap();
-    let yaml = format!(
-        r#"listen: 127.0.0.1:0
-public_url: https://localhost
-tls: {{cert_file: relay.crt, key_file: relay.key}}
-routing: {{host_suffix: relay.test}}
-identity:
-  issuers:
-    - name: contoso
-      kind: entra
-      tenant_id: {TID}
-      authority_host: {idp_authority}
-      ca_file: ca.crt
-      audiences: [api://kube-relay, {AKS_APP}]
-      required_scopes: [user_impersonation]
-clusters:
-{clusters}"#
-    );
+    let yaml = clusters
+        .into_iter()
+        .fold(
+            RelayYaml::new("https://localhost")
+                .top("routing: {host_suffix: relay.test}")
+                .issuer(contoso(
+                    &idp_authority,
+                    "ca.crt",
+                    &format!("api://kube-relay, {AKS_APP}"),
+                    "required_scopes: [user_impersonation]",
+                )),
+            RelayYaml::cluster,
+        )
+        .build();
     let cfg =
         kube_relay::config::parse(&yaml, dir.path()).unwrap_or_else(|e| panic!("config: {e}"));
     let auth =

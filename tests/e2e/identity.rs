@@ -10,6 +10,7 @@ use crate::support::tenant::{
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::support::yaml::{aks_stand_in, contoso, RelayYaml};
 use crate::support::*;
 use kube_sim::issuer::{DevIssuer, IssuerHandle, KeyAlg};
 use kube_sim::server::SimHandle;
@@ -61,44 +62,39 @@ async fn entra_with(issuer_extra: &str, top_extra: &str, start_idp_failing: bool
 
     let sim = crate::support::tenant::aks_stand_in(dir.path()).await;
 
-    let yaml = format!(
-        r#"listen: 127.0.0.1:0
-public_url: https://localhost
-tls: {{cert_file: relay.crt, key_file: relay.key}}
-admin: {{listen: 127.0.0.1:0}}
-routing: {{host_suffix: relay.test}}
-limits: {{auth_failures_per_minute: 20}}
-audit: {{path: audit.jsonl}}
-{top_extra}
-identity:
-  issuers:
-    - name: contoso
-      kind: entra
-      tenant_id: {TID}
-      authority_host: {authority}
-      ca_file: ca.crt
-      audiences: [api://kube-relay, {AKS_APP}, {RELAY_APP}]
-      required_scopes: [user_impersonation]
-      required_roles: [kube-relay.access]
-{issuer_extra}
-clusters:
-  - name: aks
-    server: https://aks.privatelink.test:{port}
-    connect: 127.0.0.1:{port}
-    ca_file: aks-ca.crt
-    upstream_auth: {{mode: impersonate, token_file: relay-token}}
-    access:
-      - groups: [{GROUP_OPS}]
-      - users: [contoso/{OID_BOB}]
-        verbs: [get, list, watch]
-        namespaces: [default]
-      - apps: [{CI_APP}]
-        issuer: contoso
-      - users: [contoso/{OID_CAROL}]
-        allow_impersonation: true
-"#,
-        port = sim.addr.port()
-    );
+    let port = sim.addr.port();
+    let mut yaml = RelayYaml::new("https://localhost")
+        .top("admin: {listen: 127.0.0.1:0}")
+        .top("routing: {host_suffix: relay.test}")
+        .top("limits: {auth_failures_per_minute: 20}")
+        .top("audit: {path: audit.jsonl}");
+    if !top_extra.is_empty() {
+        yaml = yaml.top(top_extra);
+    }
+    let yaml = yaml
+        .issuer(contoso(
+            &authority,
+            "ca.crt",
+            &format!("api://kube-relay, {AKS_APP}, {RELAY_APP}"),
+            &format!(
+                "required_scopes: [user_impersonation]\nrequired_roles: [kube-relay.access]\n{}",
+                issuer_extra.trim()
+            ),
+        ))
+        .cluster(aks_stand_in(
+            port,
+            &format!(
+                "  - groups: [{GROUP_OPS}]
+  - users: [contoso/{OID_BOB}]
+    verbs: [get, list, watch]
+    namespaces: [default]
+  - apps: [{CI_APP}]
+    issuer: contoso
+  - users: [contoso/{OID_CAROL}]
+    allow_impersonation: true"
+            ),
+        ))
+        .build();
     let path = dir.path().join("relay.yaml");
     std::fs::write(&path, yaml).unwrap();
     let cfg = kube_relay::config::load(&path).unwrap();

@@ -35,3 +35,32 @@ mod real_modes;
 mod relay;
 mod relay_pages;
 mod token;
+
+/// The support library's relay YAML builder writes what a user would (one binary runs it).
+#[test]
+fn builds_the_yaml_a_user_would_write() {
+    let y = support::yaml::RelayYaml::new("https://localhost")
+        .top("routing: {host_suffix: relay.test}")
+        .issuer(support::yaml::contoso(
+            "https://127.0.0.1:1",
+            "ca.crt",
+            "api://kube-relay",
+            "required_scopes: [s]",
+        ))
+        .cluster(
+            "name: a\nserver: https://a.test\nca_file: ca.crt\nupstream_auth: {mode: passthrough}",
+        )
+        .build();
+    assert_eq!(
+        y,
+        format!(
+            "listen: 127.0.0.1:0\npublic_url: https://localhost\n\
+             tls: {{cert_file: relay.crt, key_file: relay.key}}\nrouting: {{host_suffix: relay.test}}\n\
+             identity:\n  issuers:\n    - name: contoso\n      kind: entra\n      tenant_id: {tid}\n      \
+             authority_host: https://127.0.0.1:1\n      ca_file: ca.crt\n      audiences: [api://kube-relay]\n      \
+             required_scopes: [s]\n\
+             clusters:\n  - name: a\n    server: https://a.test\n    ca_file: ca.crt\n    upstream_auth: {{mode: passthrough}}\n",
+            tid = support::tenant::TID
+        )
+    );
+}

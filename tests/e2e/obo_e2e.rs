@@ -6,6 +6,7 @@ use crate::support::tenant::{now, AKS_APP, GROUP_OPS as GROUP, OID_ALICE as OID,
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::support::yaml::{contoso, RelayYaml};
 use crate::support::*;
 use base64::Engine as _;
 use kube_sim::issuer::{DevIssuer, KeyAlg};
@@ -66,29 +67,28 @@ async fn kubectl_whoami_through_on_behalf_of_shows_the_real_user() {
     .await
     .unwrap();
 
-    let yaml = format!(
-        r#"listen: 127.0.0.1:0
-public_url: https://localhost
-tls: {{cert_file: relay.crt, key_file: relay.key}}
-admin: {{listen: 127.0.0.1:0}}
-routing: {{host_suffix: relay.test}}
-audit: {{path: audit.jsonl}}
-identity:
-  issuers:
-    - {{name: contoso, kind: entra, tenant_id: {TID}, authority_host: "{authority}", ca_file: ca.crt,
-        audiences: ["api://kube-relay"], required_scopes: [user_impersonation]}}
-clusters:
-  - name: aks
-    server: https://aks.privatelink.test:{port}
-    connect: 127.0.0.1:{port}
-    ca_file: aks-ca.crt
-    upstream_auth: {{mode: on_behalf_of, client_id: {RELAY_APP}, client_secret_file: obo-secret,
-                    authority_host: "{te_authority}", ca_file: ca.crt}}
-    access:
-      - groups: [{GROUP}]
-"#,
-        port = sim.addr.port()
-    );
+    let port = sim.addr.port();
+    let yaml = RelayYaml::new("https://localhost")
+        .top("admin: {listen: 127.0.0.1:0}")
+        .top("routing: {host_suffix: relay.test}")
+        .top("audit: {path: audit.jsonl}")
+        .issuer(contoso(
+            &format!("\"{authority}\""),
+            "ca.crt",
+            "\"api://kube-relay\"",
+            "required_scopes: [user_impersonation]",
+        ))
+        .cluster(format!(
+            "name: aks
+server: https://aks.privatelink.test:{port}
+connect: 127.0.0.1:{port}
+ca_file: aks-ca.crt
+upstream_auth: {{mode: on_behalf_of, client_id: {RELAY_APP}, client_secret_file: obo-secret,
+                authority_host: \"{te_authority}\", ca_file: ca.crt}}
+access:
+  - groups: [{GROUP}]"
+        ))
+        .build();
     let path = dir.path().join("relay.yaml");
     std::fs::write(&path, yaml).unwrap();
     let app = kube_relay::server::App::bind(kube_relay::config::load(&path).unwrap())

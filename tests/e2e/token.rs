@@ -10,6 +10,7 @@
 //! Each test starts its own world, so the endpoints' request counters are the test's own.
 
 use crate::support::tenant::{now, TID};
+use crate::support::yaml::{aks_stand_in, contoso, RelayYaml};
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt as _;
@@ -131,44 +132,28 @@ async fn world() -> World {
     // Bound first so public_url (and the kubeconfigs the relay hands out) carry the real port.
     let relay_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let relay_port = relay_listener.local_addr().unwrap().port();
-    let yaml = format!(
-        r#"listen: 127.0.0.1:0
-public_url: https://localhost:{relay_port}
-login:
-  issuer: contoso
-  client_id: {CLI_APP}
-  scopes: [api://kube-relay/user_impersonation]
-tls: {{cert_file: relay.crt, key_file: relay.key, ca_file: ca.crt}}
-admin: {{listen: 127.0.0.1:0}}
-audit: {{path: audit.jsonl}}
-routing: {{host_suffix: relay.test}}
-identity:
-  issuers:
-    - name: contoso
-      kind: entra
-      tenant_id: {TID}
-      authority_host: {te_authority}
-      ca_file: ca.crt
-      audiences: [api://kube-relay]
-    - name: github
-      kind: oidc
-      issuer: {gh_url}
-      audiences: [api://kube-relay]
-      username_claim: sub
-      ca_file: ca.crt
-clusters:
-  - name: aks
-    server: https://aks.privatelink.test:{port}
-    connect: 127.0.0.1:{port}
-    ca_file: aks-ca.crt
-    upstream_auth: {{mode: impersonate, token_file: relay-token}}
-    access:
-      - users: [contoso/{APP_OID}, contoso/{OID_AZ_USER}]
-      - issuer: github
-        claims: {{repository: contoso/infra}}
-"#,
-        port = sim.addr.port()
-    );
+    let port = sim.addr.port();
+    let yaml = RelayYaml::new(&format!("https://localhost:{relay_port}"))
+        .top(format!(
+            "login:\n  issuer: contoso\n  client_id: {CLI_APP}\n  scopes: [api://kube-relay/user_impersonation]"
+        ))
+        .tls("tls: {cert_file: relay.crt, key_file: relay.key, ca_file: ca.crt}")
+        .top("admin: {listen: 127.0.0.1:0}")
+        .top("audit: {path: audit.jsonl}")
+        .top("routing: {host_suffix: relay.test}")
+        .issuer(contoso(&te_authority, "ca.crt", "api://kube-relay", ""))
+        .issuer(format!(
+            "name: github\nkind: oidc\nissuer: {gh_url}\naudiences: [api://kube-relay]\nusername_claim: sub\nca_file: ca.crt"
+        ))
+        .cluster(aks_stand_in(
+            port,
+            &format!(
+                "  - users: [contoso/{APP_OID}, contoso/{OID_AZ_USER}]
+  - issuer: github
+    claims: {{repository: contoso/infra}}"
+            ),
+        ))
+        .build();
     let path = dir.path().join("relay.yaml");
     std::fs::write(&path, yaml).unwrap();
     let cfg = kube_relay::config::load(&path).unwrap();

@@ -4,6 +4,7 @@
 pub mod idp;
 pub mod real;
 pub mod tenant;
+pub mod yaml;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -463,18 +464,23 @@ impl CustomRelay {
         // point at it).
         let relay_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let relay_port = relay_listener.local_addr().unwrap().port();
-        let mut yaml = format!(
-            "listen: 127.0.0.1:0\npublic_url: https://localhost:{relay_port}\ntls: {{cert_file: relay.crt, key_file: relay.key}}\naudit: {{path: audit.jsonl}}\n\
-             routing: {{host_suffix: relay.test}}\nidentity:\n  issuers:\n    - {{name: dev, kind: oidc, issuer: \"{issuer_url}\", audiences: [kube-relay], ca_file: ca.crt}}\nclusters:\n"
-        );
+        let mut yaml = yaml::RelayYaml::new(&format!("https://localhost:{relay_port}"))
+            .top("audit: {path: audit.jsonl}")
+            .top("routing: {host_suffix: relay.test}")
+            .issuer(format!(
+                "{{name: dev, kind: oidc, issuer: \"{issuer_url}\", audiences: [kube-relay], ca_file: ca.crt}}"
+            ));
         for (name, up) in clusters {
             std::fs::write(dir.path().join(format!("{name}-ca.crt")), &up.ca_pem).unwrap();
-            yaml.push_str(&format!(
-                "  - {{name: {name}, server: \"https://fake.upstream.test:{port}\", connect: \"127.0.0.1:{port}\", ca_file: {name}-ca.crt, upstream_auth: {{mode: passthrough}}, access: [{{users: [dev/alice]}}]}}\n",
+            yaml = yaml.cluster(format!(
+                "{{name: {name}, server: \"https://fake.upstream.test:{port}\", connect: \"127.0.0.1:{port}\", ca_file: {name}-ca.crt, upstream_auth: {{mode: passthrough}}, access: [{{users: [dev/alice]}}]}}",
                 port = up.addr.port()
             ));
         }
-        yaml.push_str(extra_yaml);
+        if !extra_yaml.trim().is_empty() {
+            yaml = yaml.top(extra_yaml);
+        }
+        let yaml = yaml.build();
         let path = dir.path().join("relay.yaml");
         std::fs::write(&path, yaml).unwrap();
         let cfg = kube_relay::config::load(&path).unwrap();

@@ -885,27 +885,19 @@ impl Front {
         std::fs::write(d.join("idp-ca.crt"), idp.ca.cert_pem()).unwrap();
         let relay_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let relay_port = relay_listener.local_addr().unwrap().port();
-        let mut yaml = format!(
-            r#"listen: 127.0.0.1:0
-public_url: https://localhost:{relay_port}
-tls: {{cert_file: relay.crt, key_file: relay.key}}
-routing: {{host_suffix: relay.test}}
-audit: {{path: audit.jsonl}}
-limits: {{per_identity_requests_per_second: 100000, per_identity_burst: 100000, per_identity_streams: 10000}}
-{extra_yaml}
-identity:
-  issuers:
-    - name: contoso
-      kind: entra
-      tenant_id: {TID}
-      authority_host: {authority}
-      ca_file: idp-ca.crt
-      audiences: [api://kube-relay, {AKS_APP}, {RELAY_APP}]
-      required_scopes: [user_impersonation]
-clusters:
-"#,
-            authority = idp.authority,
-        );
+        let mut yaml = super::yaml::RelayYaml::new(&format!("https://localhost:{relay_port}"))
+            .top("routing: {host_suffix: relay.test}")
+            .top("audit: {path: audit.jsonl}")
+            .top("limits: {per_identity_requests_per_second: 100000, per_identity_burst: 100000, per_identity_streams: 10000}");
+        if !extra_yaml.trim().is_empty() {
+            yaml = yaml.top(extra_yaml);
+        }
+        yaml = yaml.issuer(super::yaml::contoso(
+            &idp.authority,
+            "idp-ca.crt",
+            &format!("api://kube-relay, {AKS_APP}, {RELAY_APP}"),
+            "required_scopes: [user_impersonation]",
+        ));
         for u in upstreams {
             let c = u.cluster;
             std::fs::write(d.join(format!("{}-ca.crt", c.name)), &c.ca_pem).unwrap();
@@ -919,8 +911,8 @@ clusters:
                 &c.relay_client.key_pem,
             )
             .unwrap();
-            yaml.push_str(&format!(
-                "  - name: {alias}\n    server: https://{sn}:{port}\n    connect: 127.0.0.1:{port}\n    ca_file: {name}-ca.crt\n    upstream_auth: {auth}\n    access: {access}\n",
+            yaml = yaml.cluster(format!(
+                "name: {alias}\nserver: https://{sn}:{port}\nconnect: 127.0.0.1:{port}\nca_file: {name}-ca.crt\nupstream_auth: {auth}\naccess: {access}",
                 alias = u.name(),
                 name = c.name,
                 sn = c.server_name,
@@ -929,6 +921,7 @@ clusters:
                 access = u.access,
             ));
         }
+        let yaml = yaml.build();
         std::fs::write(d.join("relay.yaml"), &yaml).unwrap();
         let cfg = kube_relay::config::load(&d.join("relay.yaml"))
             .unwrap_or_else(|e| panic!("relay config: {e:#}\n{yaml}"));
