@@ -477,10 +477,10 @@ impl CustomRelay {
                 port = up.addr.port()
             ));
         }
-        if !extra_yaml.trim().is_empty() {
-            yaml = yaml.top(extra_yaml);
-        }
-        let yaml = yaml.build();
+        // Appended after the cluster list, which the built text ends with: `extra_yaml` may add
+        // clusters (`  - ...`) before its top-level keys.
+        let mut yaml = yaml.build();
+        yaml.push_str(extra_yaml);
         let path = dir.path().join("relay.yaml");
         std::fs::write(&path, yaml).unwrap();
         let cfg = kube_relay::config::load(&path).unwrap();
