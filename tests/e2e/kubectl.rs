@@ -1,7 +1,7 @@
 //! Real kubectl through the relay: the version matrix of issue "data plane" (1.27 SPDY exec …
 //! 1.33 WebSocket exec and port-forward tunnel), both routing styles, every verb users reach for.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Stdio;
 use std::time::Duration;
@@ -246,26 +246,7 @@ fn kubectl_matrix(version: &str) {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = c.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = reader.read_line(&mut line);
-            let _ = tx.send(line);
-            // Keep draining: kubectl (Go) dies of SIGPIPE if its stdout closes while it logs
-            // "Handling connection for …".
-            let _ = std::io::copy(&mut reader, &mut std::io::sink());
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("port-forward prints its port");
-        let port: u16 = line
-            .split("127.0.0.1:")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        let port = crate::support::forwarded_port(&mut child);
         let mut sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();

@@ -117,6 +117,29 @@ pub fn eventually_blocking<T, E: std::fmt::Debug>(
     }
 }
 
+/// The local port a `kubectl port-forward ... :PORT` child (stdout piped) listens on, from the
+/// first line it prints (bounded wait). Its stdout keeps being drained afterwards: kubectl dies
+/// of SIGPIPE if that pipe closes while it logs "Handling connection for ...".
+pub fn forwarded_port(child: &mut std::process::Child) -> u16 {
+    use std::io::BufRead as _;
+    let mut reader = std::io::BufReader::new(child.stdout.take().expect("stdout is piped"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = reader.read_line(&mut line);
+        let _ = tx.send(line);
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("port-forward prints its port");
+    line.split("127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"))
+}
+
 pub async fn wait_ready(admin: std::net::SocketAddr) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
