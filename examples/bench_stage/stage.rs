@@ -32,9 +32,20 @@ const AUDIENCE: &str = "kube-relay";
 const SIM_HOST: &str = "alpha.kube-sim.localhost";
 const STATIC_HOST: &str = "static.bench.localhost";
 
+/// A free loopback port below the kernel's ephemeral range (32768 and up by default), so no
+/// outgoing connection or `bind(0)` elsewhere on the machine (tests run beside the stage) takes
+/// it between now and the moment nginx or the relay binds it.
 fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    let start = (uuid::Uuid::new_v4().as_u128() % u128::from(SPAN)) as u16;
+    for i in 0..SPAN {
+        let port = FIRST + (start + i) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port in {FIRST}-{}", FIRST + SPAN - 1)
 }
 
 fn write(dir: &Path, name: &str, contents: &str) -> anyhow::Result<()> {
