@@ -486,11 +486,17 @@ fn one_relay_in_front_of_three_clusters_with_different_modes() {
             .unwrap_or_else(|e| panic!("watch on eus, waiting for {want}: {e}"));
         assert_eq!(got, want);
     };
-    // The watch is open once the API server has audited it; then events flow.
+    // The watch is open once the API server has audited it; then events flow. Only kubectl's
+    // watch counts: the API server's own controllers watch configmaps too (in kube-system),
+    // and creating the configmap before kubectl's watch starts would hide its event.
     let deadline = tokio::time::Instant::now() + T;
     while !eus.audit_events().iter().any(|e| {
         e["verb"] == "watch"
             && e["objectRef"]["resource"] == "configmaps"
+            && e["objectRef"]["namespace"] == "default"
+            && e["userAgent"]
+                .as_str()
+                .is_some_and(|ua| ua.starts_with("kubectl"))
             && e["stage"] == "ResponseStarted"
     }) {
         assert!(
