@@ -5,6 +5,7 @@
 //! kubectl ≥ 1.30 opens them with a WebSocket GET (docs/security.md A4).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use crate::auth::Principal;
 use crate::config::{AccessRule, ClusterConfig};
@@ -142,9 +143,32 @@ impl RequestInfo {
     }
 }
 
-/// Why the rules refused a request: the message of the 403 Status.
+/// Why the rules refused a request.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Denied(pub String);
+pub enum Denied {
+    /// 403: no rule admits the caller for this request; the message of the Status.
+    Forbidden(String),
+    /// 401 with a claims challenge: a rule would admit the request if the token carried the
+    /// Conditional Access authentication context `auth_context` in `acrs` (step-up).
+    StepUp {
+        auth_context: String,
+        message: String,
+    },
+}
+
+/// What the relay knows of the caller's groups beyond the token's own `groups` claim.
+#[derive(Debug, Clone, Default)]
+pub enum Membership {
+    /// The token lists every group (no overage): rules read `groups` from it.
+    #[default]
+    Token,
+    /// The token's groups did not fit and Graph answered: the caller is in exactly these of
+    /// the groups the rules name.
+    Resolved(Arc<[String]>),
+    /// The token's groups did not fit and were not resolved (`resolve: deny`, or Graph failed):
+    /// group rules do not match; the text says why.
+    Unresolved(Arc<str>),
+}
 
 /// Proof that the relay's rules admitted one request. Only [`authorize`] makes one (the field
 /// is private), and the proxy's forward and upgrade phases take one by value, so a request the
@@ -158,17 +182,20 @@ pub struct Admitted {
 /// Default deny: admitted only when some rule matches the caller, the verb and the namespace.
 ///
 /// `impersonating`: the caller asks to act as someone else (`kubectl --as`); only rules with
-/// `allow_impersonation` admit that.
+/// `allow_impersonation` admit that. `membership`: see [`Membership`]; only consulted when the
+/// token says its group list is incomplete.
 pub fn authorize(
     p: &Principal,
     cluster: &ClusterConfig,
     info: &RequestInfo,
     impersonating: bool,
+    membership: &Membership,
 ) -> Result<Admitted, Denied> {
     let mut subject_matched = false;
     let mut overage_blocked = false;
+    let mut step_up: Option<&str> = None;
     for rule in &cluster.access {
-        match subject_matches(rule, p) {
+        match subject_matches(rule, p, membership) {
             Match::Yes => {}
             Match::No => continue,
             Match::GroupsUnknown => {
@@ -190,37 +217,80 @@ pub fn authorize(
                 None => !info.is_resource || info.is_self_review(),
             },
         };
-        if verb_ok && namespace_ok && (!impersonating || rule.allow_impersonation) {
-            return Ok(Admitted { _proof: () });
+        if !(verb_ok && namespace_ok && (!impersonating || rule.allow_impersonation)) {
+            continue;
         }
-    }
-    if impersonating && subject_matched {
-        return Err(Denied(format!(
-            "user \"{}\" may not impersonate (kubectl --as) on cluster {} through kube-relay",
-            p.username, cluster.name
-        )));
-    }
-    if overage_blocked && !subject_matched {
-        return Err(Denied(format!(
-            "user \"{}\" has too many groups for the token to list them (Entra group overage); group rules on cluster {} cannot be checked, so they do not admit",
-            p.username, cluster.name
-        )));
+        if !rule.auth_context.is_empty() && !has_auth_context(p, &rule.auth_context) {
+            step_up = step_up.or(rule.auth_context.first().map(String::as_str));
+            continue;
+        }
+        return Ok(Admitted { _proof: () });
     }
     let what = match (&info.resource, &info.subresource) {
         (Some(r), Some(s)) => format!("{r}/{s}"),
         (Some(r), None) => r.clone(),
         _ => "this path".to_owned(),
     };
+    if let Some(ctx) = step_up {
+        return Err(Denied::StepUp {
+            auth_context: ctx.to_owned(),
+            message: format!(
+                "cluster {cluster} requires a step-up sign-in (authentication context {ctx}) to {verb} {what}: use the kubeconfig context {cluster}@{ctx} (kube-relay kubeconfig writes it), or get a token with: kube-relay token --auth-context {ctx}",
+                cluster = cluster.name,
+                verb = info.verb,
+            ),
+        });
+    }
+    if impersonating && subject_matched {
+        return Err(Denied::Forbidden(format!(
+            "user \"{}\" may not impersonate (kubectl --as) on cluster {} through kube-relay",
+            p.username, cluster.name
+        )));
+    }
+    if overage_blocked && !subject_matched {
+        let why = match membership {
+            Membership::Unresolved(why) => &**why,
+            _ => "the token does not list them",
+        };
+        return Err(Denied::Forbidden(format!(
+            "user \"{}\" has too many groups for the token to list them (Entra group overage) and their membership could not be resolved ({why}); group rules on cluster {} do not admit",
+            p.username, cluster.name
+        )));
+    }
     if subject_matched {
-        Err(Denied(format!(
+        Err(Denied::Forbidden(format!(
             "user \"{}\" may not {} {} on cluster {} through kube-relay",
             p.username, info.verb, what, cluster.name
         )))
     } else {
-        Err(Denied(format!(
+        Err(Denied::Forbidden(format!(
             "user \"{}\" has no access to cluster {} through kube-relay",
             p.username, cluster.name
         )))
+    }
+}
+
+/// The token's `acrs` claim (Conditional Access authentication contexts satisfied at sign-in)
+/// holds one of `wanted`.
+fn has_auth_context(p: &Principal, wanted: &[String]) -> bool {
+    match p.claims.get("acrs") {
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .filter_map(serde_json::Value::as_str)
+            .any(|a| wanted.iter().any(|w| w == a)),
+        Some(serde_json::Value::String(a)) => wanted.iter().any(|w| w == a),
+        _ => false,
+    }
+}
+
+/// The token's `roles` claim holds one of `wanted`.
+fn has_role(p: &Principal, wanted: &[String]) -> bool {
+    match p.claims.get("roles") {
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .filter_map(serde_json::Value::as_str)
+            .any(|r| wanted.iter().any(|w| w == r)),
+        _ => false,
     }
 }
 
@@ -233,26 +303,35 @@ pub struct Permissions {
     pub verbs: Option<Vec<String>>,
     /// Namespaces admitted; `None`: all (and cluster-scoped resources).
     pub namespaces: Option<Vec<String>>,
+    /// Authentication contexts (step-up) that some of these rules require; empty when none.
+    pub auth_contexts: Vec<String>,
 }
 
 /// The union of what the rules matching `p` admit on `cluster`; `None` when no rule matches
 /// (the cluster is not listed for this caller). Group rules under an overage do not match, as
 /// in [`authorize`].
-pub fn permissions(p: &Principal, cluster: &ClusterConfig) -> Option<Permissions> {
+pub fn permissions(
+    p: &Principal,
+    cluster: &ClusterConfig,
+    membership: &Membership,
+) -> Option<Permissions> {
     let mut verbs: Option<BTreeSet<String>> = Some(BTreeSet::new());
     let mut namespaces: Option<BTreeSet<String>> = Some(BTreeSet::new());
+    let mut contexts = BTreeSet::new();
     let mut any = false;
     for rule in &cluster.access {
-        if !matches!(subject_matches(rule, p), Match::Yes) {
+        if !matches!(subject_matches(rule, p, membership), Match::Yes) {
             continue;
         }
         any = true;
         widen(&mut verbs, rule.verbs.as_ref());
         widen(&mut namespaces, rule.namespaces.as_ref());
+        contexts.extend(rule.auth_context.iter().cloned());
     }
     any.then(|| Permissions {
         verbs: verbs.map(|v| v.into_iter().collect()),
         namespaces: namespaces.map(|n| n.into_iter().collect()),
+        auth_contexts: contexts.into_iter().collect(),
     })
 }
 
@@ -272,7 +351,7 @@ enum Match {
     GroupsUnknown,
 }
 
-fn subject_matches(rule: &AccessRule, p: &Principal) -> Match {
+fn subject_matches(rule: &AccessRule, p: &Principal, membership: &Membership) -> Match {
     if let Some(iss) = &rule.issuer {
         if **iss != *p.issuer {
             return Match::No;
@@ -293,12 +372,25 @@ fn subject_matches(rule: &AccessRule, p: &Principal) -> Match {
     if !claims_ok {
         return Match::No;
     }
+    if !rule.roles.is_empty() && !has_role(p, &rule.roles) {
+        return Match::No;
+    }
     if !rule.groups.is_empty() && !p.groups.iter().any(|g| rule.groups.contains(g)) {
+        if !p.groups_overage {
+            return Match::No;
+        }
         // Membership might be in the groups the token could not list.
-        return if p.groups_overage {
-            Match::GroupsUnknown
-        } else {
-            Match::No
+        return match membership {
+            // Graph's object ids are GUIDs: compared without regard to case.
+            Membership::Resolved(groups)
+                if groups
+                    .iter()
+                    .any(|g| rule.groups.iter().any(|r| r.eq_ignore_ascii_case(g))) =>
+            {
+                Match::Yes
+            }
+            Membership::Resolved(_) => Match::No,
+            Membership::Token | Membership::Unresolved(_) => Match::GroupsUnknown,
         };
     }
     Match::Yes

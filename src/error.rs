@@ -57,6 +57,14 @@ pub enum ProxyError {
     /// timeout, unreadable token file). `detail` stays in the log.
     #[error("cluster {cluster}: upstream credential unavailable: {detail}")]
     CredentialUnavailable { cluster: String, detail: String },
+    /// 401 with Entra's claims challenge: a rule would admit the request if the token carried
+    /// the Conditional Access authentication context `auth_context` (step-up). `message` names
+    /// the command that gets such a token.
+    #[error("step-up required: authentication context {auth_context}")]
+    StepUp {
+        auth_context: String,
+        message: String,
+    },
 }
 
 impl ProxyError {
@@ -93,6 +101,7 @@ impl ProxyError {
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::SignInAgain { .. } => StatusCode::UNAUTHORIZED,
             Self::CredentialUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StepUp { .. } => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -116,6 +125,7 @@ impl ProxyError {
             Self::Internal(_) => "InternalError",
             Self::SignInAgain { .. } => "Unauthorized",
             Self::CredentialUnavailable { .. } => "ServiceUnavailable",
+            Self::StepUp { .. } => "Unauthorized",
         }
     }
 
@@ -126,6 +136,7 @@ impl ProxyError {
             Self::Internal(_) => "internal error in kube-relay".to_owned(),
             Self::TooManyRequests { message, .. } => message.clone(),
             Self::SignInAgain { hint, .. } => hint.clone(),
+            Self::StepUp { message, .. } => message.clone(),
             Self::CredentialUnavailable { cluster, .. } => format!(
                 "cluster {cluster} is unavailable: kube-relay cannot get its credential for the cluster from Entra ID right now; try again in a minute"
             ),
@@ -201,7 +212,17 @@ impl ProxyError {
         if let Some(secs) = retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if status == StatusCode::UNAUTHORIZED {
+        if let Self::StepUp { auth_context, .. } = &self {
+            // Entra's claims challenge (docs/protocols.md §2): the client asks the authority
+            // for a token with this `claims` request and retries.
+            let challenge = format!(
+                "Bearer realm=\"kube-relay\", error=\"insufficient_claims\", claims=\"{}\"",
+                crate::wire::login::step_up_claims_b64(auth_context)
+            );
+            if let Ok(v) = HeaderValue::from_str(&challenge) {
+                headers.insert(header::WWW_AUTHENTICATE, v);
+            }
+        } else if status == StatusCode::UNAUTHORIZED {
             // client-go re-runs its credential plugin on a 401; the challenge names the scheme.
             headers.insert(
                 header::WWW_AUTHENTICATE,

@@ -150,6 +150,10 @@ pub struct Metrics {
     pub ws_fallback: Family<DurationLabels, Counter>,
     pub jwks_refresh: Family<IssuerResultLabels, Counter>,
     pub denials: Family<ClusterLabels, Counter>,
+    /// Requests from tokens with group overage, by issuer and how membership was known.
+    pub group_overage: Family<IssuerResultLabels, Counter>,
+    /// Calls to Microsoft Graph (`checkMemberGroups`), by issuer and result.
+    pub graph_requests: Family<IssuerResultLabels, Counter>,
     pub audit_dropped: Counter,
     /// Requests sent again because the cluster refused them unprocessed (HTTP/2 GOAWAY).
     pub upstream_retries: Counter,
@@ -218,6 +222,18 @@ impl Metrics {
             "Authenticated requests denied by the access rules, by cluster",
             denials.clone(),
         );
+        let group_overage = Family::<IssuerResultLabels, Counter>::default();
+        registry.register(
+            "group_overage",
+            "Requests whose token could not list its groups, by issuer and result (cached, resolved through Graph, unresolved)",
+            group_overage.clone(),
+        );
+        let graph_requests = Family::<IssuerResultLabels, Counter>::default();
+        registry.register(
+            "graph_requests",
+            "Microsoft Graph checkMemberGroups calls by issuer and result (ok, throttled, error, transport_error, credential_error)",
+            graph_requests.clone(),
+        );
         let upstream_retries = Counter::default();
         registry.register(
             "upstream_retries",
@@ -246,6 +262,8 @@ impl Metrics {
             upstream_retries,
             jwks_refresh,
             denials,
+            group_overage,
+            graph_requests,
             requests,
             duration,
             longrunning,

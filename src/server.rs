@@ -110,7 +110,15 @@ fn revoke_streams(state: &State) {
     for s in state.streams.snapshot() {
         let allowed = match state.upstreams.get(&s.cluster) {
             Some(u) => {
-                crate::authz::authorize(&s.principal, &u.cluster, &s.info, s.impersonating).is_ok()
+                let membership = state.groups.membership_cached(&s.principal);
+                crate::authz::authorize(
+                    &s.principal,
+                    &u.cluster,
+                    &s.info,
+                    s.impersonating,
+                    &membership,
+                )
+                .is_ok()
             }
             None => false,
         };
@@ -174,7 +182,12 @@ fn build_state(cfg: Config, previous: Option<&State>) -> anyhow::Result<State> {
             .collect(),
     );
     let portal = crate::auth::sso::Portal::build(&cfg)?;
+    let groups = crate::groups::GroupResolver::new(&cfg, &metrics)?;
+    if let Some(p) = previous {
+        groups.adopt(&p.groups);
+    }
     Ok(State {
+        groups: Arc::new(groups),
         cfg,
         upstreams,
         auth,

@@ -25,6 +25,8 @@ pub struct State {
     pub audit: crate::audit::AuditLog,
     /// The browser portal's identity provider client, when `login.portal` is configured.
     pub portal: Option<Arc<crate::auth::sso::Portal>>,
+    /// Group overage resolution through Microsoft Graph, per issuer.
+    pub groups: Arc<crate::groups::GroupResolver>,
     pub(crate) tls: TlsAcceptor,
     /// Stops this generation's background tasks (key refresh) when it is replaced.
     pub(crate) generation: CancellationToken,

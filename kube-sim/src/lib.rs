@@ -18,7 +18,10 @@
 //! - [`record`]: the record of received requests.
 //! - [`token_endpoint`]: a loopback Entra token endpoint (client credentials, OBO) and managed
 //!   identity endpoint, for upstream-credential tests.
+//! - [`graph`]: a loopback Microsoft Graph `checkMemberGroups` endpoint, for group-overage
+//!   resolution tests.
 
+pub mod graph;
 pub mod issuer;
 pub mod pki;
 pub mod record;

@@ -4,7 +4,8 @@
 //! E1–E4, F5): size → JWT shape and header (`alg` in the issuer's allowlist, `kid` present and
 //! short) → the verified-token cache → `iss` names a configured key source → `kid` is in that
 //! source's cached keys (one rate-limited, single-flight refresh on a miss) → the key's type
-//! matches `alg` → signature and `iss`, `aud`, `exp`, `nbf` (all required; leeway
+//! matches `alg` → signature and `iss`, `aud`, `exp` (required), `nbf` (required
+//! for Entra and for OIDC issuers with `require_nbf`, else checked when present; leeway
 //! [`LEEWAY_SECS`]) → issuer rules (Entra tenant, scopes or roles).
 //!
 //! Header-supplied keys (`jwk`, `jku`, `x5u`) are never used: the `kid` is only a lookup key into
@@ -80,6 +81,9 @@ pub struct Principal {
     /// The token says its group list is incomplete (Entra overage): group rules cannot be
     /// evaluated and fail closed.
     pub groups_overage: bool,
+    /// An Entra app-only token (a service principal, no `scp`): Graph knows its object id as a
+    /// service principal, not a user.
+    pub app_only: bool,
     /// Entra object id, sent as `Impersonate-Extra-oid` (AKS Azure RBAC needs it).
     pub oid: Option<String>,
     /// The client application (`appid` v1 / `azp` v2), for `apps` rules.
@@ -404,7 +408,17 @@ impl Authenticator {
         v.algorithms = vec![key.alg];
         v.set_issuer(&[iss.as_str()]);
         v.set_audience(&src.issuer.audiences);
-        v.set_required_spec_claims(&["exp", "nbf", "iss", "aud"]);
+        // Entra always sends `nbf`; stock OIDC access tokens (RFC 9068) need not, and are then
+        // checked as kube-apiserver checks them: `nbf` validated when present.
+        let nbf_required = match &src.issuer.kind {
+            IssuerKind::Entra { .. } => true,
+            IssuerKind::Oidc { require_nbf, .. } => *require_nbf,
+        };
+        if nbf_required {
+            v.set_required_spec_claims(&["exp", "nbf", "iss", "aud"]);
+        } else {
+            v.set_required_spec_claims(&["exp", "iss", "aud"]);
+        }
         v.validate_exp = true;
         v.validate_nbf = true;
         v.leeway = LEEWAY_SECS;

@@ -11,6 +11,9 @@ pub(super) struct FileAccessRule {
     users: Vec<String>,
     #[serde(default)]
     apps: Vec<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+    auth_context: Option<Vec<String>>,
     namespaces: Option<Vec<String>>,
     #[serde(default)]
     allow_impersonation: bool,
@@ -41,6 +44,13 @@ pub struct AccessRule {
     pub users: Vec<String>,
     /// The caller's client application (`appid`/`azp`) is one of these (when non-empty).
     pub apps: Vec<String>,
+    /// The token's `roles` claim (app roles of a user or an app) holds one of these (when
+    /// non-empty): Entra's way around group overage.
+    pub roles: Vec<String>,
+    /// Step-up: the token's `acrs` claim holds one of these Conditional Access authentication
+    /// contexts (when non-empty). A request this rule would admit but for `acrs` is answered
+    /// with a claims challenge naming the context.
+    pub auth_context: Vec<String>,
     /// The caller's token came from this issuer (when set).
     pub issuer: Option<String>,
     /// Each claim matches the given pattern (when non-empty): exact, or with `*` wildcards.
@@ -63,12 +73,43 @@ pub(super) fn parse_access(
     let mut out = Vec::new();
     for (i, r) in rules.iter().enumerate() {
         let path = format!("{cluster_path}.access[{i}]");
-        if r.groups.is_empty() && r.users.is_empty() && r.apps.is_empty() && r.issuer.is_none() {
+        if r.groups.is_empty()
+            && r.users.is_empty()
+            && r.apps.is_empty()
+            && r.roles.is_empty()
+            && r.issuer.is_none()
+        {
             // A rule with no subject would admit every authenticated caller: make that explicit.
             errs.add(
                 &path,
-                "a rule must name groups, users, apps or an issuer (an empty rule would admit everyone)",
+                "a rule must name groups, users, apps, roles or an issuer (an empty rule would admit everyone)",
             );
+        }
+        for (j, role) in r.roles.iter().enumerate() {
+            if role.is_empty() || role.chars().any(char::is_whitespace) {
+                errs.add(
+                    format!("{path}.roles[{j}]"),
+                    "must be an app role value (non-empty, no spaces), e.g. kube-relay.prod-admin",
+                );
+            }
+        }
+        if let Some(contexts) = &r.auth_context {
+            if contexts.is_empty() {
+                errs.add(
+                    format!("{path}.auth_context"),
+                    "an empty list would admit nothing; remove the key or name contexts (c1 ... c99)",
+                );
+            }
+            for (j, c) in contexts.iter().enumerate() {
+                if !is_auth_context_id(c) {
+                    errs.add(
+                        format!("{path}.auth_context[{j}]"),
+                        format!(
+                            "`{c}` is not an authentication context id (Entra's are c1 ... c99)"
+                        ),
+                    );
+                }
+            }
         }
         if let Some(ns) = &r.namespaces {
             if ns.is_empty() {
@@ -134,6 +175,8 @@ pub(super) fn parse_access(
             groups: r.groups.clone(),
             users: r.users.clone(),
             apps: r.apps.clone(),
+            roles: r.roles.clone(),
+            auth_context: r.auth_context.clone().unwrap_or_default(),
             namespaces: r.namespaces.as_ref().map(|n| n.iter().cloned().collect()),
             allow_impersonation: r.allow_impersonation,
             issuer: r.issuer.clone(),
@@ -142,4 +185,13 @@ pub(super) fn parse_access(
         });
     }
     out
+}
+
+/// Entra's authentication context ids are `c1` to `c99`; other issuers may use their own short
+/// tokens, so anything short, printable and free of spaces and quotes is accepted.
+fn is_auth_context_id(c: &str) -> bool {
+    !c.is_empty()
+        && c.len() <= 64
+        && c.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
 }

@@ -48,6 +48,13 @@ pub(super) struct FileAzure {
     ca_file: Option<String>,
 }
 
+impl FileAzure {
+    /// `scope` was written: a credential used for another resource (Graph) keeps it.
+    pub(super) fn scope_given(&self) -> bool {
+        self.scope.is_some()
+    }
+}
+
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
 #[serde(rename_all = "snake_case")]
 pub(super) enum FileAzureKind {
@@ -117,6 +124,13 @@ pub struct ClusterConfig {
     pub ca: Vec<CertificateDer<'static>>,
     pub upstream_auth: UpstreamAuth,
     pub access: Vec<AccessRule>,
+}
+
+impl ClusterConfig {
+    /// Some access rule names groups: only then can group overage change a decision.
+    pub fn has_group_rules(&self) -> bool {
+        self.access.iter().any(|r| !r.groups.is_empty())
+    }
 }
 
 pub enum UpstreamAuth {
@@ -554,25 +568,12 @@ pub(super) fn parse_entra_endpoint(
         ca_file,
     } = keys;
     let mut ok = true;
-    let host = authority_host.map_or(DEFAULT_AUTHORITY_HOST, String::as_str);
-    let authority_host = match Url::parse(host) {
-        Ok(u)
-            if u.scheme() == "https"
-                && u.host_str().is_some()
-                && u.path() == "/"
-                && u.query().is_none()
-                && u.username().is_empty() =>
-        {
-            Some(u)
-        }
-        _ => {
-            errs.add(
-                format!("{path}.authority_host"),
-                "must be an https:// URL with no path, e.g. https://login.microsoftonline.com",
-            );
-            None
-        }
-    };
+    let authority_host = parse_https_origin(
+        authority_host.map_or(DEFAULT_AUTHORITY_HOST, String::as_str),
+        &format!("{path}.authority_host"),
+        DEFAULT_AUTHORITY_HOST,
+        errs,
+    );
     let scope = match scope {
         None => format!("{AKS_SERVER_APP}/.default"),
         Some(s)

@@ -23,6 +23,52 @@ pub(super) struct FileIssuer {
     key_refresh_interval: Option<String>,
     key_refresh_cooldown: Option<String>,
     max_key_staleness: Option<String>,
+    require_nbf: Option<bool>,
+    group_overage: Option<FileGroupOverage>,
+}
+
+/// `identity.issuers[].group_overage`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileGroupOverage {
+    resolve: FileOverageResolve,
+    credential: Option<FileOverageCredential>,
+    graph_host: Option<String>,
+    cache_ttl: Option<String>,
+    timeout: Option<String>,
+    ca_file: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+enum FileOverageResolve {
+    Graph,
+    Deny,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileOverageCredential {
+    azure: FileAzure,
+}
+
+/// Microsoft Graph's public endpoint.
+pub const DEFAULT_GRAPH_HOST: &str = "https://graph.microsoft.com";
+
+/// `group_overage: {resolve: graph}`: how the relay asks Microsoft Graph about the groups a
+/// token could not list (docs/architecture.md "Identity and upstream credentials").
+#[derive(Debug)]
+pub struct GroupOverageConfig {
+    /// The relay's own Azure identity for Graph; its scope is `<graph_host>/.default`.
+    pub credential: AzureCredentialConfig,
+    /// `https://graph.microsoft.com`, a sovereign cloud's Graph, or a test stand-in.
+    pub graph_host: Url,
+    /// Extra trust anchors for `graph_host` (a stand-in on a private CA); empty: public PKI.
+    pub ca: Vec<CertificateDer<'static>>,
+    /// How long a user's resolved membership is used before it is asked again.
+    pub cache_ttl: Duration,
+    /// A request waits at most this long for Graph; then group rules do not match.
+    pub timeout: Duration,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
@@ -42,6 +88,9 @@ pub struct IssuerConfig {
     /// Signature algorithms accepted (RS256 and/or ES256; Entra signs with RS256 only).
     pub algorithms: Vec<jsonwebtoken::Algorithm>,
     pub keys: KeyPolicy,
+    /// Entra only: resolve group overage through Graph; `None`: group rules do not match a
+    /// token whose groups did not fit (`resolve: deny`, the default).
+    pub group_overage: Option<GroupOverageConfig>,
 }
 
 /// How an issuer's signing keys are kept fresh (docs/protocols.md §2.3).
@@ -73,6 +122,9 @@ pub enum IssuerKind {
         issuer_str: String,
         username_claim: String,
         groups_claim: String,
+        /// Tokens without `nbf` are refused (default: `nbf` is checked when present, as
+        /// kube-apiserver's JWT authenticator does; RFC 9068 access tokens carry none).
+        require_nbf: bool,
     },
     Entra {
         tenant_id: String,
@@ -196,6 +248,7 @@ pub(super) fn parse_issuers(
                     ("authority_host", f.authority_host.is_some()),
                     ("required_scopes", !f.required_scopes.is_empty()),
                     ("required_roles", !f.required_roles.is_empty()),
+                    ("group_overage", f.group_overage.is_some()),
                 ] {
                     if present {
                         errs.add(format!("{path}.{key}"), "only valid for kind: entra");
@@ -217,6 +270,7 @@ pub(super) fn parse_issuers(
                     issuer_str,
                     username_claim: f.username_claim.clone().unwrap_or_else(|| "sub".into()),
                     groups_claim: f.groups_claim.clone().unwrap_or_else(|| "groups".into()),
+                    require_nbf: f.require_nbf.unwrap_or(false),
                 }
             }
             FileIssuerKind::Entra => {
@@ -224,6 +278,7 @@ pub(super) fn parse_issuers(
                     ("issuer", f.issuer.is_some()),
                     ("username_claim", f.username_claim.is_some()),
                     ("groups_claim", f.groups_claim.is_some()),
+                    ("require_nbf", f.require_nbf.is_some()),
                 ] {
                     if present {
                         errs.add(format!("{path}.{key}"), "only valid for kind: oidc");
@@ -253,6 +308,10 @@ pub(super) fn parse_issuers(
                 }
             }
         };
+        let group_overage = f
+            .group_overage
+            .as_ref()
+            .and_then(|g| parse_group_overage(g, base, &format!("{path}.group_overage"), errs));
         out.push(Arc::new(IssuerConfig {
             name: f.name,
             kind,
@@ -260,7 +319,84 @@ pub(super) fn parse_issuers(
             ca,
             algorithms,
             keys,
+            group_overage,
         }));
     }
     out
+}
+
+fn parse_group_overage(
+    g: &FileGroupOverage,
+    base: &Path,
+    path: &str,
+    errs: &mut Errors,
+) -> Option<GroupOverageConfig> {
+    if g.resolve == FileOverageResolve::Deny {
+        for (key, present) in [
+            ("credential", g.credential.is_some()),
+            ("graph_host", g.graph_host.is_some()),
+            ("cache_ttl", g.cache_ttl.is_some()),
+            ("timeout", g.timeout.is_some()),
+            ("ca_file", g.ca_file.is_some()),
+        ] {
+            if present {
+                errs.add(format!("{path}.{key}"), "only used with resolve: graph");
+            }
+        }
+        return None;
+    }
+    let graph_host = parse_https_origin(
+        g.graph_host.as_deref().unwrap_or(DEFAULT_GRAPH_HOST),
+        &format!("{path}.graph_host"),
+        DEFAULT_GRAPH_HOST,
+        errs,
+    );
+    let cache_ttl = parse_duration(
+        &g.cache_ttl,
+        &format!("{path}.cache_ttl"),
+        Duration::from_secs(600),
+        errs,
+    );
+    if cache_ttl < Duration::from_secs(1) || cache_ttl > Duration::from_secs(24 * 3600) {
+        errs.add(
+            format!("{path}.cache_ttl"),
+            "must be between 1s and 24h (membership changes reach the relay after at most this long)",
+        );
+    }
+    let timeout = parse_duration(
+        &g.timeout,
+        &format!("{path}.timeout"),
+        Duration::from_secs(5),
+        errs,
+    );
+    if timeout.is_zero() || timeout > Duration::from_secs(60) {
+        errs.add(format!("{path}.timeout"), "must be between 1ms and 60s");
+    }
+    let ca = match &g.ca_file {
+        Some(file) => load_certs(base, file, &format!("{path}.ca_file"), errs)?,
+        None => Vec::new(),
+    };
+    let Some(cred) = &g.credential else {
+        errs.add(
+            format!("{path}.credential"),
+            "resolve: graph needs the relay's credential for Graph, e.g. {azure: {credential: managed_identity}}",
+        );
+        return None;
+    };
+    let cred_path = format!("{path}.credential.azure");
+    let scope_given = cred.azure.scope_given();
+    let mut credential = parse_azure(&cred.azure, base, &cred_path, errs)?;
+    let graph_host = graph_host?;
+    if !scope_given {
+        // The token is for Graph, not for a cluster: `<graph_host>/.default`.
+        credential.endpoint.scope =
+            format!("{}/.default", graph_host.as_str().trim_end_matches('/'));
+    }
+    Some(GroupOverageConfig {
+        credential,
+        graph_host,
+        ca,
+        cache_ttl,
+        timeout,
+    })
 }

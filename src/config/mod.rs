@@ -639,6 +639,29 @@ fn validate_routing(r: FileRouting, errs: &mut Errors) -> Routing {
 }
 
 /// A GUID in its canonical 8-4-4-4-12 hex form (Entra tenant, object and application ids).
+/// An `https://host[:port]` URL with no path, query or credentials (an authority or API host);
+/// `example` goes into the error.
+fn parse_https_origin(value: &str, path: &str, example: &str, errs: &mut Errors) -> Option<Url> {
+    match Url::parse(value) {
+        Ok(u)
+            if u.scheme() == "https"
+                && u.host_str().is_some()
+                && u.path() == "/"
+                && u.query().is_none()
+                && u.username().is_empty() =>
+        {
+            Some(u)
+        }
+        _ => {
+            errs.add(
+                path,
+                format!("must be an https:// URL with no path, e.g. {example}"),
+            );
+            None
+        }
+    }
+}
+
 pub fn is_guid(s: &str) -> bool {
     let b = s.as_bytes();
     b.len() == 36

@@ -149,7 +149,7 @@ clusters:
         "clusters[0].upstream_auth.token_file: not used with mode passthrough",
         "clusters[0].access[0].users[0]: `nobody/123`: no issuer named `nobody`",
         "clusters[0].access[0].verbs[1]: unknown verb `destroy`",
-        "clusters[0].access[1]: a rule must name groups, users, apps or an issuer",
+        "clusters[0].access[1]: a rule must name groups, users, apps, roles or an issuer",
         "clusters[1].surprise: unknown field `surprise`",
         "clusters[2].server: `not a url` is not a valid URL",
     ] {
@@ -508,6 +508,159 @@ fn login_and_portal_mistakes_name_their_key() {
     assert!(
         errs.iter()
             .any(|e| e.starts_with("login") && e.contains("scopes")),
+        "{errs:?}"
+    );
+}
+
+/// GOOD with `extra` added to the `contoso` issuer and `rules` replacing prod-eus's access.
+fn with_enterprise(f: &Fixture, extra: &str, rules: &str) -> Result<Config, ConfigErrors> {
+    let yaml = GOOD
+        .replace(
+            "      required_roles: [kube-relay.access]\n",
+            &format!("      required_roles: [kube-relay.access]\n{extra}"),
+        )
+        .replace(
+            "    upstream_auth: {mode: impersonate, token_file: token}\n    access:\n      - groups: [11111111-1111-1111-1111-111111111111]\n",
+            &format!("    upstream_auth: {{mode: impersonate, token_file: token}}\n    access:\n{rules}"),
+        );
+    f.parse(&yaml)
+}
+
+#[test]
+fn group_overage_roles_and_auth_context_load() {
+    let f = Fixture::new();
+    std::fs::write(f.dir.path().join("graph-secret"), "s").unwrap();
+    let cfg = with_enterprise(
+        &f,
+        "      group_overage:
+        resolve: graph
+        credential: {azure: {credential: client_secret, client_id: 33333333-3333-3333-3333-333333333333,
+                     tenant_id: 00000000-0000-0000-0000-000000000000, client_secret_file: graph-secret}}
+        cache_ttl: 5m
+",
+        "      - groups: [11111111-1111-1111-1111-111111111111]
+        auth_context: [c1]
+      - roles: [kube-relay.prod-admin]
+        verbs: [get]
+",
+    )
+    .unwrap();
+    let g = cfg.issuers[0].group_overage.as_ref().unwrap();
+    assert_eq!(g.graph_host.as_str(), "https://graph.microsoft.com/");
+    assert_eq!(
+        g.credential.endpoint.scope,
+        "https://graph.microsoft.com/.default"
+    );
+    assert_eq!(g.cache_ttl, Duration::from_secs(300));
+    assert_eq!(g.timeout, Duration::from_secs(5));
+    let rules = &cfg.clusters[1].access;
+    assert_eq!(rules[0].auth_context, ["c1"]);
+    assert_eq!(rules[1].roles, ["kube-relay.prod-admin"]);
+    // `resolve: deny` is the default and needs nothing else.
+    let cfg = with_enterprise(
+        &f,
+        "      group_overage: {resolve: deny}\n",
+        "      - users: [contoso/x]\n",
+    )
+    .unwrap();
+    assert!(cfg.issuers[0].group_overage.is_none());
+}
+
+#[test]
+fn group_overage_and_rule_mistakes_name_their_key() {
+    let f = Fixture::new();
+    let errs = messages(
+        with_enterprise(
+            &f,
+            "      group_overage:
+        resolve: graph
+        graph_host: http://graph.example
+        cache_ttl: 0s
+        timeout: 2m
+        colour: blue
+",
+            "      - auth_context: []
+        groups: [x]
+      - roles: ['']
+        auth_context: ['c1\"']
+      - verbs: [get]
+",
+        )
+        .unwrap_err(),
+    );
+    let joined = errs.join("\n");
+    for expected in [
+        "identity.issuers[0].group_overage.colour: unknown field `colour`",
+        "clusters[1].access[0].auth_context: an empty list would admit nothing",
+        "clusters[1].access[1].roles[0]: must be an app role value",
+        "clusters[1].access[1].auth_context[0]: `c1\"` is not an authentication context id",
+        "clusters[1].access[2]: a rule must name groups, users, apps, roles or an issuer",
+    ] {
+        assert!(
+            joined.contains(expected),
+            "missing {expected:?} in:\n{joined}"
+        );
+    }
+    let errs = messages(
+        with_enterprise(
+            &f,
+            "      group_overage:
+        resolve: graph
+        graph_host: http://graph.example
+        cache_ttl: 25h
+        timeout: 2m
+",
+            "      - users: [contoso/x]\n",
+        )
+        .unwrap_err(),
+    );
+    let joined = errs.join("\n");
+    for expected in [
+        "identity.issuers[0].group_overage.graph_host: must be an https:// URL",
+        "identity.issuers[0].group_overage.cache_ttl: must be between 1s and 24h",
+        "identity.issuers[0].group_overage.timeout: must be between",
+        "identity.issuers[0].group_overage.credential: resolve: graph needs the relay's credential",
+    ] {
+        assert!(
+            joined.contains(expected),
+            "missing {expected:?} in:\n{joined}"
+        );
+    }
+    let errs = messages(
+        with_enterprise(
+            &f,
+            "      group_overage: {resolve: deny, cache_ttl: 5m}\n",
+            "      - users: [contoso/x]\n",
+        )
+        .unwrap_err(),
+    );
+    assert!(
+        errs.join("\n")
+            .contains("identity.issuers[0].group_overage.cache_ttl: only used with resolve: graph"),
+        "{errs:?}"
+    );
+    // An OIDC issuer has no Graph; Entra issuers always require nbf.
+    let yaml = GOOD.replace(
+        "      username_claim: sub\n",
+        "      username_claim: sub\n      group_overage: {resolve: deny}\n",
+    );
+    let errs = messages(f.parse(&yaml).unwrap_err());
+    assert!(
+        errs.join("\n")
+            .contains("identity.issuers[1].group_overage: only valid for kind: entra"),
+        "{errs:?}"
+    );
+    let errs = messages(
+        with_enterprise(
+            &f,
+            "      require_nbf: false\n",
+            "      - users: [contoso/x]\n",
+        )
+        .unwrap_err(),
+    );
+    assert!(
+        errs.join("\n")
+            .contains("identity.issuers[0].require_nbf: only valid for kind: oidc"),
         "{errs:?}"
     );
 }

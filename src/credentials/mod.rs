@@ -129,6 +129,29 @@ impl CredentialError {
     }
 }
 
+// === the relay's Azure identity for other resources ===
+
+/// The relay's own Azure identity, for a resource other than a cluster (Microsoft Graph for
+/// group overage): the same azure_identity sources, cache and refresh as mode impersonate.
+pub struct AzureToken(Arc<AzureSource>);
+
+impl fmt::Debug for AzureToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AzureToken").finish_non_exhaustive()
+    }
+}
+
+impl AzureToken {
+    pub fn new(cfg: &AzureCredentialConfig) -> anyhow::Result<Self> {
+        Ok(Self(Arc::new(AzureSource::new(cfg)?)))
+    }
+
+    /// `Bearer <token>` for the configured scope, from the cache while it is fresh.
+    pub async fn authorization(&self) -> Result<HeaderValue, CredentialError> {
+        self.0.authorization().await
+    }
+}
+
 // === UpstreamCredentials ===
 
 /// How one cluster authenticates upstream, built from its `upstream_auth`.

@@ -38,7 +38,8 @@ pub async fn handle(
         },
         "/-/clusters" => {
             let p = caller(state, conn, req.headers()).await?;
-            json(&cluster_list(state, &p))
+            let membership = state.groups.membership(&p).await;
+            json(&cluster_list(state, &p, &membership))
         }
         "/-/kubeconfig" => {
             let p = caller(state, conn, req.headers()).await?;
@@ -52,7 +53,8 @@ pub async fn handle(
                     )))
                 }
             };
-            let list = cluster_list(state, &p);
+            let membership = state.groups.membership(&p).await;
+            let list = cluster_list(state, &p, &membership);
             let opts = Options {
                 style,
                 plugin: Plugin::KubeRelay,
@@ -130,7 +132,11 @@ pub fn login_params(state: &State) -> Option<LoginParams> {
 }
 
 /// The clusters `p` may use (some access rule admits them), with both URL forms.
-pub fn cluster_list(state: &State, p: &Principal) -> ClusterList {
+pub fn cluster_list(
+    state: &State,
+    p: &Principal,
+    membership: &crate::authz::Membership,
+) -> ClusterList {
     let cfg = &state.cfg;
     let public = cfg.public_url.as_str().trim_end_matches('/').to_owned();
     let port = cfg
@@ -142,7 +148,7 @@ pub fn cluster_list(state: &State, p: &Principal) -> ClusterList {
         .clusters
         .iter()
         .filter_map(|c| {
-            let perms = crate::authz::permissions(p, c)?;
+            let perms = crate::authz::permissions(p, c, membership)?;
             let name = c.name.as_str();
             let sni_host = cfg
                 .routing
@@ -162,6 +168,7 @@ pub fn cluster_list(state: &State, p: &Principal) -> ClusterList {
                 .into(),
                 verbs: perms.verbs,
                 namespaces: perms.namespaces,
+                auth_contexts: perms.auth_contexts,
                 healthy: state.upstreams.get(name).is_some_and(|u| u.health.is_up()),
             })
         })

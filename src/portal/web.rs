@@ -161,7 +161,15 @@ async fn root(
     match signed_in {
         Some((s, p)) => {
             let end_session = provider_end_session(portal, client).await;
-            let page = signed_in_page(state, &s, &p, &public_url, end_session.is_some());
+            let membership = state.groups.membership(&p).await;
+            let page = signed_in_page(
+                state,
+                &s,
+                &p,
+                &membership,
+                &public_url,
+                end_session.is_some(),
+            );
             // The sign-out form's 303 goes on to the provider; browsers hold redirects after a
             // form post to the page's form-action, so the provider's origin is allowed there.
             match end_session {
@@ -195,6 +203,7 @@ fn signed_in_page(
     state: &State,
     s: &Session,
     p: &Principal,
+    membership: &crate::authz::Membership,
     public_url: &str,
     sign_out_at_provider: bool,
 ) -> Response<RelayBody> {
@@ -203,7 +212,7 @@ fn signed_in_page(
         .clusters
         .iter()
         .filter_map(|c| {
-            let perms = crate::authz::permissions(p, c)?;
+            let perms = crate::authz::permissions(p, c, membership)?;
             Some(html::ClusterView {
                 name: c.name.to_string(),
                 up: state
@@ -212,6 +221,7 @@ fn signed_in_page(
                     .is_some_and(|u| u.health.is_up()),
                 verbs: perms.verbs,
                 namespaces: perms.namespaces,
+                auth_contexts: perms.auth_contexts,
             })
         })
         .collect();

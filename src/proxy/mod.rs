@@ -44,6 +44,8 @@ struct Ctx {
     nested: Option<headers::Impersonation>,
     admitted: bool,
     long_running: bool,
+    /// The caller's groups beyond the token (Entra overage), as the authorize phase saw them.
+    membership: crate::authz::Membership,
 }
 
 impl Ctx {
@@ -84,6 +86,19 @@ impl Ctx {
         if self.admitted {
             a.annotations
                 .insert("authorization.k8s.io/decision", "allow".into());
+        }
+        match &self.membership {
+            crate::authz::Membership::Token => {}
+            crate::authz::Membership::Resolved(groups) => {
+                a.annotations.insert(
+                    "kube-relay.io/group-overage",
+                    format!("resolved: {} of the rules' groups", groups.len()),
+                );
+            }
+            crate::authz::Membership::Unresolved(why) => {
+                a.annotations
+                    .insert("kube-relay.io/group-overage", format!("unresolved: {why}"));
+            }
         }
         a
     }
@@ -140,6 +155,15 @@ pub async fn handle(
                 audit
                     .annotations
                     .insert("authorization.k8s.io/reason", why.clone());
+            }
+            if let ProxyError::StepUp { auth_context, .. } = &err {
+                audit
+                    .annotations
+                    .insert("authorization.k8s.io/decision", "forbid".into());
+                audit.annotations.insert(
+                    "authorization.k8s.io/reason",
+                    format!("step-up required: authentication context {auth_context}"),
+                );
             }
             if let ProxyError::Unauthorized(why) = &err {
                 // The failure class only (e.g. `signature`, `unknown_key`): never token content.
@@ -295,7 +319,7 @@ async fn phases(
     let principal = authenticate(state, conn, &req, ctx).await?;
     let upstream = find_cluster(state, &cluster_name)?;
     let info = RequestInfo::parse(req.method(), &target);
-    let admitted = authorize(state, upstream, &principal, &req, &info, ctx)?;
+    let admitted = authorize(state, upstream, &principal, &req, &info, ctx).await?;
     let up_headers = prepare_upstream(conn, upstream, &principal, &req, audit_id, ctx).await?;
     let up = Prepared {
         req,
@@ -386,7 +410,10 @@ fn find_cluster<'a>(state: &'a State, name: &str) -> Result<&'a Upstream, ProxyE
 
 /// Phase: authorize. Nested impersonation (`kubectl --as`) is denied unless a rule allows it
 /// (docs/security.md B2).
-fn authorize(
+///
+/// A token whose groups did not fit (Entra overage) has its membership resolved first, through
+/// Graph when the issuer is configured for it; the answer is cached per user.
+async fn authorize(
     state: &State,
     upstream: &Upstream,
     principal: &Principal,
@@ -398,13 +425,33 @@ fn authorize(
     let nested = headers::requested_impersonation(req.headers())?;
     let impersonating = nested.is_some();
     ctx.nested = nested;
-    let decision = crate::authz::authorize(principal, &upstream.cluster, info, impersonating);
+    // Rules that do not need the groups (users, apps, roles) are tried first, so an overage
+    // caller they admit costs no Graph call and does not wait on a Graph outage.
+    let unknown = crate::authz::Membership::Unresolved("not resolved".into());
+    let first = if principal.groups_overage {
+        &unknown
+    } else {
+        &crate::authz::Membership::Token
+    };
+    let mut decision =
+        crate::authz::authorize(principal, &upstream.cluster, info, impersonating, first);
+    if decision.is_err() && principal.groups_overage && upstream.cluster.has_group_rules() {
+        let membership = state.groups.membership(principal).await;
+        decision = crate::authz::authorize(
+            principal,
+            &upstream.cluster,
+            info,
+            impersonating,
+            &membership,
+        );
+        ctx.membership = membership;
+    }
     match decision {
         Ok(admitted) => {
             ctx.admitted = true;
             Ok(admitted)
         }
-        Err(crate::authz::Denied(why)) => {
+        Err(denied) => {
             state
                 .metrics
                 .denials
@@ -412,7 +459,16 @@ fn authorize(
                     cluster: upstream.cluster.name.to_string(),
                 })
                 .inc();
-            Err(ProxyError::Forbidden(why))
+            Err(match denied {
+                crate::authz::Denied::Forbidden(why) => ProxyError::Forbidden(why),
+                crate::authz::Denied::StepUp {
+                    auth_context,
+                    message,
+                } => ProxyError::StepUp {
+                    auth_context,
+                    message,
+                },
+            })
         }
     }
 }

@@ -56,6 +56,10 @@ pub struct ClusterEntry {
     pub verbs: Option<Vec<String>>,
     /// Namespaces the relay admits (`None`: all).
     pub namespaces: Option<Vec<String>>,
+    /// Conditional Access authentication contexts some of the caller's rules require
+    /// (step-up): `kube-relay kubeconfig` writes a `<name>@<context>` context for each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub auth_contexts: Vec<String>,
     /// The relay's last health probe reached the cluster.
     pub healthy: bool,
 }

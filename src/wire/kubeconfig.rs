@@ -119,6 +119,8 @@ pub fn build(list: &ClusterList, opts: &Options) -> anyhow::Result<Value> {
     let mut contexts = Vec::new();
     let mut needs_relay_user = false;
     let mut needs_passthrough_user = false;
+    // (passthrough, authentication context): users that sign in with a step-up.
+    let mut step_up_users = std::collections::BTreeSet::new();
     for c in &list.clusters {
         let name = format!("{}{}", opts.name_prefix, c.name);
         let mut cluster = Vec::new();
@@ -158,6 +160,22 @@ pub fn build(list: &ClusterList, opts: &Options) -> anyhow::Result<Value> {
                 ]),
             ),
         ]));
+        // Rules with `auth_context` admit only step-up tokens: one more context per context,
+        // same cluster, whose user asks for it (`kube-relay token --auth-context`).
+        for ctx in &c.auth_contexts {
+            step_up_users.insert((passthrough, ctx.clone()));
+            contexts.push(map(vec![
+                ("name", s(&format!("{name}@{ctx}"))),
+                (
+                    "context",
+                    map(vec![
+                        ("cluster", s(&name)),
+                        ("user", s(&format!("{user}@{ctx}"))),
+                        ("extensions", marker(public_url)),
+                    ]),
+                ),
+            ]));
+        }
     }
     let mut users = Vec::new();
     let mut add_user = |name: &str,
@@ -184,6 +202,34 @@ pub fn build(list: &ClusterList, opts: &Options) -> anyhow::Result<Value> {
     }
     if needs_passthrough_user {
         add_user(&passthrough_user, opts.passthrough_args.as_ref(), true)?;
+    }
+    for (passthrough, ctx) in &step_up_users {
+        let (base, args) = if *passthrough {
+            (&passthrough_user, opts.passthrough_args.as_ref())
+        } else {
+            (&relay_user, opts.relay_args.as_ref())
+        };
+        let args = args.map(|a| {
+            let mut a = a.clone();
+            a.extend(["--auth-context".to_owned(), ctx.clone()]);
+            a
+        });
+        // kubelogin cannot ask for a claims challenge: step-up users always run kube-relay.
+        let user = match &args {
+            Some(args) => exec_user(&opts.exec_command, args, public_url),
+            None => bail!(
+                "the relay at {public_url} has no `login` section, so it cannot say how to sign in; ask its operators, or use a token you already have with `kubectl --token`"
+            ),
+        };
+        let mut u = match user {
+            Value::Mapping(m) => m,
+            _ => Mapping::new(),
+        };
+        u.insert(s("extensions"), marker(public_url));
+        users.push(map(vec![
+            ("name", s(&format!("{base}@{ctx}"))),
+            ("user", Value::Mapping(u)),
+        ]));
     }
     let current = contexts
         .first()

@@ -39,6 +39,20 @@ pub struct LoginParams {
     pub passthrough_scopes: Vec<String>,
 }
 
+/// The `claims` request parameter that asks Entra for a token carrying the Conditional Access
+/// authentication context `ctx` in `acrs`: `{"access_token":{"acrs":{"essential":true,"value":"<ctx>"}}}`.
+/// The relay's step-up challenge carries it and `kube-relay token --auth-context` sends it.
+pub fn step_up_claims(ctx: &str) -> String {
+    serde_json::json!({"access_token": {"acrs": {"essential": true, "value": ctx}}}).to_string()
+}
+
+/// [`step_up_claims`] base64-encoded (standard alphabet, padded), as in Entra's
+/// `WWW-Authenticate: Bearer error="insufficient_claims", claims="..."` challenges.
+pub fn step_up_claims_b64(ctx: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(step_up_claims(ctx))
+}
+
 // === flags ===
 
 /// How to get a token.
@@ -141,6 +155,11 @@ pub struct LoginArgs {
     /// Print the sign-in URL instead of opening a browser.
     #[arg(long)]
     pub no_browser: bool,
+    /// Step-up: ask for a token carrying this Conditional Access authentication context (e.g.
+    /// c1), for clusters whose rules require it. The sign-in (browser or device code) sends
+    /// Entra's `claims` request; the token is cached apart from the plain one.
+    #[arg(long, value_name = "ID")]
+    pub auth_context: Option<String>,
 }
 
 impl std::fmt::Debug for LoginArgs {
@@ -169,6 +188,7 @@ impl std::fmt::Debug for LoginArgs {
             .field("ca_file", &self.ca_file)
             .field("timeout", &self.timeout)
             .field("no_browser", &self.no_browser)
+            .field("auth_context", &self.auth_context)
             .finish()
     }
 }
@@ -193,6 +213,7 @@ impl Default for LoginArgs {
             ca_file: None,
             timeout: DEFAULT_TIMEOUT,
             no_browser: false,
+            auth_context: None,
         }
     }
 }
@@ -264,6 +285,7 @@ impl LoginArgs {
                 Some(humantime::format_duration(self.timeout).to_string()),
             );
         }
+        push("auth-context", self.auth_context.clone());
         if self.no_browser {
             a.push("--no-browser".to_owned());
         }

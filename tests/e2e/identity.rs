@@ -309,6 +309,8 @@ async fn foreign_and_mismatched_tenants_are_refused() {
             json!({"aud": "00000003-0000-0000-c000-000000000000"}),
         ),
         ("no oid", json!({"oid": null})),
+        // Entra always sends `nbf`, so `kind: entra` requires it (docs/security.md E4).
+        ("no nbf", json!({"nbf": null})),
     ];
     for (what, extra) in cases {
         let mut claims = e.v1_user(OID_ALICE, json!({"groups": [GROUP_OPS]}));

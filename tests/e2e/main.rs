@@ -27,6 +27,7 @@ mod kubectl;
 mod lifecycle;
 mod obo_e2e;
 mod oidc_provider;
+mod overage;
 mod portal;
 mod real_apiserver;
 mod real_behaviour;

@@ -60,6 +60,17 @@ struct Relay {
 
 impl Relay {
     async fn start(dir: &Path, idp: &Idp, sim: &SimHandle, sim_ca_pem: &str) -> Self {
+        Self::start_with(dir, idp, sim, sim_ca_pem, "").await
+    }
+
+    /// `issuer_extra`: more keys of the issuer entry, e.g. `require_nbf: true`.
+    async fn start_with(
+        dir: &Path,
+        idp: &Idp,
+        sim: &SimHandle,
+        sim_ca_pem: &str,
+        issuer_extra: &str,
+    ) -> Self {
         kube_relay::install_crypto_provider();
         let ca = TestCa::new("relay test CA").unwrap();
         let leaf = ca.issue(&["localhost", "127.0.0.1"]).unwrap();
@@ -82,6 +93,7 @@ identity:
       username_claim: sub
       ca_file: idp-ca.crt
       key_refresh_cooldown: 1s
+      {issuer_extra}
 clusters:
   - name: sim
     server: "https://sim.kube-sim.localhost:{port}"
@@ -268,33 +280,45 @@ async fn oidc_provider_tokens_are_accepted_and_its_key_rotation_followed() {
     sim.shutdown();
 }
 
-/// oidc-provider's stock JWT access tokens (RFC 9068) carry no `nbf`; kube-relay requires one
-/// (docs/architecture.md "Identity and upstream credentials", docs/security.md E4), so such a token
-/// is refused even though everything else about
-/// it is right. provider.mjs adds `nbf` = `iat` unless `--no-nbf`. If the relay ever stops
-/// requiring `nbf`, this test is the one to change.
+/// oidc-provider's stock JWT access tokens (RFC 9068) carry no `nbf`. For `kind: oidc` the
+/// relay checks `nbf` when present and does not require it, as kube-apiserver's JWT
+/// authenticator does (docs/security.md E4), so such a token is admitted; with
+/// `require_nbf: true` the same token is refused. provider.mjs adds `nbf` = `iat` unless
+/// `--no-nbf`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stock_oidc_provider_tokens_without_nbf_are_refused() {
+async fn stock_oidc_provider_tokens_without_nbf_are_admitted_unless_required() {
     let dir = tempfile::tempdir().unwrap();
     let key = rsa_key();
     let idp = Idp::start(dir.path(), &[&key], &["--no-nbf"]).await;
     let (sim, sim_ca) = start_cluster().await;
-    let relay = Relay::start(dir.path(), &idp, &sim, &sim_ca).await;
     let token = idp.token(AUDIENCE).await;
     let claims = jwt_parts(&token).1;
     assert!(claims.get("nbf").is_none(), "{claims}");
     assert_eq!(claims["aud"], AUDIENCE, "{claims}");
+
+    let relay = Relay::start(dir.path(), &idp, &sim, &sim_ca).await;
     let (code, body) = relay.list_pods(&token).await;
+    assert_eq!(code, 200, "a stock token is admitted: {body}");
+    assert_eq!(
+        sim.record.matching("/api/v1/namespaces/default/pods").len(),
+        1
+    );
+    relay.shutdown.cancel();
+
+    // The first relay has read its files; the second writes its own over them.
+    let strict = Relay::start_with(dir.path(), &idp, &sim, &sim_ca, "require_nbf: true").await;
+    let (code, body) = strict.list_pods(&token).await;
     assert_eq!(code, 401, "{body}");
-    let metrics = relay.metrics().await;
+    let metrics = strict.metrics().await;
     assert_eq!(
         authn_failures(&metrics, "claims"),
         1,
         "refused for nbf: {metrics}"
     );
-    assert!(
-        sim.record.matching("/api/").is_empty(),
-        "nothing reached the cluster"
+    assert_eq!(
+        sim.record.matching("/api/v1/namespaces/default/pods").len(),
+        1,
+        "the refused request did not reach the cluster"
     );
     sim.shutdown();
 }

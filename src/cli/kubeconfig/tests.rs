@@ -25,6 +25,7 @@ fn list(clusters: &[(&str, &str)]) -> ClusterList {
                 upstream_auth: (*mode).into(),
                 verbs: None,
                 namespaces: None,
+                auth_contexts: Vec::new(),
                 healthy: true,
             })
             .collect(),

@@ -132,6 +132,9 @@ pub(crate) async fn refresh(
     if let Some(r) = &plan.resource {
         req = req.add_extra_param("resource", r.clone());
     }
+    if let Some(c) = &plan.claims {
+        req = req.add_extra_param("claims", c.clone());
+    }
     match req.request_async(&http.oauth2()).await {
         Ok(t) => Ok(stored_from(&t, Some(refresh_token))),
         Err(RequestTokenError::ServerResponse(r))
@@ -181,6 +184,10 @@ pub(crate) async fn browser(
         .set_pkce_challenge(challenge);
     if let Some(r) = &plan.resource {
         req = req.add_extra_param("resource", r.clone());
+    }
+    if let Some(c) = &plan.claims {
+        // Step-up: the authority asks for what the authentication context requires.
+        req = req.add_extra_param("claims", c.clone());
     }
     let (url, state) = req.url();
     eprintln!("kube-relay token: sign in at this URL (it opens in your browser unless --no-browser):\n\n  {url}\n");
@@ -420,6 +427,9 @@ pub(crate) async fn device_code(
     if let Some(r) = &plan.resource {
         req = req.add_extra_param("resource", r.clone());
     }
+    if let Some(c) = &plan.claims {
+        req = req.add_extra_param("claims", c.clone());
+    }
     let details: StandardDeviceAuthorizationResponse = req
         .request_async(&http.oauth2())
         .await
@@ -529,6 +539,7 @@ mod tests {
             client_id: "c".into(),
             scopes: vec!["api://kube-relay/.default".into(), "openid".into()],
             resource: None,
+            claims: None,
         };
         let s: Vec<String> = scopes(&plan).iter().map(|s| s.to_string()).collect();
         assert_eq!(s, ["api://kube-relay/.default", "openid", "offline_access"]);

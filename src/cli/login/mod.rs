@@ -178,6 +178,8 @@ pub(crate) struct Plan {
     pub scopes: Vec<String>,
     /// RFC 8707 resource, sent only to generic OIDC providers (Entra v2 refuses it).
     pub resource: Option<String>,
+    /// The `claims` request parameter for a step-up (`--auth-context`), JSON.
+    pub claims: Option<String>,
 }
 
 fn env_first(names: &[&str]) -> Option<String> {
@@ -284,12 +286,33 @@ impl Plan {
             Authority::Oidc { .. } => a.resource.clone(),
             _ => None,
         };
+        let claims = match &a.auth_context {
+            None => None,
+            Some(ctx) => {
+                anyhow::ensure!(
+                    mode.needs_human(),
+                    "--auth-context asks for a step-up sign-in by a person: it works with --login browser or devicecode, not {}",
+                    mode.name()
+                );
+                anyhow::ensure!(
+                    !ctx.is_empty()
+                        && ctx.len() <= 64
+                        && ctx
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric()
+                                || matches!(b, b'-' | b'_' | b'.' | b':')),
+                    "--auth-context {ctx:?}: expected an authentication context id such as c1"
+                );
+                Some(crate::wire::login::step_up_claims(ctx))
+            }
+        };
         Ok(Self {
             mode,
             authority,
             client_id,
             scopes,
             resource,
+            claims,
         })
     }
 
@@ -306,6 +329,7 @@ impl Plan {
             scopes,
             self.resource,
             self.mode.name(),
+            self.claims,
         ])
         .to_string();
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, material.as_bytes());
@@ -595,6 +619,33 @@ mod tests {
     }
 
     #[test]
+    fn auth_context_needs_a_person_and_a_plain_id() {
+        let mut a = parse(&[
+            "--tenant-id",
+            "t",
+            "--client-id",
+            "c",
+            "--scope",
+            "a",
+            "--auth-context",
+            "c1",
+        ]);
+        assert!(Plan::new(&a).is_ok());
+        let args = a.to_exec_args();
+        assert!(
+            args.ends_with(&["--auth-context".into(), "c1".into()]),
+            "{args:?}"
+        );
+        a.login = LoginMode::Secret;
+        let e = Plan::new(&a).unwrap_err().to_string();
+        assert!(e.contains("--login browser or devicecode"), "{e}");
+        a.login = LoginMode::Browser;
+        a.auth_context = Some("c1\" evil".into());
+        let e = Plan::new(&a).unwrap_err().to_string();
+        assert!(e.contains("authentication context id"), "{e}");
+    }
+
+    #[test]
     fn cache_key_ignores_scope_order_only() {
         let mut a = parse(&[
             "--tenant-id",
@@ -612,6 +663,15 @@ mod tests {
         a.login = LoginMode::Devicecode;
         assert_ne!(Plan::new(&a).unwrap().cache_key(), k1);
         a.login = LoginMode::Browser;
+        // A step-up token is cached apart from the plain one.
+        a.auth_context = Some("c1".into());
+        let step_up = Plan::new(&a).unwrap();
+        assert_ne!(step_up.cache_key(), k1);
+        assert_eq!(
+            step_up.claims.as_deref(),
+            Some(r#"{"access_token":{"acrs":{"essential":true,"value":"c1"}}}"#)
+        );
+        a.auth_context = None;
         a.client_id = Some("other".into());
         assert_ne!(Plan::new(&a).unwrap().cache_key(), k1);
         assert_eq!(k1.len(), 64);

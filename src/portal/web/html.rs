@@ -126,6 +126,8 @@ pub struct ClusterView {
     pub verbs: Option<Vec<String>>,
     /// `None`: every namespace.
     pub namespaces: Option<Vec<String>>,
+    /// Authentication contexts some of the caller's rules require (step-up); empty: none.
+    pub auth_contexts: Vec<String>,
 }
 
 /// What the signed-in page needs.
@@ -203,11 +205,23 @@ pub fn home(v: &Home<'_>) -> String {
              <dt>Verbs</dt><dd>{verbs}</dd>\n\
              <dt>Namespaces</dt><dd>{namespaces}</dd>\n\
              </dl>\n\
-             <pre><code>kubectl --kubeconfig ~/Downloads/{file} --context {name} get pods</code></pre>\n\
-             </li>\n",
+             <pre><code>kubectl --kubeconfig ~/Downloads/{file} --context {name} get pods</code></pre>\n",
             verbs = list_or_all(c.verbs.as_deref(), "all"),
             namespaces = list_or_all(c.namespaces.as_deref(), "all"),
         );
+        for ctx in &c.auth_contexts {
+            // Rules with `auth_context` admit only tokens from a step-up sign-in; the
+            // kubeconfig has a second context for each (docs/architecture.md "Identity").
+            let ctx = esc(ctx);
+            let _ = write!(
+                m,
+                "<p class=\"step-up\" data-step-up=\"{ctx}\">Some actions need a step-up sign-in \
+                 (authentication context <code>{ctx}</code>): use the context \
+                 <code>{name}@{ctx}</code>.</p>\n\
+                 <pre><code>kubectl --kubeconfig ~/Downloads/{file} --context {name}@{ctx} exec -it &lt;pod&gt; -- sh</code></pre>\n",
+            );
+        }
+        m.push_str("</li>\n");
     }
     m.push_str("</ul>\n");
     m.push_str("</section>\n");
@@ -270,6 +284,7 @@ mod tests {
             up: false,
             verbs: Some(vec![evil.into()]),
             namespaces: Some(vec![evil.into()]),
+            auth_contexts: vec![evil.into()],
         }];
         let page = home(&Home {
             username: evil,
