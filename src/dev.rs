@@ -9,7 +9,9 @@
 //!   (`/clusters/alpha`) or SNI (`alpha.relay.localhost`); its API server is dialed via
 //!   `connect: 127.0.0.1:<port>` and verified as `alpha.kube-sim.localhost` against its own CA.
 //! - `beta`: upstream mode `passthrough` (the caller's own token reaches the cluster).
-//! - users: `alice` may do everything on both; `bob` may only read `beta`.
+//! - users: `alice` may do everything on both; `bob` may only read `beta`; `carol` may read
+//!   `alpha`, and do more there only with a step-up token (authentication context `c1`, which
+//!   the dev issuer grants when the sign-in asks for it with a `claims` request).
 //! - sign-in: the dev issuer is also an authorization server (kube-sim's `oauth`) whose sign-in
 //!   page offers exactly these users, with a public client for `kube-relay token` (browser and
 //!   device code) and a confidential client for the relay's portal; `relay.yaml`'s `login`
@@ -51,6 +53,10 @@ pub const DEV_SCOPE: &str = DEV_AUDIENCE;
 pub const DEV_USERS: &[(&str, &str)] = &[
     ("alice", "may do everything on alpha and beta"),
     ("bob", "may only read beta"),
+    (
+        "carol",
+        "may read alpha; exec and changes on alpha need a step-up sign-in (c1)",
+    ),
 ];
 /// Lifetime of dev access tokens, minted by `kube-relay dev token` and by the issuer alike.
 const TOKEN_TTL: Duration = Duration::from_secs(3600);
@@ -91,7 +97,7 @@ pub struct DevEnv {
 impl DevEnv {
     /// Mints a dev token for `user` (what `kube-relay dev token` prints).
     pub fn token(&self, user: &str) -> String {
-        mint_for(&self.issuer, user, TOKEN_TTL)
+        mint_for(&self.issuer, user, &[], TOKEN_TTL)
     }
 
     /// Stops the relay, the simulated clusters and the issuer.
@@ -122,9 +128,10 @@ fn groups_of(user: &str) -> Vec<&'static str> {
     }
 }
 
-fn mint_for(issuer: &DevIssuer, user: &str, ttl: Duration) -> String {
+/// A dev access token; `acrs`: the authentication contexts a step-up sign-in satisfied.
+fn mint_for(issuer: &DevIssuer, user: &str, acrs: &[String], ttl: Duration) -> String {
     let now = crate::clock::unix_now();
-    issuer.mint(json!({
+    let mut claims = json!({
         "sub": user,
         "aud": DEV_AUDIENCE,
         "name": user,
@@ -132,7 +139,11 @@ fn mint_for(issuer: &DevIssuer, user: &str, ttl: Duration) -> String {
         "iat": now,
         "nbf": now,
         "exp": now + ttl.as_secs(),
-    }))
+    });
+    if !acrs.is_empty() {
+        claims["acrs"] = json!(acrs);
+    }
+    issuer.mint(claims)
 }
 
 /// The issuer's authorization server: the dev users, the CLI's public client and the portal's
@@ -162,7 +173,9 @@ fn oauth_config(issuer: &DevIssuer, public_url: &str, portal_secret: String) -> 
         ],
         api_scopes: vec![DEV_SCOPE.to_owned()],
         audience: DEV_AUDIENCE.to_owned(),
-        mint_access_token: std::sync::Arc::new(move |user| mint_for(&minter, user, TOKEN_TTL)),
+        mint_access_token: std::sync::Arc::new(move |user, acrs| {
+            mint_for(&minter, user, acrs, TOKEN_TTL)
+        }),
         access_token_lifetime: TOKEN_TTL,
         // Shorter than RFC 8628's 5 s default: the person is right here, on the same machine.
         device_interval: Duration::from_secs(2),
@@ -344,6 +357,10 @@ clusters:
       token_file: relay-token
     access:
       - users: [{ISSUER_NAME}/alice]
+      - users: [{ISSUER_NAME}/carol]
+        verbs: [get, list, watch]
+      - users: [{ISSUER_NAME}/carol]
+        auth_context: [c1]
   - name: beta
     server: https://{beta_host}:{beta_port}
     connect: 127.0.0.1:{beta_port}
@@ -473,7 +490,7 @@ pub fn token_credential(dir: &Path, user: &str, exec_info: Option<&str>) -> anyh
     let pem = std::fs::read_to_string(dir.join("issuer.key"))?;
     let issuer = DevIssuer::from_pkcs8_pem(url, KeyAlg::Es256, &pem)?;
     let ttl = TOKEN_TTL;
-    let token = mint_for(&issuer, user, ttl);
+    let token = mint_for(&issuer, user, &[], ttl);
     let api_version = exec_info
         .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
         .and_then(|v| v["apiVersion"].as_str().map(str::to_owned))

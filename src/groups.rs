@@ -112,6 +112,12 @@ impl GroupResolver {
 }
 
 impl GroupResolver {
+    /// `kube-relay doctor`: asks Graph once for `issuer` (see `IssuerGraph::probe`); `None`
+    /// when the issuer does not resolve overage through Graph.
+    pub async fn probe(&self, issuer: &str) -> Option<Result<String, String>> {
+        Some(self.by_issuer.get(issuer)?.probe().await)
+    }
+
     /// Like [`membership`](Self::membership) from the cache only, whatever the entry's age:
     /// for re-checking live streams after a reload, which must not wait on Graph.
     pub fn membership_cached(&self, p: &Principal) -> Membership {
@@ -290,82 +296,134 @@ impl IssuerGraph {
                 .into());
             }
         }
-        let auth = self.token.authorization().await.map_err(|e| {
-            self.count_call("credential_error");
-            Arc::<str>::from(format!("the relay's credential for Microsoft Graph: {e}"))
-        })?;
+        let auth = self.authorization().await?;
         // Delegated tokens name users; app-only tokens name service principals.
         let kind = if app_only {
             "servicePrincipals"
         } else {
             "users"
         };
-        let url = format!("{}/v1.0/{kind}/{oid}/checkMemberGroups", self.graph_host);
         let mut member = Vec::new();
         for chunk in self.group_ids.chunks(IDS_PER_CALL) {
-            let body = serde_json::to_vec(&serde_json::json!({ "groupIds": chunk }))
-                .map_err(|e| Arc::<str>::from(e.to_string()))?;
-            let req = Request::builder()
-                .method(Method::POST)
-                .uri(&url)
-                .header(header::AUTHORIZATION, auth.clone())
-                .header(header::CONTENT_TYPE, "application/json")
-                .header(header::ACCEPT, "application/json")
-                .body(body)
-                .map_err(|e| Arc::<str>::from(format!("building the Graph request: {e}")))?;
-            let resp = self.http.send(req).await.map_err(|e| {
-                self.count_call("transport_error");
-                Arc::<str>::from(format!("Microsoft Graph: {e}"))
-            })?;
-            match resp.status() {
-                StatusCode::OK => {
-                    self.count_call("ok");
-                    let answer: CheckMemberGroups =
-                        serde_json::from_slice(resp.body()).map_err(|e| {
-                            Arc::<str>::from(format!(
-                                "Microsoft Graph sent an unexpected answer: {e}"
-                            ))
-                        })?;
-                    // Only ids that were asked about count, whatever the answer lists.
-                    member.extend(
-                        answer
-                            .value
-                            .into_iter()
-                            .map(|g| g.to_ascii_lowercase())
-                            .filter(|g| chunk.contains(g)),
-                    );
-                }
-                StatusCode::TOO_MANY_REQUESTS => {
-                    self.count_call("throttled");
-                    let wait = resp
-                        .headers()
-                        .get(header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map_or(DEFAULT_RETRY_AFTER, Duration::from_secs)
-                        .min(MAX_RETRY_AFTER);
-                    *self.throttled_until.lock() = Some(Instant::now() + wait);
-                    return Err(format!(
-                        "Microsoft Graph is throttling the relay (429, Retry-After {} s)",
-                        wait.as_secs()
-                    )
-                    .into());
-                }
-                status => {
-                    self.count_call("error");
-                    let detail = serde_json::from_slice::<GraphErrorBody>(resp.body())
-                        .map(|b| format!("{}: {}", b.error.code, b.error.message))
-                        .unwrap_or_default();
-                    return Err(format!(
-                        "Microsoft Graph answered HTTP {} {detail}",
-                        status.as_u16()
-                    )
-                    .trim_end()
-                    .into());
-                }
-            }
+            member.extend(
+                self.check_member_groups(&auth, kind, oid, chunk)
+                    .await
+                    .map_err(|e| Arc::<str>::from(e.message))?,
+            );
         }
         Ok(member.into())
+    }
+
+    async fn authorization(&self) -> Result<http::HeaderValue, Arc<str>> {
+        self.token.authorization().await.map_err(|e| {
+            self.count_call("credential_error");
+            Arc::<str>::from(format!("the relay's credential for Microsoft Graph: {e}"))
+        })
+    }
+
+    /// One `checkMemberGroups` call (at most [`IDS_PER_CALL`] ids): the ids of `chunk` the
+    /// object is a member of. A 429 also sets the Retry-After pause.
+    async fn check_member_groups(
+        &self,
+        auth: &http::HeaderValue,
+        kind: &str,
+        oid: &str,
+        chunk: &[String],
+    ) -> Result<Vec<String>, CallError> {
+        let url = format!("{}/v1.0/{kind}/{oid}/checkMemberGroups", self.graph_host);
+        let failed = |status: Option<StatusCode>, message: String| CallError { status, message };
+        let body = serde_json::to_vec(&serde_json::json!({ "groupIds": chunk }))
+            .map_err(|e| failed(None, e.to_string()))?;
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(&url)
+            .header(header::AUTHORIZATION, auth.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json")
+            .body(body)
+            .map_err(|e| failed(None, format!("building the Graph request: {e}")))?;
+        let resp = self.http.send(req).await.map_err(|e| {
+            self.count_call("transport_error");
+            failed(None, format!("Microsoft Graph: {e}"))
+        })?;
+        match resp.status() {
+            StatusCode::OK => {
+                self.count_call("ok");
+                let answer: CheckMemberGroups =
+                    serde_json::from_slice(resp.body()).map_err(|e| {
+                        failed(
+                            Some(StatusCode::OK),
+                            format!("Microsoft Graph sent an unexpected answer: {e}"),
+                        )
+                    })?;
+                // Only ids that were asked about count, whatever the answer lists.
+                Ok(answer
+                    .value
+                    .into_iter()
+                    .map(|g| g.to_ascii_lowercase())
+                    .filter(|g| chunk.contains(g))
+                    .collect())
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                self.count_call("throttled");
+                let wait = resp
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map_or(DEFAULT_RETRY_AFTER, Duration::from_secs)
+                    .min(MAX_RETRY_AFTER);
+                *self.throttled_until.lock() = Some(Instant::now() + wait);
+                Err(failed(
+                    Some(StatusCode::TOO_MANY_REQUESTS),
+                    format!(
+                        "Microsoft Graph is throttling the relay (429, Retry-After {} s)",
+                        wait.as_secs()
+                    ),
+                ))
+            }
+            status => {
+                self.count_call("error");
+                let detail = serde_json::from_slice::<GraphErrorBody>(resp.body())
+                    .map(|b| format!("{}: {}", b.error.code, b.error.message))
+                    .unwrap_or_default();
+                Err(failed(
+                    Some(status),
+                    format!("Microsoft Graph answered HTTP {} {detail}", status.as_u16())
+                        .trim_end()
+                        .to_owned(),
+                ))
+            }
+        }
+    }
+
+    /// `kube-relay doctor`: one `checkMemberGroups` call for an object that does not exist.
+    /// Graph's 404 `Request_ResourceNotFound` (or a 200) proves the relay's token is accepted
+    /// and allowed to read memberships; 401/403 name what is missing.
+    async fn probe(&self) -> Result<String, String> {
+        let auth = self.authorization().await.map_err(|e| e.to_string())?;
+        let ids: Vec<String> = self.group_ids.iter().take(IDS_PER_CALL).cloned().collect();
+        if ids.is_empty() {
+            return Ok("no access rule names a group by object id: Graph is never asked".into());
+        }
+        match self
+            .check_member_groups(&auth, "users", NIL_OBJECT_ID, &ids)
+            .await
+        {
+            Ok(_) => Ok(format!(
+                "{}: token accepted, checkMemberGroups answered",
+                self.graph_host
+            )),
+            Err(CallError {
+                status: Some(StatusCode::NOT_FOUND),
+                ..
+            }) => Ok(format!(
+                "{}: token accepted, checkMemberGroups answered (404 for a probe object, as expected); {} group id(s) to ask about",
+                self.graph_host,
+                self.group_ids.len()
+            )),
+            Err(e) => Err(e.message),
+        }
     }
 
     fn count_call(&self, result: &'static str) {
@@ -378,6 +436,15 @@ impl IssuerGraph {
             .inc();
     }
 }
+
+/// A Graph call that did not answer with memberships.
+struct CallError {
+    status: Option<StatusCode>,
+    message: String,
+}
+
+/// The object id `kube-relay doctor` asks about: no directory object has it.
+const NIL_OBJECT_ID: &str = "00000000-0000-0000-0000-000000000000";
 
 #[derive(Deserialize)]
 struct CheckMemberGroups {

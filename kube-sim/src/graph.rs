@@ -25,7 +25,6 @@
 //! before it is answered, including ones held by [`GraphFailure::Hang`] (status 0).
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -36,7 +35,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::KeyAlgorithm;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -56,7 +54,6 @@ const ODATA_JSON: &str = "application/json;odata.metadata=minimal;odata.streamin
 const AGS_DIAGNOSTIC: &str = r#"{"ServerInfo":{"DataCenter":"Loopback","Slice":"E","Ring":"0","ScaleUnit":"000","RoleInstance":"kube-sim"}}"#;
 const WWW_AUTHENTICATE: &str = r#"Bearer realm="", authorization_uri="https://login.microsoftonline.com/common/oauth2/authorize", client_id="00000003-0000-0000-c000-000000000000""#;
 const MAX_BODY: usize = 64 * 1024;
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the stand-in accepts.
 #[derive(Clone)]
@@ -243,58 +240,13 @@ pub async fn serve(
         state: state.clone(),
         cancel: cancel.clone(),
     };
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    tokio::spawn(async move {
-        loop {
-            let stream = tokio::select! {
-                biased;
-                () = cancel.cancelled() => return,
-                a = listener.accept() => match a {
-                    Ok((s, _)) => s,
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let acceptor = acceptor.clone();
-            let state = state.clone();
-            let cancel = cancel.clone();
-            tokio::spawn(async move {
-                // Cancellation drops the connection future, closing the socket (and any request
-                // held by `Hang`).
-                tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => {}
-                    () = connection(stream, acceptor, state) => {}
-                }
-            });
-        }
+    // Cancellation drops the connections, closing their sockets (and any request held by
+    // `Hang`).
+    crate::loopback::spawn_server("graph stand-in", listener, tls, cancel, move |req| {
+        let state = state.clone();
+        async move { respond(&state, req).await }
     });
     Ok(handle)
-}
-
-async fn connection(
-    stream: tokio::net::TcpStream,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
-    state: Arc<State>,
-) {
-    let service = hyper::service::service_fn(move |req| {
-        let state = state.clone();
-        async move { Ok::<_, Infallible>(respond(&state, req).await) }
-    });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let _ = match acceptor {
-        Some(a) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, a.accept(stream)).await {
-            Ok(Ok(tls)) => builder.serve_connection(TokioIo::new(tls), service).await,
-            _ => return,
-        },
-        None => {
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-        }
-    };
 }
 
 /// The ids one answer carries (headers and `innerError`).
@@ -763,6 +715,7 @@ mod tests {
     use super::*;
 
     use crate::issuer::KeyAlg;
+    use hyper_util::rt::TokioIo;
 
     const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
     const ALICE: &str = "11111111-1111-1111-1111-111111111111";

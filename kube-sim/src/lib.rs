@@ -20,9 +20,11 @@
 //!   identity endpoint, for upstream-credential tests.
 //! - [`graph`]: a loopback Microsoft Graph `checkMemberGroups` endpoint, for group-overage
 //!   resolution tests.
+//! - `loopback`: the accept loop the issuer, token endpoint and Graph stand-in share.
 
 pub mod graph;
 pub mod issuer;
+mod loopback;
 pub mod pki;
 pub mod record;
 pub mod server;

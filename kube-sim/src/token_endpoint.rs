@@ -22,7 +22,6 @@
 //! `interaction_required`), HTTP 500, or a hang (no answer for a minute) for timeout tests.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
@@ -33,7 +32,6 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::{DecodingKey, Validation};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -46,7 +44,6 @@ pub const AKS_SERVER_APP: &str = "6dae42f8-4368-4678-94ff-3960e28e3630";
 const TOKEN_EXCHANGE_AUDIENCE: &str = "api://AzureADTokenExchange";
 const MAX_BODY: usize = 64 * 1024;
 const HANG_FOR: Duration = Duration::from_secs(60);
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How the endpoint answers the next token requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,57 +195,17 @@ pub async fn serve(
         state: state.clone(),
         cancel: CancellationToken::new(),
     };
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    let cancel = handle.cancel.clone();
-    tokio::spawn(async move {
-        loop {
-            let stream = tokio::select! {
-                biased;
-                () = cancel.cancelled() => return,
-                a = listener.accept() => match a {
-                    Ok((s, _)) => s,
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let acceptor = acceptor.clone();
+    crate::loopback::spawn_server(
+        "token endpoint",
+        listener,
+        tls,
+        handle.cancel.clone(),
+        move |req| {
             let state = state.clone();
-            let cancel = cancel.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => {}
-                    () = connection(stream, acceptor, state) => {}
-                }
-            });
-        }
-    });
-    Ok(handle)
-}
-
-async fn connection(
-    stream: tokio::net::TcpStream,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
-    state: Arc<State>,
-) {
-    let service = hyper::service::service_fn(move |req| {
-        let state = state.clone();
-        async move { Ok::<_, Infallible>(respond(&state, req).await) }
-    });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let _ = match acceptor {
-        Some(a) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, a.accept(stream)).await {
-            Ok(Ok(tls)) => builder.serve_connection(TokioIo::new(tls), service).await,
-            _ => return,
+            async move { respond(&state, req).await }
         },
-        None => {
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-        }
-    };
+    );
+    Ok(handle)
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response<Full<Bytes>> {

@@ -8,13 +8,16 @@
 //!    `server` host as the verified name, the client certificate if any), telling "unknown CA"
 //!    apart from "certificate not valid for name X" — the two problems look alike in a 502;
 //! 4. `credential`: the relay's own upstream credential (a token file still readable, a client
-//!    certificate present); passthrough clusters use the caller's token, so there is none;
+//!    certificate present, an Azure identity token acquired, or for on_behalf_of a
+//!    client-credentials grant with the relay's client authentication), with Entra's error
+//!    text when it fails; passthrough clusters use the caller's token, so there is none;
 //! 5. `version`: `GET /version` over the same pooled client the relay uses ([`Upstream`]),
 //!    with the relay's credential where it has one; anonymous for passthrough, where a 401/403
 //!    still proves the HTTP path works.
 //!
-//! Per issuer: `discovery` (the document the relay fetches, and its `issuer` / `jwks_uri`) and
-//! `keys` (how many usable RS256/ES256 keys the JWKS holds).
+//! Per issuer: `discovery` (the document the relay fetches, and its `issuer` / `jwks_uri`),
+//! `keys` (how many usable RS256/ES256 keys the JWKS holds) and, with `group_overage: {resolve:
+//! graph}`, `graph` (one `checkMemberGroups` call with the relay's own Graph token).
 //!
 //! Invariants: every check runs under [`Options::timeout`], so a black-holed address cannot
 //! hang the command; nothing here prints secrets (token contents never appear in a row).
@@ -222,6 +225,35 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
             async move { check_issuer(&issuer, &opts).await },
         ));
     }
+    // Group overage through Graph: one call per issuer, with the relay's own resolver.
+    if cfg.issuers.iter().any(|i| i.group_overage.is_some()) {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        match crate::groups::GroupResolver::new(cfg, &metrics) {
+            Ok(resolver) => {
+                let resolver = Arc::new(resolver);
+                for issuer in cfg.issuers.iter().filter(|i| i.group_overage.is_some()) {
+                    let (resolver, name, t) = (resolver.clone(), issuer.name.clone(), opts.timeout);
+                    tasks.push(tokio::spawn(async move {
+                        let mut r = Report::default();
+                        let target = format!("issuer/{name}");
+                        match bounded(t * 4, resolver.probe(&name)).await {
+                            Ok(Some(Ok(detail))) => r.push(&target, "graph", Outcome::Ok, detail),
+                            Ok(Some(Err(e))) | Err(e) => {
+                                r.push(&target, "graph", Outcome::Fail, e);
+                            }
+                            Ok(None) => {}
+                        }
+                        r
+                    }));
+                }
+            }
+            Err(e) => {
+                let mut r = Report::default();
+                r.push("doctor", "graph", Outcome::Fail, format!("{e:#}"));
+                tasks.push(tokio::spawn(async move { r }));
+            }
+        }
+    }
     let mut report = Report::default();
     for task in tasks {
         match task.await {
@@ -290,7 +322,7 @@ async fn check_cluster(cluster: &Arc<ClusterConfig>, opts: &Options) -> Report {
         }
     };
 
-    let (outcome, detail) = credential(cluster);
+    let (outcome, detail, entra_header) = credential(cluster, t).await;
     let credential_ok = outcome != Outcome::Fail;
     report.push(&target, "credential", outcome, detail);
 
@@ -309,7 +341,10 @@ async fn check_cluster(cluster: &Arc<ClusterConfig>, opts: &Options) -> Report {
             "skipped: credential unusable",
         );
     } else {
-        match bounded(t, version(cluster, t)).await.and_then(|r| r) {
+        match bounded(t, version(cluster, t, entra_header))
+            .await
+            .and_then(|r| r)
+        {
             Ok((outcome, detail)) => report.push(&target, "version", outcome, detail),
             Err(e) => report.push(&target, "version", Outcome::Fail, e),
         }
@@ -425,15 +460,22 @@ fn tidy_name(n: &str) -> &str {
         .unwrap_or(n)
 }
 
-fn credential(cluster: &ClusterConfig) -> (Outcome, String) {
+/// The relay's own upstream credential: a token file still readable, a client certificate
+/// present, or, for Azure identities and on_behalf_of, a token actually acquired from Entra
+/// (its error text shown when it fails). Returns the Azure identity's header for `/version`.
+async fn credential(
+    cluster: &Arc<ClusterConfig>,
+    timeout: Duration,
+) -> (Outcome, String, Option<http::HeaderValue>) {
     match &cluster.upstream_auth {
         UpstreamAuth::Passthrough => (
             Outcome::Ok,
             "passthrough: uses the caller's token (the relay holds no credential)".to_owned(),
+            None,
         ),
         UpstreamAuth::Impersonate(RelayCredential::TokenFile { path, .. }) => {
             // Read again: the file may have been rotated or removed since the config loaded.
-            match std::fs::read_to_string(path) {
+            let (outcome, detail) = match std::fs::read_to_string(path) {
                 Ok(s) if !s.trim().is_empty() => (
                     Outcome::Ok,
                     format!("impersonate: token file {} readable", path.display()),
@@ -446,7 +488,8 @@ fn credential(cluster: &ClusterConfig) -> (Outcome, String) {
                     Outcome::Fail,
                     format!("impersonate: cannot read token file {}: {e}", path.display()),
                 ),
-            }
+            };
+            (outcome, detail, None)
         }
         UpstreamAuth::Impersonate(RelayCredential::ClientCert { chain, .. }) => (
             Outcome::Ok,
@@ -454,13 +497,24 @@ fn credential(cluster: &ClusterConfig) -> (Outcome, String) {
                 "impersonate: client certificate ({} certificate(s) in the chain), presented in TLS",
                 chain.len()
             ),
+            None,
         ),
-        // Azure identities and the on-behalf-of exchange get their tokens from Entra at run
-        // time; doctor does not mint tokens, so it only names what is configured.
-        other => (
-            Outcome::Skip,
-            format!("{other:?}: acquired from Entra at run time, not tested by doctor"),
-        ),
+        UpstreamAuth::Impersonate(RelayCredential::Azure(_)) | UpstreamAuth::OnBehalfOf(_) => {
+            // The relay's own credentials, exactly as the request path builds them.
+            let upstream = match Upstream::new(cluster.clone(), timeout) {
+                Ok(u) => u,
+                Err(e) => return (Outcome::Fail, format!("{e:#}"), None),
+            };
+            // Entra calls carry their own bound; this one keeps doctor's promise per check.
+            let checked = bounded(timeout * 4, upstream.credentials.self_check()).await;
+            match checked {
+                Ok(Some(Ok((detail, header)))) => (Outcome::Ok, detail, header),
+                Ok(Some(Err(e))) if e.needs_a_caller() => (Outcome::Skip, e.to_string(), None),
+                Ok(Some(Err(e))) => (Outcome::Fail, e.to_string(), None),
+                Ok(None) => (Outcome::Skip, "no Entra credential".to_owned(), None),
+                Err(e) => (Outcome::Fail, e, None),
+            }
+        }
     }
 }
 
@@ -468,6 +522,7 @@ fn credential(cluster: &ClusterConfig) -> (Outcome, String) {
 async fn version(
     cluster: &Arc<ClusterConfig>,
     timeout: Duration,
+    entra_header: Option<http::HeaderValue>,
 ) -> Result<(Outcome, String), String> {
     let upstream = Upstream::new(cluster.clone(), timeout).map_err(|e| format!("{e:#}"))?;
     let uri = upstream.uri("/version").map_err(|e| e.to_string())?;
@@ -491,7 +546,14 @@ async fn version(
             "with the relay's client certificate"
         }
         UpstreamAuth::Passthrough => "anonymously (passthrough: no relay credential)",
-        _ => "anonymously (doctor does not acquire Entra tokens)",
+        UpstreamAuth::Impersonate(RelayCredential::Azure(_)) => match entra_header {
+            Some(h) => {
+                req = req.header(http::header::AUTHORIZATION, h);
+                "with the relay's Azure identity token"
+            }
+            None => "anonymously (no Azure identity token)",
+        },
+        UpstreamAuth::OnBehalfOf(_) => "anonymously (on_behalf_of: the token is a caller's)",
     };
     let req = req
         .body(crate::net::empty_body())
@@ -514,7 +576,9 @@ async fn version(
     let anonymous = !matches!(
         cluster.upstream_auth,
         UpstreamAuth::Impersonate(
-            RelayCredential::TokenFile { .. } | RelayCredential::ClientCert { .. }
+            RelayCredential::TokenFile { .. }
+                | RelayCredential::ClientCert { .. }
+                | RelayCredential::Azure(_)
         )
     );
     if anonymous

@@ -100,6 +100,11 @@ pub enum CredentialError {
 }
 
 impl CredentialError {
+    /// Only a caller's token could tell (no tenant to check the relay's client against).
+    pub fn needs_a_caller(&self) -> bool {
+        matches!(self, Self::NotExchangeable(_))
+    }
+
     /// The request-path error, with a message that tells the user what to do.
     pub fn into_proxy_error(self, cluster: &str) -> ProxyError {
         match self {
@@ -216,6 +221,25 @@ impl UpstreamCredentials {
             }
             Mode::Azure(a) => a.authorization().await.map(Some),
             Mode::Obo(o) => o.authorization(p).await.map(Some),
+        }
+    }
+
+    /// `kube-relay doctor`: proves the relay's own Entra credential for this cluster works,
+    /// without a caller. Azure identities acquire a token for the cluster's scope (returned,
+    /// for `GET /version`); on_behalf_of runs a client-credentials grant with the same client
+    /// authentication. `None`: the mode has no Entra credential (doctor checks it otherwise).
+    pub async fn self_check(
+        &self,
+    ) -> Option<Result<(String, Option<HeaderValue>), CredentialError>> {
+        match &self.mode {
+            Mode::Azure(a) => Some(a.authorization().await.map(|h| {
+                (
+                    format!("impersonate: Azure identity token acquired for {}", a.scope),
+                    Some(h),
+                )
+            })),
+            Mode::Obo(o) => Some(o.check_client().await.map(|d| (d, None))),
+            Mode::Passthrough | Mode::ClientCert | Mode::TokenFile(_) => None,
         }
     }
 

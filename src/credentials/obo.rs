@@ -250,18 +250,51 @@ impl Obo {
         assertion: SecretString,
     ) -> Result<Fetched, CredentialError> {
         let url = self.token_url(tenant);
-        let mut form: Vec<(&str, &str)> = vec![
+        let form: [(&str, &str); 5] = [
             ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
             ("requested_token_use", "on_behalf_of"),
             ("client_id", &self.client_id),
             ("assertion", assertion.expose()),
             ("scope", &self.endpoint.scope),
         ];
+        self.post_with_client_auth(&url, &form).await
+    }
+
+    /// `kube-relay doctor`: a client-credentials grant for the cluster's scope with the same
+    /// client authentication as the exchange. It proves the client id, its secret, certificate
+    /// or federated assertion, the tenant and the authority; the exchange itself needs a
+    /// caller's token.
+    pub(super) async fn check_client(&self) -> Result<String, CredentialError> {
+        let tenant = self.endpoint.tenant_id.as_deref().ok_or_else(|| {
+            CredentialError::NotExchangeable(
+                "no tenant_id: each caller's token names the tenant, so there is none to check the relay's client against (set tenant_id to let doctor check)".into(),
+            )
+        })?;
+        let url = self.token_url(tenant);
+        let form: [(&str, &str); 3] = [
+            ("grant_type", "client_credentials"),
+            ("client_id", &self.client_id),
+            ("scope", &self.endpoint.scope),
+        ];
+        self.post_with_client_auth(&url, &form).await?;
+        Ok(format!(
+            "on_behalf_of: Entra accepts the relay's client {} in tenant {tenant} (client credentials for {}); the exchange itself needs a caller's token",
+            self.client_id, self.endpoint.scope
+        ))
+    }
+
+    /// POSTs `form` to `url` with the relay's client authentication added.
+    async fn post_with_client_auth(
+        &self,
+        url: &str,
+        form: &[(&str, &str)],
+    ) -> Result<Fetched, CredentialError> {
         let client_assertion;
+        let mut form = form.to_vec();
         match &self.auth {
             ClientAuth::Secret(s) => form.push(("client_secret", s.expose())),
             ClientAuth::Certificate { key, x5t_s256 } => {
-                client_assertion = signed_assertion(&self.client_id, &url, key, x5t_s256)?;
+                client_assertion = signed_assertion(&self.client_id, url, key, x5t_s256)?;
                 form.push((
                     "client_assertion_type",
                     "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
@@ -277,7 +310,7 @@ impl Obo {
                 form.push(("client_assertion", client_assertion.expose()));
             }
         }
-        post_form(&self.http, &url, &form).await
+        post_form(&self.http, url, &form).await
     }
 }
 

@@ -1519,3 +1519,68 @@ async fn kubectl_token_plugin_refreshes_without_a_new_sign_in() {
     assert_eq!(refreshes[0]["status"], 200, "{refreshes:?}");
     assert_eq!(refreshes[0]["client_id"], CLI_CLIENT, "{refreshes:?}");
 }
+
+/// Step-up in the browser: `kube-relay token --auth-context c1 --login browser` opens a sign-in
+/// whose authorization request carries Entra's `claims` request for authentication context c1;
+/// after the sign-in in Chromium the access token holds `acrs: ["c1"]`. The step-up token is
+/// cached apart: the plain login signs in on its own and its token has no `acrs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_up_sign_in_sends_the_claims_request_in_a_real_browser() {
+    require_browser();
+    let art = artifacts("step-up");
+    let env = LoginEnv::start(&[]).await;
+    let cache = env.dir.path().join("cache-step-up");
+    let browser = FakeBrowser::new(&env.dir.path().join("browser-step-up"), &art, "alice");
+    let token = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kube-relay"));
+        c.args(token_args(&env, "browser", &cache))
+            .args(extra)
+            .env(
+                "KUBERNETES_EXEC_INFO",
+                r#"{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","spec":{"interactive":true}}"#,
+            )
+            .env("BROWSER", &browser.script)
+            .env("HOME", &env.home)
+            .env_remove("KUBE_RELAY_LOGIN")
+            .stdin(std::process::Stdio::null());
+        c
+    };
+    let run_token = |c: Command| async move {
+        let out = tokio::task::spawn_blocking(move || crate::support::run(c, None, DRIVE_TIMEOUT))
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kube-relay token: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cred: Value = serde_json::from_slice(&out.stdout).unwrap();
+        cred["status"]["token"].as_str().unwrap().to_owned()
+    };
+
+    let stepped = run_token(token(&["--auth-context", "c1"])).await;
+    assert_eq!(browser.opened(), 1);
+    assert_eq!(browser.result(1).await["final"]["h1"], "Signed in");
+    let url = std::fs::read_to_string(browser.dir.join("browser.log")).unwrap();
+    let q = query(url.lines().next().unwrap());
+    let claims: Value = serde_json::from_str(param(&q, "claims").unwrap()).unwrap();
+    assert_eq!(
+        claims,
+        serde_json::json!({"access_token": {"acrs": {"essential": true, "value": "c1"}}})
+    );
+    let (_, payload) = jwt_parts(&stepped);
+    assert_eq!(payload["acrs"], serde_json::json!(["c1"]), "{payload}");
+    assert_eq!(payload["sub"], "alice");
+
+    // Cached: the same step-up login again opens no browser.
+    assert_eq!(run_token(token(&["--auth-context", "c1"])).await, stepped);
+    assert_eq!(browser.opened(), 1);
+
+    // The plain login is its own cache entry and its own sign-in, without the claims request.
+    let plain = run_token(token(&[])).await;
+    assert_eq!(browser.opened(), 2);
+    let url = std::fs::read_to_string(browser.dir.join("browser.log")).unwrap();
+    let q = query(url.lines().nth(1).unwrap());
+    assert!(param(&q, "claims").is_none(), "{url}");
+    assert!(jwt_parts(&plain).1.get("acrs").is_none());
+}

@@ -100,6 +100,7 @@ async fn world() -> World {
     std::fs::write(dir.path().join("relay-token"), "relay-sa-token-1\n").unwrap();
     std::fs::write(dir.path().join("obo-secret"), format!("{OBO_SECRET}\n")).unwrap();
     std::fs::write(dir.path().join("app-secret"), APP_SECRET).unwrap();
+    std::fs::write(dir.path().join("wrong-secret"), "not-the-secret").unwrap();
     std::fs::write(dir.path().join("client.crt"), &leaf.cert_pem).unwrap();
     std::fs::write(dir.path().join("client.key"), &leaf.key_pem).unwrap();
     let sa = k8s.mint(json!({
@@ -125,6 +126,9 @@ async fn world() -> World {
         cluster("obo-cert", format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, client_certificate_file: obo.crt, client_key_file: obo.key, {ep}}}")),
         cluster("obo-fed", format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, federated: {{credential: workload_identity, federated_token_file: sa-token}}, {ep}}}")),
         cluster("obo-other", format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, client_secret_file: obo-secret, tenant_id: {OTHER_TID}, {ep}}}")),
+        cluster("obo-tenant", format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, client_secret_file: obo-secret, tenant_id: {TID}, {ep}}}")),
+        cluster("obo-cert-tenant", format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, client_certificate_file: obo.crt, client_key_file: obo.key, tenant_id: {TID}, {ep}}}")),
+        cluster("secret-wrong", format!("{{mode: impersonate, azure: {{credential: client_secret, client_id: {WI_APP}, tenant_id: {TID}, client_secret_file: wrong-secret, {ep}}}}}")),
         cluster("obo-nowhere", format!("{{mode: on_behalf_of, client_id: {RELAY_APP}, client_secret_file: obo-secret, authority_host: 'https://127.0.0.1:1', ca_file: ca.crt}}")),
     ];
     std::fs::write(dir.path().join("relay.crt"), &leaf.cert_pem).unwrap();
@@ -554,4 +558,54 @@ async fn status_body(p: kube_relay::error::ProxyError) -> Value {
     let resp = p.into_response();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     serde_json::from_slice(&bytes).unwrap()
+}
+
+/// `kube-relay doctor` acquires a token with every Entra credential mode and shows Entra's own
+/// error text when it cannot (issue "Entra at enterprise scale" item 4): Azure client secret
+/// and workload identity get a token for the AKS scope; on_behalf_of clusters prove the relay's
+/// client (secret or certificate) with a client-credentials grant where a tenant is configured,
+/// and say why not where each caller's token names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_acquires_a_token_for_every_entra_credential_mode() {
+    let w = world().await;
+    let report = kube_relay::cli::doctor::run(
+        &w.cfg,
+        &kube_relay::cli::doctor::Options {
+            timeout: Duration::from_secs(3),
+        },
+    )
+    .await;
+    let row = |cluster: &str| {
+        report
+            .find(&format!("cluster/{cluster}"), "credential")
+            .unwrap_or_else(|| panic!("no credential row for {cluster}: {}", report.render()))
+            .clone()
+    };
+    use kube_relay::cli::doctor::Outcome;
+    for ok in ["secret", "wi"] {
+        let r = row(ok);
+        assert_eq!(r.outcome, Outcome::Ok, "{ok}: {}", r.detail);
+        assert!(r.detail.contains("token acquired"), "{}", r.detail);
+    }
+    for ok in ["obo-tenant", "obo-cert-tenant"] {
+        let r = row(ok);
+        assert_eq!(r.outcome, Outcome::Ok, "{ok}: {}", r.detail);
+        assert!(
+            r.detail.contains("Entra accepts the relay's client"),
+            "{}",
+            r.detail
+        );
+    }
+    let r = row("obo");
+    assert_eq!(r.outcome, Outcome::Skip, "{}", r.detail);
+    assert!(r.detail.contains("no tenant_id"), "{}", r.detail);
+    // Entra's own words reach the row (AADSTS code and description), never the secret.
+    let r = row("secret-wrong");
+    assert_eq!(r.outcome, Outcome::Fail, "{}", r.detail);
+    assert!(r.detail.contains("AADSTS7000215"), "{}", r.detail);
+    assert!(!r.detail.contains("not-the-secret"), "{}", r.detail);
+    let r = row("obo-nowhere");
+    assert_eq!(r.outcome, Outcome::Skip, "{}", r.detail);
+    assert!(!report.render().contains(APP_SECRET));
+    assert!(!report.render().contains(OBO_SECRET));
 }

@@ -460,6 +460,62 @@ async fn device_flow_is_pending_until_approved_then_issues_a_token() {
     env.dev.stop().await;
 }
 
+/// What client-go puts in `KUBERNETES_EXEC_INFO` when a person is at the terminal.
+const INTERACTIVE: &str = r#"{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","spec":{"interactive":true}}"#;
+
+/// Runs a `kube-relay token --login devicecode` command as a person would: reads the code it
+/// prints on stderr, approves it as `user` at the dev issuer's device page, and returns the
+/// command's output (the ExecCredential on stdout).
+async fn device_sign_in(issuer: &Issuer, mut cmd: Command, user: &str) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(l) = line else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let user_code = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no user code on stderr: {seen:?}"
+        );
+        match rx.try_recv() {
+            Ok(line) => {
+                if let Some((_, rest)) = line.split_once("enter the code ") {
+                    break rest.trim_end_matches(')').trim().to_owned();
+                }
+                seen.push(line);
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let (status, _, page) = issuer
+        .post(
+            "/device",
+            &[("user_code", &user_code), ("user", user)],
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(out.status.success(), "stderr: {seen:?} {rest:?}");
+    out
+}
+
 /// `kube-relay token --login devicecode --issuer …`, as a person runs it: it prints the code on
 /// stderr, someone approves it at the dev issuer, and an ExecCredential comes out on stdout.
 #[tokio::test]
@@ -496,55 +552,7 @@ async fn kube_relay_token_signs_in_with_the_device_code_at_the_dev_issuer() {
     );
 
     // client-go says the user is there (interactive): the device flow runs.
-    let mut child = token_cmd(Some(
-        r#"{"apiVersion":"client.authentication.k8s.io/v1","kind":"ExecCredential","spec":{"interactive":true}}"#,
-    ))
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(l) = line else { break };
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut seen = Vec::new();
-    let user_code = loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no user code on stderr: {seen:?}"
-        );
-        match rx.try_recv() {
-            Ok(line) => {
-                if let Some((_, rest)) = line.split_once("enter the code ") {
-                    break rest.trim_end_matches(')').trim().to_owned();
-                }
-                seen.push(line);
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
-    let (status, _, page) = issuer
-        .post(
-            "/device",
-            &[("user_code", &user_code), ("user", "alice")],
-            None,
-        )
-        .await;
-    assert_eq!(status, 200, "{page}");
-
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
-    let rest: Vec<String> = rx.try_iter().collect();
-    assert!(out.status.success(), "stderr: {seen:?} {rest:?}");
+    let out = device_sign_in(&issuer, token_cmd(Some(INTERACTIVE)), "alice").await;
     let cred: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(cred["kind"], "ExecCredential");
     assert_eq!(cred["apiVersion"], "client.authentication.k8s.io/v1");
@@ -558,5 +566,129 @@ async fn kube_relay_token_signs_in_with_the_device_code_at_the_dev_issuer() {
     let cached = ok(&out, "kube-relay token from the cache");
     let cached: Value = serde_json::from_str(&cached).unwrap();
     assert_eq!(cached["status"]["token"], token.as_str());
+    env.dev.stop().await;
+}
+
+/// Step-up end to end, as carol meets it in `kube-relay dev`: `kube-relay kubeconfig` writes
+/// `alpha` and `alpha@c1` (the rules on alpha use authentication context c1 for her); reads
+/// work on `alpha`, exec there is refused with the command to run, and the `alpha@c1` user
+/// (`kube-relay token --auth-context c1`) signs in with Entra's `claims` request, gets a token
+/// with `acrs: ["c1"]` cached apart from the plain one, and exec works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_up_context_from_kube_relay_kubeconfig_lets_carol_exec() {
+    let env = dev_env().await;
+    let issuer = Issuer::of(&env);
+    let ca = env.dev.dir.join("ca.crt");
+    let cache = env.tmp.path().join("token-cache");
+    let kubeconfig = env.tmp.path().join("carol.kubeconfig");
+
+    // The kubeconfig, listed with a token carol already has (no sign-in needed for that).
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kube-relay"));
+    c.arg("kubeconfig")
+        .args([
+            "--relay",
+            &format!("https://localhost:{}", env.dev.relay_addr.port()),
+        ])
+        .args(["--token", &env.dev.token("carol")])
+        .args(["--login", "devicecode"])
+        .arg("--relay-ca-file")
+        .arg(&ca)
+        .arg("--idp-ca-file")
+        .arg(&ca)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .args(["--exec-command", env!("CARGO_BIN_EXE_kube-relay")])
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .env("HOME", env.tmp.path())
+        .env_remove("KUBECONFIG");
+    ok(
+        &run(c, None, Duration::from_secs(60)),
+        "kube-relay kubeconfig",
+    );
+    let doc: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(&kubeconfig).unwrap()).unwrap();
+    let contexts: Vec<&str> = doc["contexts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(contexts, ["alpha", "alpha@c1"], "{doc}");
+
+    // Each user signs in once, with the device code, as a person would (the exec entries'
+    // own command and arguments); afterwards kubectl runs them non-interactively from the cache.
+    let mut tokens = BTreeMap::new();
+    for user in doc["users"].as_array().unwrap() {
+        let exec = &user["user"]["exec"];
+        let mut cmd = Command::new(exec["command"].as_str().unwrap());
+        cmd.args(
+            exec["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap()),
+        )
+        .env("KUBERNETES_EXEC_INFO", INTERACTIVE)
+        .env_remove("KUBE_RELAY_LOGIN")
+        .stdin(Stdio::null());
+        let out = device_sign_in(&issuer, cmd, "carol").await;
+        let cred: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let token = cred["status"]["token"].as_str().unwrap().to_owned();
+        tokens.insert(user["name"].as_str().unwrap().to_owned(), token);
+    }
+    let step_up = tokens.iter().find(|(n, _)| n.ends_with("@c1")).unwrap().1;
+    let plain = tokens.iter().find(|(n, _)| !n.ends_with("@c1")).unwrap().1;
+    assert_eq!(jwt_claims(step_up)["acrs"], serde_json::json!(["c1"]));
+    assert!(jwt_claims(plain).get("acrs").is_none());
+
+    let kubectl = |context: &str, args: &[&str]| {
+        let mut c = Command::new(kubectl("1.33"));
+        c.arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--context", context, "--request-timeout=30s"])
+            .args(args)
+            .env("HOME", env.tmp.path())
+            .env_remove("KUBECONFIG")
+            .stdin(Stdio::null());
+        c
+    };
+    let out = ok(
+        &run(
+            kubectl("alpha", &["get", "pods", "-n", "default"]),
+            None,
+            Duration::from_secs(60),
+        ),
+        "carol reads alpha",
+    );
+    assert!(out.contains("web-0"), "{out}");
+    let out = run(
+        kubectl(
+            "alpha",
+            &["exec", "-n", "default", "web-0", "--", "echo", "hi"],
+        ),
+        None,
+        Duration::from_secs(60),
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("requires a step-up sign-in (authentication context c1)")
+            && stderr.contains("alpha@c1"),
+        "{stderr}"
+    );
+    let out = ok(
+        &run(
+            kubectl(
+                "alpha@c1",
+                &["exec", "-n", "default", "web-0", "--", "echo", "stepped-up"],
+            ),
+            None,
+            Duration::from_secs(60),
+        ),
+        "carol execs on the step-up context",
+    );
+    assert_eq!(out.trim(), "stepped-up");
+
     env.dev.stop().await;
 }

@@ -5,7 +5,8 @@
 //! per-source limit on failures. The authority is a loopback stand-in serving Entra's layout.
 
 use crate::support::tenant::{
-    now, AKS_APP, GROUP_OPS, OID_ALICE, OID_BOB, OTHER_TID, RELAY_APP, TID,
+    now, users_authority, v1_user_claims, AKS_APP, GROUP_OPS, OID_ALICE, OID_BOB, OTHER_TID,
+    RELAY_APP, TID,
 };
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -16,7 +17,6 @@ use kube_sim::issuer::{DevIssuer, IssuerHandle, KeyAlg};
 use kube_sim::server::SimHandle;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 const MSA_TID: &str = "9188040d-6c67-4c5b-b112-36a304b66dad";
 const OID_CI: &str = "c3c3c3c3-0000-0000-0000-000000000003";
@@ -52,12 +52,7 @@ async fn entra_with(issuer_extra: &str, top_extra: &str, start_idp_failing: bool
     let dir = tempfile::tempdir().unwrap();
     let (ca, tls) = crate::support::tenant::test_pki(dir.path(), "entra test CA");
 
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let authority = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());
-    let issuer = DevIssuer::generate(&format!("{authority}/{TID}/v2.0"), KeyAlg::Rs256).unwrap();
-    let idp = kube_sim::issuer::serve_entra(l, Some(tls.clone()), &authority, TID, issuer.clone())
-        .await
-        .unwrap();
+    let (authority, issuer, idp) = users_authority(&tls).await;
     idp.set_failing(start_idp_failing);
 
     let sim = crate::support::tenant::aks_stand_in(dir.path()).await;
@@ -125,12 +120,7 @@ async fn entra_with(issuer_extra: &str, top_extra: &str, start_idp_failing: bool
 
 impl Entra {
     fn v1_user(&self, oid: &str, extra: Value) -> Value {
-        let mut c = json!({
-            "iss": format!("https://sts.windows.net/{TID}/"), "aud": AKS_APP, "tid": TID,
-            "oid": oid, "upn": format!("{oid}@contoso.test"), "scp": "user_impersonation",
-            "ver": "1.0", "appid": "04b07795-8ddb-461a-bbee-02f9e1bf7b46", "appidacr": "0",
-            "iat": now(), "nbf": now(), "exp": now() + 3600,
-        });
+        let mut c = v1_user_claims(oid);
         merge(&mut c, extra);
         c
     }
@@ -158,33 +148,28 @@ impl Entra {
     }
 
     async fn get(&self, token: &str, path: &str) -> (u16, String, String) {
-        let mut s = tls_connect(self.relay, &self.ca, "aks.relay.test", &[b"http/1.1"]).await;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: aks.relay.test\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
-        parse_response(&String::from_utf8_lossy(&buf))
+        bearer_request(self.relay, &self.ca, "aks.relay.test", "GET", path, token).await
     }
 
     async fn metrics(&self) -> String {
-        let mut c = tokio::net::TcpStream::connect(self.admin).await.unwrap();
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut m = String::new();
-        let _ = c.read_to_string(&mut m).await;
-        m
+        admin_get(self.admin, "/metrics").await
     }
 
     async fn readyz(&self) -> (u16, String) {
-        let mut c = tokio::net::TcpStream::connect(self.admin).await.unwrap();
-        c.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut m = String::new();
-        let _ = c.read_to_string(&mut m).await;
-        let (code, _, body) = parse_response(&m);
+        let (code, _, body) = parse_response(&admin_get(self.admin, "/readyz").await);
         (code, body)
+    }
+
+    /// Sends a raw request to the cluster's host and reads the answer (10 s at most).
+    async fn exchange(&self, request: &str) -> String {
+        tls_exchange(
+            self.relay,
+            &self.ca,
+            "aks.relay.test",
+            request.as_bytes(),
+            Duration::from_secs(10),
+        )
+        .await
     }
 
     /// The last identity the cluster saw.
@@ -547,14 +532,12 @@ async fn audit_records_mirror_kubernetes_events_and_never_hold_tokens() {
         OID_ALICE,
         json!({"groups": [GROUP_OPS], "uti": "token-id-1"}),
     ));
-    let mut s = tls_connect(e.relay, &e.ca, "aks.relay.test", &[b"http/1.1"]).await;
-    let req = format!(
-        "GET {PODS}?limit=500 HTTP/1.1\r\nHost: aks.relay.test\r\nAuthorization: Bearer {t}\r\nAudit-ID: audit-abc-1\r\nUser-Agent: kubectl/v1.33.0 (linux/amd64)\r\nKubectl-Command: kubectl get\r\nX-Forwarded-For: 203.0.113.9\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
-    assert!(buf.starts_with(b"HTTP/1.1 200"));
+    let answer = e
+        .exchange(&format!(
+            "GET {PODS}?limit=500 HTTP/1.1\r\nHost: aks.relay.test\r\nAuthorization: Bearer {t}\r\nAudit-ID: audit-abc-1\r\nUser-Agent: kubectl/v1.33.0 (linux/amd64)\r\nKubectl-Command: kubectl get\r\nX-Forwarded-For: 203.0.113.9\r\nConnection: close\r\n\r\n"
+        ))
+        .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let r = e
         .audit_record("the list", |r| r["auditID"] == "audit-abc-1")
         .await;
@@ -771,13 +754,7 @@ async fn kubectl_as_needs_a_rule_and_is_recorded() {
     };
     let send = |raw: String| {
         let e = &e;
-        async move {
-            let mut s = tls_connect(e.relay, &e.ca, "aks.relay.test", &[b"http/1.1"]).await;
-            s.write_all(raw.as_bytes()).await.unwrap();
-            let mut buf = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
-            parse_response(&String::from_utf8_lossy(&buf))
-        }
+        async move { parse_response(&e.exchange(&raw).await) }
     };
     // alice is admitted by a group rule that does not allow impersonation.
     let alice = e

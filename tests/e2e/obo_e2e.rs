@@ -2,16 +2,17 @@
 //! (a loopback stand-in for) Entra's token endpoint → the cluster receives an AKS-audience token
 //! for the same user and sees the real user (`kubectl auth whoami`), with no impersonation.
 
-use crate::support::tenant::{now, AKS_APP, GROUP_OPS as GROUP, OID_ALICE as OID, RELAY_APP, TID};
+use crate::support::tenant::{
+    now, token_endpoint, users_authority, AKS_APP, GROUP_OPS as GROUP, OID_ALICE as OID, RELAY_APP,
+    TID,
+};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::support::yaml::{contoso, RelayYaml};
 use crate::support::*;
 use base64::Engine as _;
-use kube_sim::issuer::{DevIssuer, KeyAlg};
 use kube_sim::server::{JwtIssuer, SimAuth, SimConfig};
-use kube_sim::token_endpoint::TokenEndpointConfig;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
@@ -22,25 +23,14 @@ async fn kubectl_whoami_through_on_behalf_of_shows_the_real_user() {
     std::fs::write(dir.path().join("obo-secret"), "s3cret").unwrap();
 
     // The users' tenant (what the relay validates).
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let authority = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());
-    let users = DevIssuer::generate(&format!("{authority}/{TID}/v2.0"), KeyAlg::Rs256).unwrap();
-    let idp = kube_sim::issuer::serve_entra(l, Some(tls.clone()), &authority, TID, users.clone())
-        .await
-        .unwrap();
+    let (authority, users, idp) = users_authority(&tls).await;
 
     // Entra's token endpoint: exchanges relay-audience tokens for AKS-audience v1 tokens.
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let te_authority = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());
-    let aks_signer =
-        DevIssuer::generate(&format!("https://sts.windows.net/{TID}/"), KeyAlg::Rs256).unwrap();
-    let mut tcfg = TokenEndpointConfig::new(TID, aks_signer.clone());
-    tcfg.assertion_issuers = vec![users.clone()];
-    tcfg.client_secrets
-        .insert(RELAY_APP.into(), "s3cret".into());
-    let te = kube_sim::token_endpoint::serve(l, Some(tls.clone()), tcfg)
-        .await
-        .unwrap();
+    let (te_authority, aks_signer, te) = token_endpoint(&tls, |cfg| {
+        cfg.assertion_issuers = vec![users.clone()];
+        cfg.client_secrets.insert(RELAY_APP.into(), "s3cret".into());
+    })
+    .await;
 
     // The AKS cluster trusts only AKS-audience tokens from the tenant (like guard).
     let sim_ca = kube_sim::pki::TestCa::new("aks CA").unwrap();

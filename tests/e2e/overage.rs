@@ -10,18 +10,19 @@
 //! - the app role `kube-relay.prod-admin` may get and list;
 //! - bob may read (a user rule: works whatever Graph does).
 
-use crate::support::tenant::{now, AKS_APP, GROUP_OPS, OID_ALICE, OID_BOB, TID};
+use crate::support::tenant::{
+    token_endpoint, users_authority, v1_user_claims, AKS_APP, GROUP_OPS, OID_ALICE, OID_BOB, TID,
+};
 use std::time::Duration;
 
 use crate::support::yaml::{aks_stand_in, contoso, RelayYaml};
 use crate::support::*;
 use base64::Engine as _;
 use kube_sim::graph::{GraphConfig, GraphFailure, GraphHandle};
-use kube_sim::issuer::{DevIssuer, IssuerHandle, KeyAlg};
+use kube_sim::issuer::{DevIssuer, IssuerHandle};
 use kube_sim::server::SimHandle;
-use kube_sim::token_endpoint::{TokenEndpointConfig, TokenEndpointHandle};
+use kube_sim::token_endpoint::TokenEndpointHandle;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// The relay's app registration for Graph (client credentials).
@@ -71,24 +72,14 @@ async fn world(overage_extra: &str) -> World {
     let dir = tempfile::tempdir().unwrap();
     let (ca, tls) = crate::support::tenant::test_pki(dir.path(), "overage test CA");
 
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let authority = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());
-    let users = DevIssuer::generate(&format!("{authority}/{TID}/v2.0"), KeyAlg::Rs256).unwrap();
-    let idp = kube_sim::issuer::serve_entra(l, Some(tls.clone()), &authority, TID, users.clone())
-        .await
-        .unwrap();
+    let (authority, users, idp) = users_authority(&tls).await;
 
     // Entra's token endpoint, for the relay's own Graph token (client credentials).
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let te_authority = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());
-    let te_signer =
-        DevIssuer::generate(&format!("https://sts.windows.net/{TID}/"), KeyAlg::Rs256).unwrap();
-    let mut tcfg = TokenEndpointConfig::new(TID, te_signer.clone());
-    tcfg.client_secrets
-        .insert(GRAPH_APP.into(), GRAPH_SECRET.into());
-    let te = kube_sim::token_endpoint::serve(l, Some(tls.clone()), tcfg)
-        .await
-        .unwrap();
+    let (te_authority, te_signer, te) = token_endpoint(&tls, |cfg| {
+        cfg.client_secrets
+            .insert(GRAPH_APP.into(), GRAPH_SECRET.into());
+    })
+    .await;
 
     // Graph, trusting tokens from that endpoint. The relay asks for `<graph_host>/.default`, so
     // the stand-in's resource (the tokens' audience) is its own URL, as Graph's is
@@ -169,12 +160,7 @@ async fn world(overage_extra: &str) -> World {
 impl World {
     /// An Entra v1 user token for the AKS audience; `extra` overrides claims (null removes).
     fn user_token(&self, oid: &str, extra: Value) -> String {
-        let mut c = json!({
-            "iss": format!("https://sts.windows.net/{TID}/"), "aud": AKS_APP, "tid": TID,
-            "oid": oid, "upn": format!("{oid}@contoso.test"), "scp": "user_impersonation",
-            "ver": "1.0", "appid": "04b07795-8ddb-461a-bbee-02f9e1bf7b46",
-            "iat": now(), "nbf": now(), "exp": now() + 3600,
-        });
+        let mut c = v1_user_claims(oid);
         for (k, v) in extra.as_object().unwrap() {
             if v.is_null() {
                 c.as_object_mut().unwrap().remove(k);
@@ -196,40 +182,32 @@ impl World {
     }
 
     async fn request(&self, method: &str, token: &str, path: &str) -> (u16, String, String) {
-        let mut s = tls_connect(self.relay, &self.ca, "aks.relay.test", &[b"http/1.1"]).await;
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: aks.relay.test\r\nAuthorization: Bearer {token}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
-        parse_response(&String::from_utf8_lossy(&buf))
+        bearer_request(self.relay, &self.ca, "aks.relay.test", method, path, token).await
     }
 
     async fn get(&self, token: &str, path: &str) -> (u16, String, String) {
         self.request("GET", token, path).await
     }
 
+    /// Waits (15 s at most) until listing pods with `token` answers `status` with `body_has`
+    /// in the body.
+    async fn until_pods_answer(&self, what: &str, token: &str, status: u16, body_has: &str) {
+        eventually(what, Duration::from_secs(15), || async {
+            match self.get(token, PODS).await {
+                (c, _, b) if c == status && b.contains(body_has) => Ok(()),
+                (c, _, b) => Err(format!("{c} {b}")),
+            }
+        })
+        .await;
+    }
+
     /// A GET on the relay's public host (its own pages and APIs).
     async fn public_get(&self, token: &str, path: &str) -> (u16, String, String) {
-        let mut s = tls_connect(self.relay, &self.ca, "localhost", &[b"http/1.1"]).await;
-        let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
-        );
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
-        parse_response(&String::from_utf8_lossy(&buf))
+        bearer_request(self.relay, &self.ca, "localhost", "GET", path, token).await
     }
 
     async fn metrics(&self) -> String {
-        let mut c = tokio::net::TcpStream::connect(self.admin).await.unwrap();
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut m = String::new();
-        let _ = c.read_to_string(&mut m).await;
-        m
+        admin_get(self.admin, "/metrics").await
     }
 
     fn audit(&self) -> Vec<Value> {
@@ -430,17 +408,8 @@ async fn graph_throttling_errors_and_outage_fail_closed_while_other_rules_work()
     assert_eq!(w.graph.request_count(), after_429, "Retry-After honoured");
     w.graph.set_failure(GraphFailure::None);
     // Once Retry-After has passed, the same user resolves.
-    eventually(
-        "carol resolved after Retry-After",
-        Duration::from_secs(15),
-        || async {
-            match w.get(&carol, PODS).await {
-                (200, _, _) => Ok(()),
-                (c, _, b) => Err(format!("{c} {b}")),
-            }
-        },
-    )
-    .await;
+    w.until_pods_answer("carol resolved after Retry-After", &carol, 200, "")
+        .await;
 
     // Graph failing: the status and Graph's error code reach the 403 (and the log).
     w.graph.set_failure(GraphFailure::ServerError);
@@ -554,30 +523,17 @@ async fn cached_membership_is_refreshed_off_the_request_path_and_expires() {
     // Graph back, alice's membership removed (PIM deactivated): refused after the TTL.
     w.graph.set_failure(GraphFailure::None);
     w.graph.set_user_groups(OID_ALICE, &[]);
-    eventually(
+    w.until_pods_answer(
         "membership removal takes effect",
-        Duration::from_secs(15),
-        || async {
-            match w.get(&alice, PODS).await {
-                (403, _, b) if b.contains("has no access") => Ok(()),
-                (c, _, b) => Err(format!("{c} {b}")),
-            }
-        },
+        &alice,
+        403,
+        "has no access",
     )
     .await;
     // And active again.
     w.graph.set_user_groups(OID_ALICE, &[GROUP_OPS]);
-    eventually(
-        "membership activation takes effect",
-        Duration::from_secs(15),
-        || async {
-            match w.get(&alice, PODS).await {
-                (200, _, _) => Ok(()),
-                (c, _, b) => Err(format!("{c} {b}")),
-            }
-        },
-    )
-    .await;
+    w.until_pods_answer("membership activation takes effect", &alice, 200, "")
+        .await;
 }
 
 /// Step-up: exec needs the authentication context c1. Without it the relay answers 401 with
@@ -689,4 +645,37 @@ async fn exec_needs_a_step_up_token_and_says_how_to_get_one() {
         .find(|c| c["name"] == "aks")
         .unwrap();
     assert_eq!(aks["authContexts"], json!(["c1"]), "{aks}");
+}
+
+/// `kube-relay doctor` calls Graph once per issuer with `resolve: graph`, with the relay's own
+/// token, and shows Graph's error when the call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_calls_graph_once_with_the_relays_token() {
+    let w = world("").await;
+    let opts = kube_relay::cli::doctor::Options {
+        timeout: Duration::from_secs(3),
+    };
+    let path = w.dir.path().join("relay.yaml");
+    let report = kube_relay::cli::doctor::run_file(&path, &opts).await;
+    let row = report
+        .find("issuer/contoso", "graph")
+        .unwrap_or_else(|| panic!("{}", report.render()))
+        .clone();
+    assert_eq!(
+        row.outcome,
+        kube_relay::cli::doctor::Outcome::Ok,
+        "{}",
+        row.detail
+    );
+    assert!(row.detail.contains("token accepted"), "{}", row.detail);
+    let calls = w.graph.requests();
+    assert_eq!(calls.len(), 1, "exactly one Graph call");
+    assert_eq!(calls[0].group_ids.len(), 20);
+
+    w.graph.set_failure(GraphFailure::ServerError);
+    let report = kube_relay::cli::doctor::run_file(&path, &opts).await;
+    let row = report.find("issuer/contoso", "graph").unwrap().clone();
+    assert_eq!(row.outcome, kube_relay::cli::doctor::Outcome::Fail);
+    assert!(row.detail.contains("HTTP 503"), "{}", row.detail);
+    assert!(!report.render().contains(GRAPH_SECRET));
 }

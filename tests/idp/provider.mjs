@@ -40,6 +40,11 @@
 // carry sub = login name and `groups`; so do ID tokens. A client allowed the refresh_token
 // grant that asks for `offline_access` gets a refresh token (see the prompt=consent note below).
 //
+// Step-up: an authorization request with Entra's `claims` parameter asking for authentication
+// contexts in the access token (`{"access_token":{"acrs":{"essential":true,"value":"c1"}}}`)
+// gets them as the access token's `acrs` claim, and so do that sign-in's refreshed tokens
+// (kube-relay's `token --auth-context`). These pages have no second factor to ask for.
+//
 // Key rotation: send SIGHUP. The --keys file is re-read and a fresh Provider (same issuer,
 // client and port; the listener stays up) takes over every later request.
 //
@@ -231,10 +236,12 @@ function makeProvider(issuer, keys) {
     },
     formats: {
       customizers: {
-        async jwt(_ctx, token, jwt) {
+        async jwt(ctx, token, jwt) {
           if (!args['no-nbf']) jwt.payload.nbf = jwt.payload.iat;
           // A person's token (not client credentials): sub is already the login name.
           if (token.accountId) jwt.payload.groups = groupsOf(token.accountId);
+          const acrs = stepUpOf(ctx, token);
+          if (acrs.length > 0) jwt.payload.acrs = acrs;
         },
       },
     },
@@ -249,6 +256,22 @@ function makeProvider(issuer, keys) {
       const q = new URLSearchParams(ctx.querystring);
       if ((q.get('scope') ?? '').split(' ').includes('offline_access') && !q.has('prompt')) {
         q.set('prompt', 'consent');
+        ctx.querystring = q.toString();
+      }
+    }
+    await next();
+  });
+  // Step-up requests: oidc-provider's own `claims` parameter knows only `userinfo` and
+  // `id_token`, so the access-token part is taken off the request here and remembered by the
+  // PKCE challenge, which the code exchange proves with its verifier (see stepUpOf).
+  provider.use(async (ctx, next) => {
+    if (ctx.method === 'GET' && ctx.path === '/auth') {
+      const q = new URLSearchParams(ctx.querystring);
+      if (q.has('claims')) {
+        const acrs = requestedAcrs(q.get('claims'));
+        const challenge = q.get('code_challenge');
+        if (acrs.length > 0 && challenge) stepUps.set(`challenge:${challenge}`, acrs);
+        q.delete('claims');
         ctx.querystring = q.toString();
       }
     }
@@ -271,6 +294,33 @@ function makeProvider(issuer, keys) {
     process.stderr.write(`provider.mjs: server_error: ${err?.stack ?? err}\n`);
   });
   return provider;
+}
+
+// Authentication contexts granted by step-up sign-ins: by PKCE challenge until the code is
+// exchanged, then by grant (for refreshes).
+const stepUps = new Map();
+
+function requestedAcrs(claims) {
+  try {
+    const acrs = JSON.parse(claims)?.access_token?.acrs;
+    if (!acrs) return [];
+    const values = [...(acrs.value ? [acrs.value] : []), ...(acrs.values ?? [])];
+    return values.filter((v) => typeof v === 'string' && /^[A-Za-z0-9]{1,64}$/.test(v));
+  } catch {
+    return [];
+  }
+}
+
+function stepUpOf(ctx, token) {
+  const byGrant = token.grantId && stepUps.get(`grant:${token.grantId}`);
+  if (byGrant) return byGrant;
+  const verifier = ctx?.oidc?.params?.code_verifier;
+  if (!verifier) return [];
+  const challenge = crypto.createHash('sha256').update(verifier).digest('base64url');
+  const acrs = stepUps.get(`challenge:${challenge}`) ?? [];
+  stepUps.delete(`challenge:${challenge}`);
+  if (acrs.length > 0 && token.grantId) stepUps.set(`grant:${token.grantId}`, acrs);
+  return acrs;
 }
 
 const cookieKey = crypto.randomBytes(32).toString('hex');

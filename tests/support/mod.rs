@@ -7,6 +7,7 @@ pub mod tenant;
 pub mod yaml;
 
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -322,12 +323,66 @@ pub async fn tls_connect(
         .unwrap()
 }
 
-/// Sends raw bytes over TLS and reads until the server closes (or 10 s pass).
-pub async fn raw_exchange(env: &Env, sni: &str, request: &[u8]) -> String {
-    let mut s = tls_connect(env.dev.relay_addr, &env.relay_ca(), sni, &[b"http/1.1"]).await;
+/// Sends raw bytes over TLS (SNI `sni`, ALPN http/1.1) and reads until the server closes or
+/// `limit` passes.
+pub async fn tls_exchange(
+    addr: SocketAddr,
+    ca: &[CertificateDer<'static>],
+    sni: &str,
+    request: &[u8],
+    limit: Duration,
+) -> String {
+    let mut s = tls_connect(addr, ca, sni, &[b"http/1.1"]).await;
     s.write_all(request).await.unwrap();
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    let _ = tokio::time::timeout(limit, s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Sends raw bytes over TLS and reads until the server closes (or 10 s pass).
+pub async fn raw_exchange(env: &Env, sni: &str, request: &[u8]) -> String {
+    tls_exchange(
+        env.dev.relay_addr,
+        &env.relay_ca(),
+        sni,
+        request,
+        Duration::from_secs(10),
+    )
+    .await
+}
+
+/// One HTTP/1.1 request to the relay for `host` (the SNI and `Host`) with a bearer token and
+/// `Connection: close` (and `Content-Length: 0` unless a GET); waits at most 20 s for the
+/// answer. Returns (status, headers, body).
+pub async fn bearer_request(
+    relay: SocketAddr,
+    ca: &[CertificateDer<'static>],
+    host: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> (u16, String, String) {
+    let length = if method == "GET" {
+        ""
+    } else {
+        "Content-Length: 0\r\n"
+    };
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n{length}Connection: close\r\n\r\n"
+    );
+    let raw = tls_exchange(relay, ca, host, req.as_bytes(), Duration::from_secs(20)).await;
+    parse_response(&raw)
+}
+
+/// A plain-HTTP GET of `path` on an admin listener (`/metrics`, `/readyz`): the whole response
+/// as text (status line, headers and body; see [`parse_response`]), read for at most 20 s.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> String {
+    let mut c = TcpStream::connect(admin).await.unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut buf)).await;
     String::from_utf8_lossy(&buf).into_owned()
 }
 
@@ -536,11 +591,7 @@ impl CustomRelay {
     }
 
     pub async fn exchange(&self, sni: &str, request: &[u8]) -> String {
-        let mut s = tls_connect(self.addr, &self.ca, sni, &[b"http/1.1"]).await;
-        s.write_all(request).await.unwrap();
-        let mut buf = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
-        String::from_utf8_lossy(&buf).into_owned()
+        tls_exchange(self.addr, &self.ca, sni, request, Duration::from_secs(10)).await
     }
 }
 

@@ -4,10 +4,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use kube_sim::issuer::{DevIssuer, IssuerHandle, KeyAlg};
 use kube_sim::pki::TestCa;
-
 use kube_sim::record::UserInfo;
 use kube_sim::server::{SimAuth, SimConfig, SimHandle, StaticToken};
+use kube_sim::token_endpoint::{TokenEndpointConfig, TokenEndpointHandle};
+use tokio::net::TcpListener;
 
 /// The tenant every test token comes from.
 pub const TID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
@@ -31,6 +33,17 @@ pub fn now() -> u64 {
     kube_relay::clock::unix_now()
 }
 
+/// The claims of an Entra v1 user token for the AKS server app (what `az` hands kubectl for
+/// AKS), for the user `oid` of [`TID`], valid for an hour. Tests adjust them per story.
+pub fn v1_user_claims(oid: &str) -> serde_json::Value {
+    serde_json::json!({
+        "iss": format!("https://sts.windows.net/{TID}/"), "aud": AKS_APP, "tid": TID,
+        "oid": oid, "upn": format!("{oid}@contoso.test"), "scp": "user_impersonation",
+        "ver": "1.0", "appid": "04b07795-8ddb-461a-bbee-02f9e1bf7b46", "appidacr": "0",
+        "iat": now(), "nbf": now(), "exp": now() + 3600,
+    })
+}
+
 /// The tests' own PKI in `dir`: a CA (`ca.crt`) and the relay's serving certificate for
 /// `127.0.0.1`, `localhost` and `*.relay.test` (`relay.crt`, `relay.key`). Returns the CA (to
 /// trust or issue more) and a TLS config with the same certificate, for the loopback identity
@@ -48,6 +61,39 @@ pub fn test_pki(dir: &Path, ca_name: &str) -> (TestCa, Arc<rustls::ServerConfig>
     (ca, tls)
 }
 
+/// The users' tenant: a loopback authority laid out like Entra's for [`TID`] (kube-sim's
+/// `serve_entra`), over `tls`. Returns its URL (what the relay's `authority_host` names), the
+/// signer of the users' tokens (issuer `{authority}/{TID}/v2.0`) and the server's handle.
+pub async fn users_authority(tls: &Arc<rustls::ServerConfig>) -> (String, DevIssuer, IssuerHandle) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let authority = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());
+    let users = DevIssuer::generate(&format!("{authority}/{TID}/v2.0"), KeyAlg::Rs256).unwrap();
+    let idp = kube_sim::issuer::serve_entra(l, Some(tls.clone()), &authority, TID, users.clone())
+        .await
+        .unwrap();
+    (authority, users, idp)
+}
+
+/// Entra's token endpoint for [`TID`] on loopback, over `tls`, minting v1 tokens (issuer
+/// `https://sts.windows.net/{TID}/`); `configure` registers its clients and assertion issuers.
+/// Returns its URL (what a credential's `authority_host` names), the signer of the tokens it
+/// mints (what their audience trusts) and the server's handle.
+pub async fn token_endpoint(
+    tls: &Arc<rustls::ServerConfig>,
+    configure: impl FnOnce(&mut TokenEndpointConfig),
+) -> (String, DevIssuer, TokenEndpointHandle) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let authority = format!("https://127.0.0.1:{}", l.local_addr().unwrap().port());
+    let signer =
+        DevIssuer::generate(&format!("https://sts.windows.net/{TID}/"), KeyAlg::Rs256).unwrap();
+    let mut cfg = TokenEndpointConfig::new(TID, signer.clone());
+    configure(&mut cfg);
+    let te = kube_sim::token_endpoint::serve(l, Some(tls.clone()), cfg)
+        .await
+        .unwrap();
+    (authority, signer, te)
+}
+
 /// A simulated AKS cluster (`aks.privatelink.test`, on a CA of its own) that accepts the
 /// relay's ServiceAccount token and lets it impersonate. Writes `aks-ca.crt` and `relay-token`
 /// (the token file the relay reads) into `dir`.
@@ -57,7 +103,7 @@ pub async fn aks_stand_in(dir: &Path) -> SimHandle {
     std::fs::write(dir.join("aks-ca.crt"), ca.cert_pem()).unwrap();
     std::fs::write(dir.join("relay-token"), RELAY_SA_TOKEN).unwrap();
     kube_sim::server::start(
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
         Some(kube_sim::server::tls_config(&leaf).unwrap()),
         SimConfig {
             name: "aks".into(),

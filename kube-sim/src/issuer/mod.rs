@@ -26,11 +26,10 @@
 
 pub mod oauth;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use aws_lc_rs::signature::{
@@ -42,7 +41,6 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::jwk::{
     AlgorithmParameters, CommonParameters, EllipticCurve, EllipticCurveKeyParameters,
     EllipticCurveKeyType, Jwk, JwkSet, KeyAlgorithm, PublicKeyUse, RSAKeyParameters, RSAKeyType,
@@ -56,9 +54,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Lifetime given to minted tokens that carry no `exp` of their own.
 const DEFAULT_TOKEN_LIFETIME_SECS: u64 = 3600;
-
-/// A TLS client that connects and then stalls must not hold a task forever.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The signature algorithms the dev issuer can sign with (the two a relay issuer allowlist
 /// accepts: RS256 is what Entra uses, ES256 what many other OIDC providers use).
@@ -618,99 +613,29 @@ fn start_server(
         failing: state.failing.clone(),
         cancel: CancellationToken::new(),
     };
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    tokio::spawn(accept_loop(
+    // Cancellation drops the connections, which closes their sockets: shutdown must look like
+    // an outage to clients, including ones holding keep-alive connections.
+    crate::loopback::spawn_server(
+        "dev issuer",
         listener,
-        acceptor,
-        state,
+        tls,
         handle.cancel.clone(),
-    ));
+        move |request: Request<Incoming>| {
+            let state = state.clone();
+            async move {
+                let oauth = state
+                    .oauth
+                    .as_ref()
+                    .filter(|o| o.serves(request.uri().path()));
+                // An outage covers the authorization server too: `respond` answers 500.
+                if let Some(oauth) = oauth.filter(|_| !state.failing.load(Ordering::SeqCst)) {
+                    return oauth.handle(request).await;
+                }
+                respond(&state, &request)
+            }
+        },
+    );
     Ok(handle)
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
-    state: Arc<ServeState>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let accepted = tokio::select! {
-            // Shutdown wins over a pending accept.
-            biased;
-            () = cancel.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
-            Err(error) => {
-                // Usually EMFILE or a connection reset before accept: back off briefly instead of
-                // spinning, and keep serving.
-                tracing::warn!(%error, "dev issuer: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let acceptor = acceptor.clone();
-        let state = state.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            // Cancellation drops the connection future, which closes the socket: shutdown must
-            // look like an outage to clients, including ones holding keep-alive connections.
-            tokio::select! {
-                biased;
-                () = cancel.cancelled() => {}
-                () = serve_connection(stream, acceptor, state) => {}
-            }
-        });
-    }
-}
-
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
-    acceptor: Option<tokio_rustls::TlsAcceptor>,
-    state: Arc<ServeState>,
-) {
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let state = state.clone();
-        async move {
-            let oauth = state
-                .oauth
-                .as_ref()
-                .filter(|o| o.serves(request.uri().path()));
-            // An outage covers the authorization server too: `respond` answers 500.
-            if let Some(oauth) = oauth.filter(|_| !state.failing.load(Ordering::SeqCst)) {
-                return Ok::<_, Infallible>(oauth.handle(request).await);
-            }
-            Ok(respond(&state, &request))
-        }
-    });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let result = match acceptor {
-        Some(acceptor) => {
-            let tls =
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%error, "dev issuer: TLS handshake failed");
-                        return;
-                    }
-                    Err(_elapsed) => {
-                        tracing::debug!("dev issuer: TLS handshake timed out");
-                        return;
-                    }
-                };
-            builder.serve_connection(TokioIo::new(tls), service).await
-        }
-        None => {
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-        }
-    };
-    if let Err(error) = result {
-        tracing::debug!(error = %error, "dev issuer: connection ended with an error");
-    }
 }
 
 /// Routes one discovery or JWKS request (and answers everything while failing). Only the method
@@ -784,6 +709,9 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
 mod tests {
     use super::*;
 
+    use std::time::Duration;
+
+    use hyper_util::rt::TokioIo;
     use jsonwebtoken::jwk::ThumbprintHash;
     use jsonwebtoken::{decode, decode_header, DecodingKey, Validation};
 

@@ -22,6 +22,8 @@ pub(super) struct CodeGrant {
     pub(super) user: String,
     pub(super) scopes: Vec<String>,
     pub(super) nonce: Option<String>,
+    /// Authentication contexts the sign-in satisfied (the `claims` request's `acrs`).
+    pub(super) acrs: Vec<String>,
     pub(super) expires: Instant,
     /// Kept after use (until evicted) so a replay is recognised and revokes what it produced.
     pub(super) consumed: bool,
@@ -33,6 +35,7 @@ pub(super) struct DeviceGrant {
     /// Normalised: the letters only, upper case.
     pub(super) user_code: String,
     pub(super) scopes: Vec<String>,
+    pub(super) acrs: Vec<String>,
     pub(super) expires: Instant,
     pub(super) interval: Duration,
     pub(super) last_poll: Option<Instant>,
@@ -51,6 +54,8 @@ pub(super) struct RefreshGrant {
     pub(super) user: String,
     /// As originally granted; a refresh may narrow the access token's scope, not this.
     pub(super) scopes: Vec<String>,
+    /// The sign-in's authentication contexts: refreshed tokens carry them on.
+    pub(super) acrs: Vec<String>,
     /// Every refresh token descending from one sign-in shares a family.
     pub(super) family: u64,
     pub(super) expires: Instant,
@@ -65,6 +70,8 @@ pub(super) struct Issue {
     /// This response's scopes.
     pub(super) scopes: Vec<String>,
     pub(super) nonce: Option<String>,
+    /// Authentication contexts for the access token's `acrs`.
+    pub(super) acrs: Vec<String>,
     pub(super) family: u64,
     pub(super) refresh_token: Option<String>,
 }
@@ -110,6 +117,7 @@ impl Grants {
                     client_id: issue.client_id.clone(),
                     user: issue.user.clone(),
                     scopes: issue.granted.clone(),
+                    acrs: issue.acrs.clone(),
                     family: issue.family,
                     expires: now + REFRESH_LIFETIME,
                 },

@@ -59,8 +59,9 @@ const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 /// Scopes every OIDC provider understands; the configured API scopes come on top.
 const OIDC_SCOPES: &[&str] = &["openid", "profile", "email", "offline_access"];
 
-/// Mints the access token for a user (the relay must accept it, so the caller decides its shape).
-pub type MintAccessToken = Arc<dyn Fn(&str) -> String + Send + Sync>;
+/// Mints the access token for a user (the relay must accept it, so the caller decides its
+/// shape), with the authentication contexts the sign-in satisfied (for `acrs`; empty: none).
+pub type MintAccessToken = Arc<dyn Fn(&str, &[String]) -> String + Send + Sync>;
 
 /// One dev user offered on the sign-in pages.
 #[derive(Clone, Debug)]
@@ -336,6 +337,7 @@ impl OAuthServer {
                 user: user.to_owned(),
                 scopes: request.scopes,
                 nonce: request.nonce,
+                acrs: request.acrs,
                 expires: now + CODE_LIFETIME,
                 consumed: false,
                 family: None,
@@ -422,10 +424,13 @@ impl OAuthServer {
                 ));
             }
         }
+        let acrs = requested_acrs(params.get("claims"))
+            .map_err(|why| redirect("invalid_request", &why))?;
         Ok(AuthzRequest {
             client_id: client.client_id.clone(),
             redirect_uri: redirect_uri.to_owned(),
             scopes,
+            acrs,
             state: params.get("state").map(str::to_owned),
             nonce: params.get("nonce").map(str::to_owned),
             code_challenge,
@@ -446,6 +451,7 @@ impl OAuthServer {
             "code_challenge",
             "code_challenge_method",
             "resource",
+            "claims",
         ] {
             if let Some(v) = params.get(name) {
                 hidden.push_str(&format!(
@@ -455,7 +461,7 @@ impl OAuthServer {
             }
         }
         let body = format!(
-            r#"<p><strong>{client}</strong> asks you to sign in{scopes}.</p>
+            r#"<p><strong>{client}</strong> asks you to sign in{scopes}.</p>{step_up}
 <p>This is the <code>kube-relay dev</code> issuer: pick a dev user, no password needed.</p>
 <form method="post" action="{action}">{hidden}
 {buttons}
@@ -463,6 +469,7 @@ impl OAuthServer {
 </form>"#,
             client = escape(&request.client_id),
             scopes = scope_text(&request.scopes),
+            step_up = step_up_text(&request.acrs),
             action = escape(&self.paths.authorize),
             buttons = self.user_buttons(),
         );
@@ -624,6 +631,7 @@ impl OAuthServer {
             granted: grant.scopes.clone(),
             scopes: grant.scopes.clone(),
             nonce: grant.nonce.clone(),
+            acrs: grant.acrs.clone(),
             family,
             refresh_token: None,
         };
@@ -676,6 +684,22 @@ impl OAuthServer {
                 asked
             }
         };
+        // A refresh cannot add a step-up the sign-in did not do: like Entra, ask for a new
+        // interactive sign-in.
+        let asked_acrs = match requested_acrs(params.get("claims")) {
+            Ok(a) => a,
+            Err(why) => {
+                grants.refresh.insert(token.to_owned(), grant);
+                return Err(OAuthError::new("invalid_request", &why));
+            }
+        };
+        if let Some(missing) = asked_acrs.iter().find(|a| !grant.acrs.contains(a)) {
+            grants.refresh.insert(token.to_owned(), grant);
+            return Err(OAuthError::new(
+                "interaction_required",
+                &format!("authentication context {missing} needs a new sign-in"),
+            ));
+        }
         grants.retired.insert(token.to_owned(), grant.family);
         let issue = Issue {
             client_id: grant.client_id,
@@ -683,6 +707,7 @@ impl OAuthServer {
             granted: grant.scopes,
             scopes,
             nonce: None,
+            acrs: grant.acrs,
             family: grant.family,
             refresh_token: None,
         };
@@ -737,6 +762,7 @@ impl OAuthServer {
                     granted: device.scopes.clone(),
                     scopes: device.scopes,
                     nonce: None,
+                    acrs: device.acrs,
                     family,
                     refresh_token: None,
                 };
@@ -767,7 +793,7 @@ impl OAuthServer {
 
     /// Mints the tokens of a resolved grant and renders RFC 6749 §5.1's answer.
     fn token_response(&self, issue: Issue) -> Response<Full<Bytes>> {
-        let access_token = (self.config.mint_access_token)(&issue.user);
+        let access_token = (self.config.mint_access_token)(&issue.user, &issue.acrs);
         let mut body = json!({
             "access_token": access_token,
             "token_type": "Bearer",
@@ -914,6 +940,8 @@ impl OAuthServer {
                 ));
             }
         }
+        let acrs = requested_acrs(params.get("claims"))
+            .map_err(|why| OAuthError::new("invalid_request", &why))?;
         let device_code = random_token().map_err(OAuthError::server)?;
         let mut grants = self.lock();
         // Unique among live devices, so a typed code names exactly one.
@@ -930,6 +958,7 @@ impl OAuthServer {
                 client_id: client.client_id.clone(),
                 user_code: user_code.clone(),
                 scopes,
+                acrs,
                 expires: now + DEVICE_CODE_LIFETIME,
                 interval,
                 last_poll: None,
@@ -1068,11 +1097,53 @@ impl OAuthServer {
     }
 }
 
+/// The authentication contexts an OIDC `claims` request parameter asks to be in the access
+/// token's `acrs`, as Entra's step-up challenges phrase it:
+/// `{"access_token":{"acrs":{"essential":true,"value":"c1"}}}` (or `"values": [...]`). The dev
+/// issuer has no second factor: it notes the step-up on the sign-in page and grants it.
+fn requested_acrs(claims: Option<&str>) -> Result<Vec<String>, String> {
+    let Some(text) = claims else {
+        return Ok(Vec::new());
+    };
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| format!("claims is not a JSON object: {e}"))?;
+    let Some(acrs) = v.get("access_token").and_then(|a| a.get("acrs")) else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<String> = Vec::new();
+    if let Some(one) = acrs.get("value").and_then(Value::as_str) {
+        out.push(one.to_owned());
+    }
+    if let Some(many) = acrs.get("values").and_then(Value::as_array) {
+        out.extend(many.iter().filter_map(Value::as_str).map(str::to_owned));
+    }
+    if out
+        .iter()
+        .any(|a| a.is_empty() || a.len() > 64 || !a.bytes().all(|b| b.is_ascii_alphanumeric()))
+    {
+        return Err("claims: acrs values must be short alphanumeric ids such as c1".into());
+    }
+    Ok(out)
+}
+
+/// The sign-in page's note on a step-up request.
+fn step_up_text(acrs: &[String]) -> String {
+    if acrs.is_empty() {
+        return String::new();
+    }
+    format!(
+        "\n<p class=\"step-up\">Step-up requested: authentication context <strong>{}</strong> (the dev issuer grants it on sign-in).</p>",
+        escape(&acrs.join(", "))
+    )
+}
+
 /// A validated authorization request.
 struct AuthzRequest {
     client_id: String,
     redirect_uri: String,
     scopes: Vec<String>,
+    /// Authentication contexts asked for by the `claims` parameter (step-up).
+    acrs: Vec<String>,
     state: Option<String>,
     nonce: Option<String>,
     code_challenge: Option<String>,
@@ -1184,7 +1255,7 @@ mod tests {
                 ],
                 api_scopes: vec!["kube-relay".into()],
                 audience: "kube-relay".into(),
-                mint_access_token: Arc::new(move |user| {
+                mint_access_token: Arc::new(move |user, _acrs| {
                     minter.mint(json!({"sub": user, "aud": "kube-relay"}))
                 }),
                 access_token_lifetime: Duration::from_secs(3600),
@@ -1660,6 +1731,64 @@ mod tests {
             refresh(&s, CLI, &next, later).unwrap_err().description,
             "the refresh token expired"
         );
+    }
+
+    #[test]
+    fn claims_request_grants_the_authentication_context_and_refresh_cannot_add_one() {
+        let s = server();
+        let now = Instant::now();
+        let redirect = "http://127.0.0.1:4242/callback";
+        let claims = r#"{"access_token":{"acrs":{"essential":true,"value":"c1"}}}"#;
+        fn ask<'a>(redirect: &'a str, claims: Option<&'a str>) -> Vec<(&'a str, &'a str)> {
+            let mut f = vec![
+                ("client_id", CLI),
+                ("redirect_uri", redirect),
+                ("response_type", "code"),
+                ("scope", "kube-relay offline_access"),
+                ("code_challenge", CHALLENGE),
+                ("code_challenge_method", "S256"),
+            ];
+            if let Some(c) = claims {
+                f.push(("claims", c));
+            }
+            f
+        }
+        // The page says what is asked, and carries the request on.
+        let page = body_text(s.authorize(&form(&ask(redirect, Some(claims))), false, now));
+        assert!(page.contains("Step-up requested"), "{page}");
+        assert!(page.contains(r#"name="claims""#), "{page}");
+        let mut signed_in = ask(redirect, Some(claims));
+        signed_in.push(("user", "alice"));
+        let q = query_of(&location(&s.authorize(&form(&signed_in), true, now)));
+        let issue = exchange(&s, &q["code"], redirect, VERIFIER, now).unwrap();
+        assert_eq!(issue.acrs, ["c1"]);
+        // Refreshed tokens keep it.
+        let rt = issue.refresh_token.unwrap();
+        let again = refresh(&s, CLI, &rt, now).unwrap();
+        assert_eq!(again.acrs, ["c1"]);
+
+        // A plain sign-in's refresh token cannot be stepped up: a new sign-in is needed.
+        let code = cli_code(&s, redirect, "kube-relay offline_access", now);
+        let plain = exchange(&s, &code, redirect, VERIFIER, now).unwrap();
+        assert!(plain.acrs.is_empty());
+        let e = s
+            .token_grant(
+                &HeaderMap::new(),
+                &form(&[
+                    ("grant_type", "refresh_token"),
+                    ("client_id", CLI),
+                    ("refresh_token", plain.refresh_token.as_deref().unwrap()),
+                    ("claims", claims),
+                ]),
+                now,
+            )
+            .unwrap_err();
+        assert_eq!(e.error, "interaction_required");
+        // Malformed claims are a bad request.
+        let mut bad = ask(redirect, Some("{not json"));
+        bad.push(("user", "alice"));
+        let q = query_of(&location(&s.authorize(&form(&bad), true, now)));
+        assert_eq!(q["error"], "invalid_request");
     }
 
     fn start_device(s: &OAuthServer, now: Instant) -> (String, String) {
