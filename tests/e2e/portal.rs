@@ -43,7 +43,7 @@ async fn portal_with(portal_keys: &str) -> Portal {
     // directory is private to the harness.
     let d = dir.path().display();
     let extra = format!(
-        "  - {{name: gamma, server: \"https://gamma.invalid:443\", connect: \"127.0.0.1:1\", ca_file: {d}/gamma-ca.crt, upstream_auth: {{mode: passthrough}}, access: [{{users: [dev/bob], verbs: [get, list]}}]}}\n\
+        "  - {{name: gamma, server: \"https://gamma.invalid:443\", connect: \"127.0.0.1:1\", ca_file: {d}/gamma-ca.crt, upstream_auth: {{mode: passthrough}}, access: [{{users: [dev/bob], verbs: [get, list]}}, {{users: [dev/bob], verbs: [create], auth_context: [c1]}}]}}\n\
          login:\n  issuer: dev\n  client_id: kube-relay-cli\n  scopes: [kube-relay]\n  portal:\n    client_id: kube-relay-portal\n    client_secret_file: {d}/secret\n    cookie_key_file: {d}/cookie.key\n    session_lifetime: 30m\n{portal_keys}\
          timeouts: {{health_interval: 300ms}}\n"
     );
@@ -195,6 +195,10 @@ async fn valid_session_lists_only_permitted_clusters() {
     assert!(!body.contains("gamma"), "{body}");
     assert!(body.contains("id=\"download-kubeconfig\" href=\"/-/kubeconfig\""));
     assert!(body.contains("--context alpha get pods"));
+    assert!(
+        !body.contains("data-step-up"),
+        "alice needs no step-up: {body}"
+    );
     assert!(body.contains(">Sign out</button>"));
     assert!(body.contains(&format!("name=\"csrf\" value=\"{}\"", s.csrf)));
 
@@ -216,6 +220,9 @@ async fn valid_session_lists_only_permitted_clusters() {
         body.contains("<code>get</code>, <code>list</code>"),
         "{body}"
     );
+    // Creating (exec) on gamma needs a step-up: the page says so and names the context.
+    assert!(body.contains("data-step-up=\"c1\""), "{body}");
+    assert!(body.contains("--context gamma@c1 exec"), "{body}");
 
     // carol: signed in, no cluster admits her.
     let (cookie, _) = session_cookie(&p.key, p.relay.token("carol"), now() + 600);

@@ -365,3 +365,50 @@ fn kubelogin_for_passthrough_clusters_uses_the_aks_server_id() {
     let e = build(&l, &o).unwrap_err().to_string();
     assert!(e.contains("Entra issuers only"), "{e}");
 }
+
+#[test]
+fn step_up_contexts_ask_for_their_authentication_context() {
+    let mut l = list(&[("alpha", "impersonate"), ("aks", "passthrough")]);
+    l.clusters[0].auth_contexts = vec!["c1".into()];
+    l.clusters[1].auth_contexts = vec!["c1".into(), "c2".into()];
+    let doc = build(&l, &opts(Style::Path)).unwrap();
+    assert_eq!(
+        names(&doc, "contexts"),
+        ["alpha", "alpha@c1", "aks", "aks@c1", "aks@c2"]
+    );
+    assert_eq!(
+        names(&doc, "users"),
+        [
+            "relay.example.com",
+            "relay.example.com-passthrough",
+            "relay.example.com@c1",
+            "relay.example.com-passthrough@c1",
+            "relay.example.com-passthrough@c2",
+        ]
+    );
+    // Same cluster entry, a user whose plugin asks for the context.
+    assert_eq!(
+        doc["contexts"][1]["context"]["cluster"].as_str(),
+        Some("alpha")
+    );
+    assert_eq!(
+        doc["contexts"][1]["context"]["user"].as_str(),
+        Some("relay.example.com@c1")
+    );
+    let args: Vec<&str> = doc["users"][2]["user"]["exec"]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args,
+        ["token", "--client-id", "cli", "--auth-context", "c1"]
+    );
+    // The step-up users are the relay's, even with kubelogin for passthrough (it cannot ask
+    // for a claims challenge).
+    let mut o = opts(Style::Path);
+    o.plugin = Plugin::Kubelogin;
+    l.login = None;
+    assert!(build(&l, &o).is_err(), "kubelogin needs the login settings");
+}
