@@ -679,3 +679,32 @@ async fn doctor_calls_graph_once_with_the_relays_token() {
     assert!(row.detail.contains("HTTP 503"), "{}", row.detail);
     assert!(!report.render().contains(GRAPH_SECRET));
 }
+
+/// Just-in-time access with Entra PIM for Groups, as the relay sees it: the group claim
+/// appears in tokens issued while the membership is active and is gone from the next token
+/// after it ends. Each token is judged on its own claims, so access follows the activation
+/// (docs/architecture.md "Identity and upstream credentials"; streams opened with a token end
+/// when it expires: `tests/e2e/identity.rs`, reason `token_expired`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pim_group_claims_that_appear_and_disappear() {
+    let w = world("").await;
+    let before = w.user_token(OID_ERIN, json!({"groups": []}));
+    let (c, _, body) = w.get(&before, PODS).await;
+    assert_eq!(c, 403, "{body}");
+    // Activated: the next token carries the group.
+    let active = w.user_token(OID_ERIN, json!({"groups": [GROUP_OPS]}));
+    assert_eq!(w.get(&active, PODS).await.0, 200);
+    // Deactivated: the token issued after that does not.
+    let after = w.user_token(
+        OID_ERIN,
+        json!({"groups": ["11111111-0000-0000-0000-000000000000"]}),
+    );
+    let (c, _, body) = w.get(&after, PODS).await;
+    assert_eq!(c, 403, "{body}");
+    assert!(body.contains("has no access"), "{body}");
+    assert_eq!(
+        w.graph.request_count(),
+        0,
+        "tokens that list their groups need no Graph call"
+    );
+}
