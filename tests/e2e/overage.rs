@@ -1,5 +1,5 @@
 //! Entra at enterprise scale (docs/architecture.md "Identity and upstream credentials",
-//! docs/security.md E7, E9, B8): group overage resolved through Microsoft Graph, access by app
+//! docs/security.md E7, E9, B10): group overage resolved through Microsoft Graph, access by app
 //! role, and step-up by Conditional Access authentication context, with kubectl and with raw
 //! requests, against loopback stand-ins shaped like Entra (kube-sim's token endpoint, for the
 //! relay's own Graph token) and Graph (kube-sim's `graph`, `checkMemberGroups`).
