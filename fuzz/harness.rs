@@ -355,3 +355,79 @@ pub fn config_parse(text: &str) {
 pub fn config_parse_bytes(data: &[u8]) {
     config_parse(&String::from_utf8_lossy(data));
 }
+
+// === http1_framing ===
+
+/// Input: byte 0 picks how the stream is cut into writes (1 to 64 bytes), the rest is what a
+/// client sends on an HTTP/1.1 connection. Invariants of `kube_relay::framing::StrictHttp1`:
+/// it never panics; without a refusal hyper receives exactly the client's bytes; with one it
+/// receives a prefix of them, cut at a head boundary, followed by the stand-in request only.
+pub fn http1_framing_bytes(data: &[u8]) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let Some((&cut, input)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(cut % 64) + 1;
+    thread_local! {
+        static RT: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+    }
+    RT.with(|rt| {
+        rt.block_on(async {
+            let (mut client, server) = tokio::io::duplex(1 << 20);
+            let refused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let r = refused.clone();
+            let mut strict = kube_relay::framing::StrictHttp1::new(
+                server,
+                true,
+                std::time::Duration::from_secs(3600),
+                move |_| r.store(true, std::sync::atomic::Ordering::SeqCst),
+            );
+            for piece in input.chunks(step) {
+                client.write_all(piece).await.expect("write");
+            }
+            client.shutdown().await.expect("shutdown");
+            let mut out = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                // After a refusal the wrapper reads no further and reports no end: once it has
+                // nothing ready, one poll says so.
+                let n = if refused.load(std::sync::atomic::Ordering::SeqCst) {
+                    match tokio::time::timeout(std::time::Duration::ZERO, strict.read(&mut chunk))
+                        .await
+                    {
+                        Ok(r) => r.expect("read"),
+                        Err(_) => break,
+                    }
+                } else {
+                    strict.read(&mut chunk).await.expect("read")
+                };
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&chunk[..n]);
+            }
+            if refused.load(std::sync::atomic::Ordering::SeqCst) {
+                let at = rfind(&out, b"GET /-/refused HTTP/1.1\r\n").expect("the stand-in follows");
+                assert!(
+                    input.starts_with(&out[..at]),
+                    "a prefix of the input reached hyper"
+                );
+                assert!(
+                    out[at..].starts_with(
+                        b"GET /-/refused HTTP/1.1\r\nhost: kube-relay\r\nconnection: close\r\n"
+                    ),
+                    "only the stand-in follows the prefix"
+                );
+            } else {
+                assert_eq!(out, input, "without a refusal the bytes pass unchanged");
+            }
+        })
+    });
+}
+
+fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).rposition(|w| w == needle)
+}

@@ -7,15 +7,22 @@
 //! `ResponseStarted` when the stream opens and `ResponseComplete` when it closes, with bytes each
 //! way and the close reason. Denials carry the decision and its reason. A token never appears.
 //!
-//! Records are written by one background thread ([`crate::lines`]) so the request path never
-//! waits on the disk; the queue is bounded, and records that do not fit are counted
-//! (`relay_audit_dropped_total`) and logged rather than blocking traffic.
+//! Records are written by one background thread ([`crate::lines`]). A file sink takes each
+//! batch whole or not at all (no torn lines on a full disk). What happens when records cannot be
+//! written is `audit.mode`:
+//! - `best_effort` (default): the request path never waits on the disk; records that do not fit
+//!   the bounded queue or that the sink refuses are counted (`relay_audit_dropped_total`) and
+//!   logged.
+//! - `blocking`: every answer waits until its record is written, and becomes a 503 naming the
+//!   sink if it cannot be; while the sink fails, requests are refused with that 503 before any
+//!   other work. So every answer other than that 503 has its record.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::config::AuditMode;
 use crate::lines::LineWriter;
 use crate::metrics::Metrics;
 
@@ -28,15 +35,28 @@ pub use crate::config::AuditSink;
 pub struct AuditLog {
     out: Option<LineWriter>,
     metrics: Arc<Metrics>,
+    mode: AuditMode,
+    /// The sink as the 503 names it (`audit.path`).
+    sink: Arc<str>,
 }
 
 impl AuditLog {
     /// Opens the sink (a file is created or appended to, mode 0600) and starts the writer.
-    pub fn start(sink: &AuditSink, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let out: Box<dyn std::io::Write + Send> = match sink {
-            AuditSink::Off => return Ok(Self { out: None, metrics }),
+    pub fn start(sink: &AuditSink, mode: AuditMode, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let (out, name): (Box<dyn std::io::Write + Send>, String) = match sink {
+            AuditSink::Off => {
+                return Ok(Self {
+                    out: None,
+                    metrics,
+                    mode,
+                    sink: Arc::from("off"),
+                })
+            }
             // Buffered: the writer hands over a whole batch at a time.
-            AuditSink::Stdout => Box::new(std::io::BufWriter::new(std::io::stdout())),
+            AuditSink::Stdout => (
+                Box::new(std::io::BufWriter::new(std::io::stdout())),
+                "stdout".to_owned(),
+            ),
             AuditSink::File(p) => {
                 let mut o = std::fs::OpenOptions::new();
                 o.create(true).append(true);
@@ -45,17 +65,38 @@ impl AuditLog {
                     use std::os::unix::fs::OpenOptionsExt as _;
                     o.mode(0o600);
                 }
-                Box::new(std::io::BufWriter::new(o.open(p).map_err(|e| {
-                    anyhow::anyhow!("audit.path: cannot open {}: {e}", p.display())
-                })?))
+                let file = o
+                    .open(p)
+                    .map_err(|e| anyhow::anyhow!("audit.path: cannot open {}: {e}", p.display()))?;
+                (Box::new(AppendFile::new(file)), p.display().to_string())
             }
         };
+        let m = metrics.clone();
+        let on_lost: crate::lines::OnLost = Box::new(move |n| {
+            m.audit_dropped.inc_by(n);
+            tracing::warn!(records = n, "audit sink refused a write; records lost");
+        });
         // A plain thread: writes are blocking I/O and must not stall the async workers.
-        let out = LineWriter::spawn("kube-relay-audit", out, QUEUE)?;
+        let out = LineWriter::spawn_reporting("kube-relay-audit", out, QUEUE, on_lost)?;
         Ok(Self {
             out: Some(out),
             metrics,
+            mode,
+            sink: Arc::from(name),
         })
+    }
+
+    /// `audit.mode: blocking` and the sink is failing: the sink's name, for the 503.
+    pub fn refusing(&self) -> Option<&str> {
+        match (&self.out, self.mode) {
+            (Some(out), AuditMode::Blocking) if !out.is_writing() => Some(&self.sink),
+            _ => None,
+        }
+    }
+
+    /// The sink's name (`audit.path`), for messages.
+    pub fn sink(&self) -> &str {
+        &self.sink
     }
 
     /// Resolves once every record emitted before the call is written and flushed. The process
@@ -68,14 +109,16 @@ impl AuditLog {
     }
 
     /// Writes one record for `base` at `stage` with the response code and extra annotations.
+    /// In `blocking` mode the answer says whether it was written (await it before answering);
+    /// `None` in `best_effort` mode and without a sink.
     pub fn emit(
         &self,
         base: &AuditBase,
         stage: &'static str,
         code: u16,
         extra: &[(&'static str, String)],
-    ) {
-        let Some(out) = &self.out else { return };
+    ) -> Option<Written> {
+        let out = self.out.as_ref()?;
         let annotations = Annotations {
             base: &base.annotations,
             extra,
@@ -105,13 +148,91 @@ impl AuditLog {
             annotations,
         };
         let Ok(mut line) = serde_json::to_vec(&ev) else {
-            return;
+            return None;
         };
         line.push(b'\n');
+        if self.mode == AuditMode::Blocking {
+            return Some(Written(out.write_acked(line).ok()));
+        }
         if out.try_write(line).is_err() {
             self.metrics.audit_dropped.inc();
             tracing::warn!(audit_id = %base.audit_id, "audit queue full; record dropped");
         }
+        None
+    }
+}
+
+/// Whether one record of a `blocking` audit log was written.
+pub struct Written(Option<tokio::sync::oneshot::Receiver<bool>>);
+
+impl Written {
+    /// True once the record is in the sink; false if the queue was full or the write failed.
+    pub async fn wait(self) -> bool {
+        match self.0 {
+            Some(rx) => rx.await.unwrap_or(false),
+            None => false,
+        }
+    }
+}
+
+/// The audit file: every flush appends all that was written since the last one, or nothing (a
+/// write cut short by a full disk is truncated away, so no record is ever torn). With nothing
+/// to write after a failure, a flush checks that a record-sized append fits again.
+struct AppendFile {
+    file: std::fs::File,
+    buf: Vec<u8>,
+    failing: bool,
+}
+
+/// Bytes a probe appends (and removes again): about one record.
+const PROBE_BYTES: usize = 4096;
+
+impl AppendFile {
+    fn new(file: std::fs::File) -> Self {
+        Self {
+            file,
+            buf: Vec::with_capacity(64 * 1024),
+            failing: false,
+        }
+    }
+
+    /// Appends `bytes`, or leaves the file as it was.
+    fn append_all_or_nothing(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let len = self.file.metadata()?.len();
+        let r = self.file.write_all(bytes);
+        if r.is_err() {
+            let _ = self.file.set_len(len);
+        }
+        r
+    }
+}
+
+impl std::io::Write for AppendFile {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            if !self.failing {
+                return Ok(());
+            }
+            let len = self.file.metadata()?.len();
+            self.append_all_or_nothing(&[b' '; PROBE_BYTES])?;
+            self.file.set_len(len)?;
+            self.failing = false;
+            return Ok(());
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let r = self.append_all_or_nothing(&buf);
+        // Kept for reuse, emptied either way: a failed batch is reported lost, not retried
+        // (its requests were answered, or refused in blocking mode, already).
+        self.buf = buf;
+        self.buf.clear();
+        self.failing = r.is_err();
+        r
     }
 }
 

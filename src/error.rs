@@ -60,6 +60,9 @@ pub enum ProxyError {
     /// 401 with Entra's claims challenge: a rule would admit the request if the token carried
     /// the Conditional Access authentication context `auth_context` (step-up). `message` names
     /// the command that gets such a token.
+    /// 503: `audit.mode: blocking` and the audit record cannot be written.
+    #[error("audit log {sink} cannot be written")]
+    AuditUnavailable { sink: String },
     #[error("step-up required: authentication context {auth_context}")]
     StepUp {
         auth_context: String,
@@ -73,6 +76,7 @@ impl ProxyError {
             Self::Upstream { .. } => Fault::Upstream,
             Self::Internal(_) => Fault::Internal,
             Self::CredentialUnavailable { .. } => Fault::Upstream,
+            Self::AuditUnavailable { .. } => Fault::Internal,
             _ => Fault::Client,
         }
     }
@@ -102,6 +106,7 @@ impl ProxyError {
             Self::SignInAgain { .. } => StatusCode::UNAUTHORIZED,
             Self::CredentialUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::StepUp { .. } => StatusCode::UNAUTHORIZED,
+            Self::AuditUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -126,6 +131,7 @@ impl ProxyError {
             Self::SignInAgain { .. } => "Unauthorized",
             Self::CredentialUnavailable { .. } => "ServiceUnavailable",
             Self::StepUp { .. } => "Unauthorized",
+            Self::AuditUnavailable { .. } => "ServiceUnavailable",
         }
     }
 
@@ -137,6 +143,9 @@ impl ProxyError {
             Self::TooManyRequests { message, .. } => message.clone(),
             Self::SignInAgain { hint, .. } => hint.clone(),
             Self::StepUp { message, .. } => message.clone(),
+            Self::AuditUnavailable { sink } => format!(
+                "kube-relay cannot write its audit log ({sink}) and audit.mode is blocking: requests are refused until records can be written again"
+            ),
             Self::CredentialUnavailable { cluster, .. } => format!(
                 "cluster {cluster} is unavailable: kube-relay cannot get its credential for the cluster from Entra ID right now; try again in a minute"
             ),
@@ -231,6 +240,22 @@ impl ProxyError {
         }
         resp
     }
+}
+
+/// A `metav1.Status` failure body, for answers written outside the request path (the
+/// framing check refuses before hyper parses a request).
+pub fn status_json(code: u16, reason: &'static str, message: &str) -> Vec<u8> {
+    let body = StatusBody {
+        kind: "Status",
+        api_version: "v1",
+        metadata: EmptyObject {},
+        status: "Failure",
+        message: message.to_owned(),
+        reason,
+        details: None,
+        code,
+    };
+    serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec())
 }
 
 #[derive(Serialize)]

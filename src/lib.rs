@@ -41,6 +41,7 @@ pub mod credentials;
 #[cfg(feature = "dev")]
 pub mod dev;
 pub mod error;
+pub mod framing;
 pub mod groups;
 pub mod html;
 pub mod limits;

@@ -9,26 +9,42 @@
 //! in one go; only after [`IDLE_POLLS`] empty polls does it block, and then the next line wakes
 //! it once. A line therefore reaches the file at most a few milliseconds after it was written,
 //! and a flush ([`LineWriter::flush`]) waits for everything queued before it.
+//!
+//! Write failures are not swallowed: each batch ends with a flush whose result says whether the
+//! sink is writing ([`LineWriter::is_writing`]); lines of a failed batch are reported lost
+//! (`on_lost`), and a line queued with [`LineWriter::write_acked`] learns whether it was
+//! written. While the sink fails, an idle writer flushes again every [`PROBE_INTERVAL`], so it
+//! notices when the sink can be written again.
 
 use std::io::Write;
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long the writer waits between polls while lines keep coming.
 const POLL: Duration = Duration::from_millis(2);
 /// Empty polls (at [`POLL`] apart) before the writer blocks until the next line.
 const IDLE_POLLS: u32 = 50;
+/// While the sink fails, how often an idle writer tries it again.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 enum Msg {
     Line(Vec<u8>),
+    /// A line whose sender waits to learn whether it was written.
+    Acked(Vec<u8>, tokio::sync::oneshot::Sender<bool>),
     Flush(mpsc::Sender<()>),
 }
+
+/// Called with the number of lines lost to a failed write.
+pub type OnLost = Box<dyn Fn(u64) + Send>;
 
 /// A handle to one writer thread. Cheap to clone; the thread ends (after writing what is
 /// queued) when the last handle is dropped.
 #[derive(Clone)]
 pub struct LineWriter {
     tx: SyncSender<Msg>,
+    writing: Arc<AtomicBool>,
 }
 
 /// Why [`LineWriter::try_write`] did not queue a line.
@@ -47,11 +63,45 @@ impl LineWriter {
         out: Box<dyn Write + Send>,
         capacity: usize,
     ) -> std::io::Result<LineWriter> {
+        Self::spawn_reporting(name, out, capacity, Box::new(|_| {}))
+    }
+
+    /// [`spawn`](Self::spawn), calling `on_lost` (on the writer thread) with the number of lines
+    /// of each batch the sink failed to take.
+    pub fn spawn_reporting(
+        name: &str,
+        out: Box<dyn Write + Send>,
+        capacity: usize,
+        on_lost: OnLost,
+    ) -> std::io::Result<LineWriter> {
         let (tx, rx) = mpsc::sync_channel(capacity);
+        let writing = Arc::new(AtomicBool::new(true));
+        let w = writing.clone();
         std::thread::Builder::new()
             .name(name.to_owned())
-            .spawn(move || run(rx, out))?;
-        Ok(LineWriter { tx })
+            .spawn(move || run(rx, out, &w, &on_lost))?;
+        Ok(LineWriter { tx, writing })
+    }
+
+    /// The last write (or probe) of the sink succeeded.
+    pub fn is_writing(&self) -> bool {
+        self.writing.load(Ordering::Relaxed)
+    }
+
+    /// Queues a line and returns a receiver that says whether it was written (and flushed);
+    /// a full queue refuses it at once.
+    pub fn write_acked(
+        &self,
+        line: Vec<u8>,
+    ) -> Result<tokio::sync::oneshot::Receiver<bool>, Refused> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .try_send(Msg::Acked(line, tx))
+            .map_err(|e| match e {
+                TrySendError::Full(_) => Refused::Full,
+                TrySendError::Disconnected(_) => Refused::Closed,
+            })?;
+        Ok(rx)
     }
 
     /// Queues a line without waiting; a full queue refuses it (the caller counts the loss).
@@ -108,62 +158,98 @@ impl LineWriter {
     }
 }
 
-fn run(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>) {
+/// What one batch of messages left to do once it is written.
+#[derive(Default)]
+struct Batch {
+    lines: u64,
+    failed: bool,
+    acks: Vec<tokio::sync::oneshot::Sender<bool>>,
+    flushes: Vec<mpsc::Sender<()>>,
+}
+
+impl Batch {
+    /// Flushes the sink and reports the batch: lost lines, acks, flush waiters.
+    fn finish(&mut self, out: &mut Box<dyn Write + Send>, writing: &AtomicBool, on_lost: &OnLost) {
+        let ok = out.flush().is_ok() && !self.failed;
+        writing.store(ok, Ordering::Relaxed);
+        if !ok && self.lines > 0 {
+            on_lost(self.lines);
+        }
+        for a in self.acks.drain(..) {
+            let _ = a.send(ok);
+        }
+        for f in self.flushes.drain(..) {
+            let _ = f.send(());
+        }
+        *self = Batch::default();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lines == 0 && self.flushes.is_empty()
+    }
+}
+
+fn run(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>, writing: &AtomicBool, on_lost: &OnLost) {
     let mut empty_polls = 0;
+    let mut batch = Batch::default();
     loop {
-        let mut wrote = false;
         loop {
             match rx.try_recv() {
-                Ok(msg) => {
-                    wrote |= handle(msg, &mut out);
-                }
+                Ok(msg) => handle(msg, &mut out, &mut batch),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
-                    let _ = out.flush();
+                    batch.finish(&mut out, writing, on_lost);
                     return;
                 }
             }
         }
-        if wrote {
-            let _ = out.flush();
-            empty_polls = 0;
-        } else {
+        if batch.is_empty() {
             empty_polls += 1;
+        } else {
+            batch.finish(&mut out, writing, on_lost);
+            empty_polls = 0;
         }
         if empty_polls < IDLE_POLLS {
             std::thread::sleep(POLL);
             continue;
         }
-        // Idle: block until the next line, so an idle relay never wakes for nothing.
-        match rx.recv() {
+        // Idle: block until the next line, so an idle relay never wakes for nothing; while the
+        // sink fails, wake now and then to try it again.
+        let next = if writing.load(Ordering::Relaxed) {
+            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            rx.recv_timeout(PROBE_INTERVAL)
+        };
+        match next {
             Ok(msg) => {
                 // The first line after a quiet spell goes out at once; what follows it is
                 // batched again by the polls.
-                if handle(msg, &mut out) {
-                    let _ = out.flush();
-                    empty_polls = 0;
-                }
+                handle(msg, &mut out, &mut batch);
+                batch.finish(&mut out, writing, on_lost);
+                empty_polls = 0;
             }
-            Err(_) => {
-                let _ = out.flush();
+            Err(RecvTimeoutError::Timeout) => batch.finish(&mut out, writing, on_lost),
+            Err(RecvTimeoutError::Disconnected) => {
+                batch.finish(&mut out, writing, on_lost);
                 return;
             }
         }
     }
 }
 
-/// Writes a line (true) or answers a flush once what came before it is out (false).
-fn handle(msg: Msg, out: &mut Box<dyn Write + Send>) -> bool {
+/// Writes a line into the batch, or notes a flush to answer once what came before it is out.
+fn handle(msg: Msg, out: &mut Box<dyn Write + Send>, batch: &mut Batch) {
     match msg {
         Msg::Line(line) => {
-            let _ = out.write_all(&line);
-            true
+            batch.lines += 1;
+            batch.failed |= out.write_all(&line).is_err();
         }
-        Msg::Flush(done) => {
-            let _ = out.flush();
-            let _ = done.send(());
-            false
+        Msg::Acked(line, ack) => {
+            batch.lines += 1;
+            batch.failed |= out.write_all(&line).is_err();
+            batch.acks.push(ack);
         }
+        Msg::Flush(done) => batch.flushes.push(done),
     }
 }
 

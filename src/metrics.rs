@@ -155,6 +155,8 @@ pub struct Metrics {
     /// Calls to Microsoft Graph (`checkMemberGroups`), by issuer and result.
     pub graph_requests: Family<IssuerResultLabels, Counter>,
     pub audit_dropped: Counter,
+    /// HTTP/1.1 requests refused for ambiguous framing before they were parsed.
+    pub framing_refused: Counter,
     /// Requests sent again because the cluster refused them unprocessed (HTTP/2 GOAWAY).
     pub upstream_retries: Counter,
     pub reloads: Family<ResultLabels, Counter>,
@@ -240,6 +242,12 @@ impl Metrics {
             "Requests sent to a cluster again after it refused them unprocessed (HTTP/2 GOAWAY or REFUSED_STREAM)",
             upstream_retries.clone(),
         );
+        let framing_refused = Counter::default();
+        registry.register(
+            "framing_refused",
+            "HTTP/1.1 requests refused for ambiguous framing (Content-Length with Transfer-Encoding, repeated framing fields, bare LF), before any parsing",
+            framing_refused.clone(),
+        );
         let audit_dropped = Counter::default();
         registry.register(
             "audit_dropped",
@@ -259,6 +267,7 @@ impl Metrics {
             reloads,
             credentials,
             audit_dropped,
+            framing_refused,
             upstream_retries,
             jwks_refresh,
             denials,

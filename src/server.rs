@@ -142,8 +142,10 @@ fn build_state(cfg: Config, previous: Option<&State>) -> anyhow::Result<State> {
     }
     let metrics = previous.map_or_else(|| Arc::new(Metrics::new()), |p| p.metrics.clone());
     let audit = match previous {
-        Some(p) if p.cfg.audit == cfg.audit => p.audit.clone(),
-        _ => crate::audit::AuditLog::start(&cfg.audit, metrics.clone())?,
+        Some(p) if p.cfg.audit == cfg.audit && p.cfg.audit_mode == cfg.audit_mode => {
+            p.audit.clone()
+        }
+        _ => crate::audit::AuditLog::start(&cfg.audit, cfg.audit_mode, metrics.clone())?,
     };
     let auth_failures = previous.map_or_else(
         || {
@@ -500,6 +502,14 @@ async fn serve_connection(
         .1
         .server_name()
         .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
+    // HTTP/1.1 request heads are checked for ambiguous framing before hyper reads them
+    // (src/framing.rs); h2 frames its messages itself.
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let refused = relay.state().metrics.framing_refused.clone();
+    let stream = crate::framing::StrictHttp1::new(stream, !h2, handshake, move |why| {
+        refused.inc();
+        tracing::info!(peer = %peer, reason = why, "request refused: ambiguous HTTP/1.1 framing");
+    });
     let conn = Arc::new(ConnCtx { peer, sni });
     // A connection accepted while draining (during `drain_delay`) is served, one request per
     // HTTP/1.1 connection; asking it to shut down at once would drop its first request unread.
@@ -541,15 +551,28 @@ async fn serve_connection(
 /// `/healthz`, `/readyz` and `/metrics`, plain HTTP on a private address.
 async fn serve_admin(listener: TcpListener, relay: Arc<Relay>, shutdown: CancellationToken) {
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
         };
+        let refused = relay.state().metrics.framing_refused.clone();
+        let tcp = crate::framing::StrictHttp1::new(
+            tcp,
+            true,
+            Duration::from_secs(10),
+            move |why| {
+                refused.inc();
+                tracing::info!(peer = %peer, reason = why, "admin request refused: ambiguous HTTP/1.1 framing");
+            },
+        );
         let relay = relay.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let relay = relay.clone();
                 async move {
+                    if let Some(why) = req.headers().get(crate::framing::REFUSED_HEADER) {
+                        return Ok::<_, std::convert::Infallible>(admin_refusal(why));
+                    }
                     Ok::<_, std::convert::Infallible>(admin_response(&relay, req.uri().path()))
                 }
             });
@@ -560,6 +583,28 @@ async fn serve_admin(listener: TcpListener, relay: Arc<Relay>, shutdown: Cancell
                 .await;
         });
     }
+}
+
+/// The admin listener's answer to a request head refused by the framing check.
+fn admin_refusal(
+    why: &http::HeaderValue,
+) -> Response<http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>> {
+    let body = crate::error::status_json(
+        400,
+        "BadRequest",
+        &crate::framing::refusal_message(why.to_str().unwrap_or("ambiguous framing")),
+    );
+    let mut resp = Response::new(http_body_util::Full::new(Bytes::from(body)).boxed());
+    *resp.status_mut() = StatusCode::BAD_REQUEST;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    resp
 }
 
 fn admin_response(

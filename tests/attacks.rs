@@ -74,10 +74,13 @@ async fn read_until_close<S: AsyncRead + Unpin>(s: &mut S, limit: Duration) -> E
 impl Exchange {
     /// Refused by the HTTP parser itself: one bare 400 written before any request reached the
     /// relay's handler (which stamps every answer with `audit-id`), then a close.
+    /// Refused before the handler saw the request: by hyper's parser (a bare 400), or by the
+    /// framing check, whose stand-in the handler answers with a Status naming the framing.
     fn assert_parser_400(&self, what: &str) {
         assert_eq!(self.statuses(), vec![400], "{what}: {}", self.raw);
         assert!(
-            !self.raw.to_ascii_lowercase().contains("audit-id:"),
+            !self.raw.to_ascii_lowercase().contains("audit-id:")
+                || self.raw.contains("unambiguous HTTP/1.1 framing"),
             "{what}: the request reached the handler: {}",
             self.raw
         );
@@ -138,43 +141,92 @@ fn front(tok: &str, extra_headers: &str) -> String {
 
 // === C1, C2: request smuggling over HTTP/1.1 ===
 
-/// C1 CL.TE and TE.CL. hyper frames by Transfer-Encoding alone, drops Content-Length and closes
-/// the connection after the response (RFC 9112 §6.1), so the hidden request is never parsed; the
-/// upstream gets a rebuilt body. Remove the close and the smuggled GET (valid token) reaches beta
-/// (the control at the end shows the record would show it).
-///
-/// Note: docs/security.md C1 records that the ideal answer is a 400 here; the relay instead
-/// forwards the TE-framed request and
-/// closes (RFC-permitted; reported to the lead). The one answer is the cluster's.
+/// C1 CL.TE and TE.CL: a request with both `Content-Length` and `Transfer-Encoding` (either
+/// order, any letter case), a repeated `Transfer-Encoding`, or a bare-LF header line is refused
+/// with a 400 Status and the connection closed, before authentication or forwarding
+/// (src/framing.rs): neither the front request nor the hidden one reaches a cluster. Without
+/// the check hyper would frame by Transfer-Encoding and forward the front request (the control
+/// at the end shows the records would see it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn c1_cl_te_and_te_cl_never_smuggle_a_request() {
+async fn c1_ambiguous_framing_is_refused_before_anything_is_forwarded() {
     let _cpu = CPU_MEASURED.read().await;
     let env = dev_env().await;
     let tok = env.dev.token("alice");
 
     // CL.TE: Content-Length covers the hidden request, chunked ends before it.
     let hidden = smuggled(&tok, "smuggled-clte");
-    let body = format!("0\r\n\r\n{hidden}");
-    let req = front(
-        &tok,
-        &format!(
-            "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
-            body.len()
-        ),
-    ) + &body;
-    let ex = exchange(&env, PUBLIC, req.as_bytes()).await;
-    assert!(ex.closed, "CL.TE: connection left open: {}", ex.raw);
-    assert_eq!(ex.statuses().len(), 1, "CL.TE: {}", ex.raw);
-
+    let clte_body = format!("0\r\n\r\n{hidden}");
     // TE.CL: chunked carries the hidden request as data; Content-Length would end early.
     let hidden = smuggled(&tok, "smuggled-tecl");
-    let body = format!("{:x}\r\n{hidden}\r\n0\r\n\r\n", hidden.len());
-    let req = front(&tok, "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n") + &body;
+    let tecl_body = format!("{:x}\r\n{hidden}\r\n0\r\n\r\n", hidden.len());
+    let cases = [
+        (
+            "CL.TE",
+            format!(
+                "Content-Length: {}\r\nTransfer-Encoding: chunked\r\n",
+                clte_body.len()
+            ),
+            clte_body.clone(),
+        ),
+        (
+            "TE.CL",
+            "Transfer-Encoding: chunked\r\nContent-Length: 4\r\n".to_owned(),
+            tecl_body.clone(),
+        ),
+        (
+            "upper-case",
+            format!(
+                "TRANSFER-ENCODING: CHUNKED\r\nCONTENT-LENGTH: {}\r\n",
+                clte_body.len()
+            ),
+            clte_body.clone(),
+        ),
+        (
+            "duplicated TE",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n".to_owned(),
+            tecl_body.clone(),
+        ),
+        (
+            "bare LF",
+            "Transfer-Encoding: chunked\nX-Pad: 1\r\n".to_owned(),
+            tecl_body.clone(),
+        ),
+    ];
+    for (what, headers, body) in &cases {
+        let req = front(&tok, headers) + body;
+        let ex = exchange(&env, PUBLIC, req.as_bytes()).await;
+        assert_eq!(ex.statuses(), vec![400], "{what}: {}", ex.raw);
+        assert!(ex.closed, "{what}: connection left open: {}", ex.raw);
+        assert!(
+            ex.raw.contains(r#""kind":"Status""#)
+                && ex.raw.contains("unambiguous HTTP/1.1 framing"),
+            "{what}: a Status saying why: {}",
+            ex.raw
+        );
+    }
+    // On a kept-alive connection: the honest request before it is served, then the refusal.
+    let req = front(&tok, "Content-Length: 0\r\n") + &front(&tok, &cases[0].1) + &cases[0].2;
     let ex = exchange(&env, PUBLIC, req.as_bytes()).await;
-    assert!(ex.closed, "TE.CL: connection left open: {}", ex.raw);
-    assert_eq!(ex.statuses().len(), 1, "TE.CL: {}", ex.raw);
-
+    assert_eq!(ex.statuses().len(), 2, "{}", ex.raw);
+    assert_eq!(ex.statuses()[1], 400, "{}", ex.raw);
+    assert!(ex.closed);
+    assert_eq!(
+        hits(&env.dev.alpha.record, "/configmaps").len(),
+        1,
+        "only the honest request was forwarded"
+    );
     assert_never_reached(&env, "smuggled-", "C1");
+
+    // The admin listener checks the same way.
+    let mut admin = tokio::net::TcpStream::connect(env.dev.admin_addr.unwrap())
+        .await
+        .unwrap();
+    admin
+        .write_all(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let ex = read_until_close(&mut admin, Duration::from_secs(10)).await;
+    assert_eq!(ex.statuses(), vec![400], "{}", ex.raw);
 
     // Control: the same hidden request, pipelined after an honestly framed one, is served and
     // recorded by beta, so the checks above would see a smuggled request that got through.
@@ -189,9 +241,9 @@ async fn c1_cl_te_and_te_cl_never_smuggle_a_request() {
     env.dev.stop().await;
 }
 
-/// C2 Transfer-Encoding obfuscation: each variant is refused with 400 and a close, or (where the
-/// framing is unambiguous but mixed with Content-Length) answered once and closed; the hidden
-/// request never reaches a cluster.
+/// C2 Transfer-Encoding obfuscation: each variant is refused with 400 and a close (by the
+/// framing check or hyper's parser before the handler, or, for a malformed chunked body found
+/// after forwarding began, as the client's 400); the hidden request never reaches a cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c2_transfer_encoding_obfuscation_corpus() {
     let _cpu = CPU_MEASURED.read().await;
@@ -223,7 +275,7 @@ async fn c2_transfer_encoding_obfuscation_corpus() {
             "duplicate-te-with-cl",
             "Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n",
             "0\r\n\r\n",
-            None,
+            Some(400),
         ),
         (
             "te-xchunked",

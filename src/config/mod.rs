@@ -42,6 +42,18 @@ pub enum AuditSink {
     Off,
 }
 
+/// What happens to requests while audit records cannot be written (`audit.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditMode {
+    /// Requests go on; records that cannot be written are counted (`relay_audit_dropped_total`).
+    #[default]
+    BestEffort,
+    /// Every answer waits until its record is written; while records cannot be written,
+    /// requests are refused with 503.
+    Blocking,
+}
+
 /// One configuration problem, with the key path that caused it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
@@ -129,6 +141,7 @@ struct FileTimeouts {
 #[serde(deny_unknown_fields)]
 struct FileAudit {
     path: Option<String>,
+    mode: Option<AuditMode>,
 }
 
 #[derive(Deserialize, Default)]
@@ -157,6 +170,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub audit: AuditSink,
+    pub audit_mode: AuditMode,
     /// PEM of the CA behind the serving certificate when it is private (`tls.ca_file`).
     pub public_ca_pem: Option<String>,
     /// How people get tokens for this relay: `kube-relay token`, generated kubeconfigs and the
@@ -392,10 +406,12 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
         ),
     };
 
-    let audit = match optional::<FileAudit>(&root, "audit", &mut errs).flatten() {
+    let file_audit = optional::<FileAudit>(&root, "audit", &mut errs).flatten();
+    let audit_mode = file_audit.as_ref().and_then(|a| a.mode).unwrap_or_default();
+    let audit = match file_audit {
         None => AuditSink::Stdout,
-        Some(FileAudit { path: None }) => AuditSink::Stdout,
-        Some(FileAudit { path: Some(p) }) => match p.as_str() {
+        Some(FileAudit { path: None, .. }) => AuditSink::Stdout,
+        Some(FileAudit { path: Some(p), .. }) => match p.as_str() {
             "-" => AuditSink::Stdout,
             "off" => AuditSink::Off,
             "" => {
@@ -405,6 +421,12 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
             file => AuditSink::File(base.join(file)),
         },
     };
+    if audit == AuditSink::Off && audit_mode == AuditMode::Blocking {
+        errs.add(
+            "audit.mode",
+            "blocking needs an audit sink (audit.path is off): requests would all be refused",
+        );
+    }
     let issuers = parse_issuers(&root, base, &mut errs);
     let issuer_names: BTreeSet<String> = issuers.iter().map(|i| i.name.clone()).collect();
     let clusters = parse_clusters(&root, base, &issuer_names, &mut errs);
@@ -432,6 +454,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
                 timeouts,
                 limits,
                 audit,
+                audit_mode,
                 public_ca_pem,
                 login,
             })

@@ -664,3 +664,30 @@ fn group_overage_and_rule_mistakes_name_their_key() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn audit_mode_defaults_to_best_effort_and_blocking_needs_a_sink() {
+    let f = Fixture::new();
+    let cfg = f.parse(GOOD).unwrap();
+    assert_eq!(cfg.audit_mode, AuditMode::BestEffort);
+    let cfg = f
+        .parse(&format!(
+            "{GOOD}audit: {{path: audit.jsonl, mode: blocking}}\n"
+        ))
+        .unwrap();
+    assert_eq!(cfg.audit_mode, AuditMode::Blocking);
+    let errs = messages(
+        f.parse(&format!("{GOOD}audit: {{path: \"off\", mode: blocking}}\n"))
+            .unwrap_err(),
+    );
+    assert!(
+        errs.join("\n")
+            .contains("audit.mode: blocking needs an audit sink"),
+        "{errs:?}"
+    );
+    let errs = messages(
+        f.parse(&format!("{GOOD}audit: {{mode: sometimes}}\n"))
+            .unwrap_err(),
+    );
+    assert!(errs.join("\n").contains("audit"), "{errs:?}");
+}

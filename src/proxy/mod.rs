@@ -119,7 +119,13 @@ pub async fn handle(
         ..Ctx::default()
     };
 
-    let result = phases(&state, &conn, req, &audit_id, &mut ctx).await;
+    // audit.mode blocking with a failing sink: refused before any other work.
+    let result = match state.audit.refusing() {
+        Some(sink) => Err(ProxyError::AuditUnavailable {
+            sink: sink.to_owned(),
+        }),
+        None => phases(&state, &conn, req, &audit_id, &mut ctx).await,
+    };
     let mut audit = ctx.audit();
     let mut resp = match result {
         Ok(r) => r,
@@ -213,12 +219,23 @@ pub async fn handle(
     } else {
         "ResponseComplete"
     };
-    state.audit.emit(
+    let written = state.audit.emit(
         &audit,
         stage,
         code,
         &[("kube-relay.io/latency-ms", elapsed.as_millis().to_string())],
     );
+    if let Some(written) = written {
+        // audit.mode blocking: no answer goes out without its record.
+        if !written.wait().await {
+            tracing::warn!(audit_id = ?audit_id, "audit record not written; answering 503 (audit.mode: blocking)");
+            resp = ProxyError::AuditUnavailable {
+                sink: state.audit.sink().to_owned(),
+            }
+            .into_response();
+            resp.headers_mut().insert("audit-id", audit_id.clone());
+        }
+    }
     tracing::info!(
         target: "kube_relay::access",
         audit_id = ?audit_id,
@@ -304,6 +321,12 @@ async fn phases(
     audit_id: &HeaderValue,
     ctx: &mut Ctx,
 ) -> Result<Response<RelayBody>, ProxyError> {
+    // The stand-in for a request head the framing check refused (src/framing.rs).
+    if let Some(why) = req.headers().get(crate::framing::REFUSED_HEADER) {
+        return Err(ProxyError::BadRequest(crate::framing::refusal_message(
+            why.to_str().unwrap_or("ambiguous framing"),
+        )));
+    }
     let (cluster_name, target) = match route(state, conn, &req)? {
         Route::Relay { path } => {
             let path = path.to_owned();

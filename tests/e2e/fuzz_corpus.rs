@@ -51,6 +51,11 @@ fn header_sanitize_corpus() {
 }
 
 #[test]
+fn http1_framing_corpus() {
+    replay("http1_framing", harness::http1_framing_bytes);
+}
+
+#[test]
 fn jwt_parse_corpus() {
     replay("jwt_parse", harness::jwt_parse_bytes);
 }

@@ -11,6 +11,7 @@
 mod support;
 
 mod architecture;
+mod audit_sink;
 mod bench_harness;
 mod browser;
 mod clients;

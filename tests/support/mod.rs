@@ -501,6 +501,8 @@ impl FakeUpstream {
 /// A relay (no simulators) in front of fake upstreams, with the dev issuer for tokens.
 pub struct CustomRelay {
     pub addr: std::net::SocketAddr,
+    /// The admin listener (metrics, readiness).
+    pub admin: std::net::SocketAddr,
     pub ca: Vec<CertificateDer<'static>>,
     pub issuer: kube_sim::issuer::DevIssuer,
     _issuer_handle: kube_sim::issuer::IssuerHandle,
@@ -517,6 +519,15 @@ impl CustomRelay {
     /// Like [`CustomRelay::start`], with `extra_yaml` (top-level keys the base config does not
     /// set, such as `timeouts:` or `limits:`) appended to the configuration.
     pub async fn start_with(clusters: &[(&str, &FakeUpstream)], extra_yaml: &str) -> Self {
+        Self::start_audited(clusters, "audit: {path: audit.jsonl}", extra_yaml).await
+    }
+
+    /// Like [`CustomRelay::start_with`], with `audit_yaml` as the `audit:` section.
+    pub async fn start_audited(
+        clusters: &[(&str, &FakeUpstream)],
+        audit_yaml: &str,
+        extra_yaml: &str,
+    ) -> Self {
         kube_relay::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let ca = kube_sim::pki::TestCa::new("relay test CA").unwrap();
@@ -543,7 +554,7 @@ impl CustomRelay {
         let relay_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let relay_port = relay_listener.local_addr().unwrap().port();
         let mut yaml = yaml::RelayYaml::new(&format!("https://localhost:{relay_port}"))
-            .top("audit: {path: audit.jsonl}")
+            .top(audit_yaml)
             .top("routing: {host_suffix: relay.test}")
             .issuer(format!(
                 "{{name: dev, kind: oidc, issuer: \"{issuer_url}\", audiences: [kube-relay], ca_file: ca.crt}}"
@@ -577,6 +588,7 @@ impl CustomRelay {
             .unwrap();
         Self {
             addr,
+            admin: admin_addr,
             ca,
             issuer,
             _issuer_handle: handle,
