@@ -114,117 +114,6 @@ impl<IO> StrictHttp1<IO> {
         &self.io
     }
 
-    /// Classifies `pending[ready..]` as far as it can, moving `ready` forward over bytes that
-    /// may go to hyper. Stops when it needs more bytes, or on a refusal.
-    fn advance(&mut self) {
-        loop {
-            let rest = &self.pending[self.ready..];
-            if rest.is_empty() && !matches!(self.framing, Framing::Refused) {
-                return;
-            }
-            match self.framing {
-                Framing::Opaque => {
-                    self.ready = self.pending.len();
-                    return;
-                }
-                Framing::Refused => return,
-                Framing::Fixed(n) => {
-                    let take = n.min(rest.len() as u64);
-                    self.ready += take as usize;
-                    self.framing = if take == n {
-                        Framing::Head
-                    } else {
-                        Framing::Fixed(n - take)
-                    };
-                }
-                Framing::ChunkData(n) => {
-                    let take = n.min(rest.len() as u64);
-                    self.ready += take as usize;
-                    self.framing = if take == n {
-                        Framing::ChunkEnd(2)
-                    } else {
-                        Framing::ChunkData(n - take)
-                    };
-                }
-                Framing::ChunkEnd(left) => {
-                    let expected: &[u8] = if left == 2 { b"\r\n" } else { b"\n" };
-                    let take = expected.len().min(rest.len());
-                    if rest[..take] != expected[..take] {
-                        self.framing = Framing::Opaque;
-                        continue;
-                    }
-                    self.ready += take;
-                    let left = left - take as u8;
-                    self.framing = if left == 0 {
-                        Framing::ChunkSize
-                    } else {
-                        Framing::ChunkEnd(left)
-                    };
-                }
-                Framing::ChunkSize | Framing::Trailers => {
-                    let Some(i) = memchr::memchr(b'\n', rest) else {
-                        if rest.len() > MAX_LINE_BYTES {
-                            self.framing = Framing::Opaque;
-                            continue;
-                        }
-                        return;
-                    };
-                    let Some(line) = rest[..i].strip_suffix(b"\r") else {
-                        self.framing = Framing::Opaque;
-                        continue;
-                    };
-                    let next = if self.framing == Framing::Trailers {
-                        if line.is_empty() {
-                            Framing::Head
-                        } else {
-                            Framing::Trailers
-                        }
-                    } else {
-                        match chunk_size(line) {
-                            Some(0) => Framing::Trailers,
-                            Some(n) => Framing::ChunkData(n),
-                            None => Framing::Opaque,
-                        }
-                    };
-                    self.ready += i + 1;
-                    self.framing = next;
-                }
-                Framing::Head => {
-                    // Empty lines before a request line are passed on (hyper skips them).
-                    if rest.starts_with(b"\r\n") {
-                        self.ready += 2;
-                        continue;
-                    }
-                    if rest == b"\r" {
-                        return;
-                    }
-                    let Some(len) = head_len(rest) else {
-                        if rest.len() > MAX_HEAD_BYTES {
-                            self.framing = Framing::Opaque;
-                            continue;
-                        }
-                        return;
-                    };
-                    match check_head(&rest[..len]) {
-                        Ok(next) => {
-                            self.ready += len;
-                            self.framing = match next {
-                                Next::NoBody | Next::Fixed(0) => Framing::Head,
-                                Next::Fixed(n) => Framing::Fixed(n),
-                                Next::Chunked => Framing::ChunkSize,
-                                Next::Opaque => Framing::Opaque,
-                            };
-                        }
-                        Err(why) => {
-                            self.refuse(why);
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     fn refuse(&mut self, why: &'static str) {
         self.framing = Framing::Refused;
         // Nothing of the refused head (or after it) reaches hyper: the stand-in takes its place.
@@ -245,6 +134,130 @@ impl<IO> StrictHttp1<IO> {
 /// The message of the 400 for a refused head (`why` from [`REFUSED_HEADER`]).
 pub fn refusal_message(why: &str) -> String {
     format!("request refused: {why}; kube-relay accepts only unambiguous HTTP/1.1 framing")
+}
+
+/// What [`scan`] found in a run of bytes.
+struct Scanned {
+    /// This many bytes from the start may go to hyper.
+    ok: usize,
+    /// The head that starts at `ok` is refused, for this reason.
+    refused: Option<&'static str>,
+}
+
+/// Classifies `bytes` (what follows the last classified byte) as far as it can, moving
+/// `framing` along. Stops where it needs more bytes (an incomplete head or line) or at a
+/// refused head.
+fn scan(framing: &mut Framing, bytes: &[u8]) -> Scanned {
+    let mut at = 0;
+    loop {
+        let rest = &bytes[at..];
+        let done = |refused| Scanned { ok: at, refused };
+        if rest.is_empty() {
+            return done(None);
+        }
+        match *framing {
+            Framing::Opaque => {
+                return Scanned {
+                    ok: bytes.len(),
+                    refused: None,
+                }
+            }
+            Framing::Refused => return done(None),
+            Framing::Fixed(n) => {
+                let take = n.min(rest.len() as u64);
+                at += take as usize;
+                *framing = if take == n {
+                    Framing::Head
+                } else {
+                    Framing::Fixed(n - take)
+                };
+            }
+            Framing::ChunkData(n) => {
+                let take = n.min(rest.len() as u64);
+                at += take as usize;
+                *framing = if take == n {
+                    Framing::ChunkEnd(2)
+                } else {
+                    Framing::ChunkData(n - take)
+                };
+            }
+            Framing::ChunkEnd(left) => {
+                let expected: &[u8] = if left == 2 { b"\r\n" } else { b"\n" };
+                let take = expected.len().min(rest.len());
+                if rest[..take] != expected[..take] {
+                    *framing = Framing::Opaque;
+                    continue;
+                }
+                at += take;
+                let left = left - take as u8;
+                *framing = if left == 0 {
+                    Framing::ChunkSize
+                } else {
+                    Framing::ChunkEnd(left)
+                };
+            }
+            Framing::ChunkSize | Framing::Trailers => {
+                let Some(i) = memchr::memchr(b'\n', rest) else {
+                    if rest.len() > MAX_LINE_BYTES {
+                        *framing = Framing::Opaque;
+                        continue;
+                    }
+                    return done(None);
+                };
+                let Some(line) = rest[..i].strip_suffix(b"\r") else {
+                    *framing = Framing::Opaque;
+                    continue;
+                };
+                let next = if *framing == Framing::Trailers {
+                    if line.is_empty() {
+                        Framing::Head
+                    } else {
+                        Framing::Trailers
+                    }
+                } else {
+                    match chunk_size(line) {
+                        Some(0) => Framing::Trailers,
+                        Some(n) => Framing::ChunkData(n),
+                        None => Framing::Opaque,
+                    }
+                };
+                at += i + 1;
+                *framing = next;
+            }
+            Framing::Head => {
+                // Empty lines before a request line are passed on (hyper skips them).
+                if rest.starts_with(b"\r\n") {
+                    at += 2;
+                    continue;
+                }
+                if rest == b"\r" {
+                    return done(None);
+                }
+                let Some(len) = head_len(rest) else {
+                    if rest.len() > MAX_HEAD_BYTES {
+                        *framing = Framing::Opaque;
+                        continue;
+                    }
+                    return done(None);
+                };
+                match check_head(&rest[..len]) {
+                    Ok(next) => {
+                        at += len;
+                        *framing = match next {
+                            Next::NoBody | Next::Fixed(0) => Framing::Head,
+                            Next::Fixed(n) => Framing::Fixed(n),
+                            Next::Chunked => Framing::ChunkSize,
+                            Next::Opaque => Framing::Opaque,
+                        };
+                    }
+                    Err(why) => {
+                        *framing = Framing::Refused;
+                        return done(Some(why));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Length of the request head at the start of `b` (through its empty line), if complete.
@@ -269,43 +282,45 @@ fn head_len(b: &[u8]) -> Option<usize> {
 
 /// The checks of the module documentation, over one complete head.
 fn check_head(head: &[u8]) -> Result<Next, &'static str> {
-    // Every line ends in CRLF: a bare LF is a line end to some parsers and not to others.
-    if head
-        .iter()
-        .enumerate()
-        .any(|(i, &c)| c == b'\n' && (i == 0 || head[i - 1] != b'\r'))
-    {
-        return Err("a header line ends in a bare LF");
-    }
-    let mut lines = head[..head.len() - 2].split(|&c| c == b'\n');
-    let request_line = lines.next().unwrap_or_default();
-    let request_line = request_line.strip_suffix(b"\r").unwrap_or(request_line);
-    if request_line == b"PRI * HTTP/2.0" {
-        return Ok(Next::Opaque);
-    }
-    let method = request_line
-        .split(|&c| c == b' ')
-        .next()
-        .unwrap_or_default();
-    let http10 = request_line.ends_with(b" HTTP/1.0");
     let (mut te, mut cl) = (0, 0);
     let (mut chunked, mut length, mut upgrade) = (false, None, false);
-    for line in lines {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let (mut method, mut http10) = (&b""[..], false);
+    let mut start = 0;
+    // One pass over the line ends (memchr): each must be CRLF, since a bare LF is a line end
+    // to some parsers and not to others.
+    for nl in memchr::memchr_iter(b'\n', head) {
+        if nl == 0 || head[nl - 1] != b'\r' {
+            return Err("a header line ends in a bare LF");
+        }
+        let line = &head[start..nl - 1];
+        let first = start == 0;
+        start = nl + 1;
+        if first {
+            if line == b"PRI * HTTP/2.0" {
+                return Ok(Next::Opaque);
+            }
+            method = line.split(|&c| c == b' ').next().unwrap_or_default();
+            http10 = line.ends_with(b" HTTP/1.0");
+            continue;
+        }
         let Some(colon) = memchr::memchr(b':', line) else {
             continue;
         };
-        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            te += 1;
-            chunked = value.eq_ignore_ascii_case(b"chunked");
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            cl += 1;
-            length = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok());
-        } else if name.eq_ignore_ascii_case(b"upgrade") {
-            upgrade = true;
+        let name = &line[..colon];
+        // Only names of these lengths can matter: skip the rest (the token) without looking.
+        match name.len() {
+            17 if name.eq_ignore_ascii_case(b"transfer-encoding") => {
+                te += 1;
+                chunked = trim(&line[colon + 1..]).eq_ignore_ascii_case(b"chunked");
+            }
+            14 if name.eq_ignore_ascii_case(b"content-length") => {
+                cl += 1;
+                length = std::str::from_utf8(trim(&line[colon + 1..]))
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok());
+            }
+            7 if name.eq_ignore_ascii_case(b"upgrade") => upgrade = true,
+            _ => {}
         }
     }
     if te > 0 && cl > 0 {
@@ -371,33 +386,38 @@ impl<IO: AsyncRead + Unpin> AsyncRead for StrictHttp1<IO> {
                 // Not the end of the stream: hyper would drop the connection on that before
                 // answering. The stand-in asked for a close, so hyper reads no further.
                 Framing::Refused => return Poll::Pending,
-                // Nothing held back: read straight into hyper's buffer.
                 Framing::Opaque if this.pending.is_empty() => {
                     return Pin::new(&mut this.io).poll_read(cx, buf);
                 }
-                Framing::Fixed(n) if this.pending.is_empty() => {
-                    let start = buf.filled().len();
-                    std::task::ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-                    let got = (buf.filled().len() - start) as u64;
-                    if got <= n {
-                        this.framing = if got == n {
-                            Framing::Head
-                        } else {
-                            Framing::Fixed(n - got)
-                        };
-                        return Poll::Ready(Ok(()));
-                    }
-                    // The body ended inside this read: what follows is the next head, held
-                    // back until it is checked.
-                    let end = start + n as usize;
-                    this.pending.extend_from_slice(&buf.filled()[end..]);
-                    buf.set_filled(end);
-                    this.framing = Framing::Head;
-                    return Poll::Ready(Ok(()));
-                }
                 _ => {}
             }
-            this.advance();
+            if this.pending.is_empty() {
+                // Nothing held back: read straight into hyper's buffer and hold back only what
+                // is not yet classified (an incomplete head), or nothing from a refused head on.
+                let start = buf.filled().len();
+                std::task::ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+                let end = buf.filled().len();
+                if end == start {
+                    return Poll::Ready(Ok(()));
+                }
+                let scanned = scan(&mut this.framing, &buf.filled()[start..end]);
+                let ok = start + scanned.ok;
+                match scanned.refused {
+                    Some(why) => this.refuse(why),
+                    None => this.pending.extend_from_slice(&buf.filled()[ok..end]),
+                }
+                buf.set_filled(ok);
+                if ok > start {
+                    this.head_deadline = None;
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            let scanned = scan(&mut this.framing, &this.pending[this.ready..]);
+            this.ready += scanned.ok;
+            if let Some(why) = scanned.refused {
+                this.refuse(why);
+            }
             if this.ready > 0 || this.framing == Framing::Refused {
                 this.head_deadline = None;
                 continue;
@@ -405,7 +425,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for StrictHttp1<IO> {
             if this.framing == Framing::Opaque {
                 continue;
             }
-            if this.framing == Framing::Head && !this.pending.is_empty() {
+            if this.framing == Framing::Head {
                 // Part of a head is here and held back: it must complete in time.
                 let timeout = this.head_timeout;
                 let deadline = this

@@ -993,3 +993,69 @@ impl CollectFirst for hyper::body::Incoming {
         None
     }
 }
+
+/// docs/security.md scenario 7, the edge: a watch opened during `drain_delay` (after the drain
+/// began, while new connections are still accepted) is closed by the drain's second pass within
+/// `drain_window` after the delay, with reason `draining`, and does not hold the exit until
+/// `drain_timeout`. Without the second pass it would stay open for the whole 60 s timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_opened_during_the_drain_delay_is_closed_by_the_drain() {
+    // A cluster whose watch never ends: one chunk, then silence.
+    let endless = FakeUpstream::start(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await;
+    let relay = CustomRelay::start_with(
+        &[("alpha", &endless)],
+        "timeouts: {drain_delay: 2s, drain_window: 1s, drain_timeout: 60s}\n",
+    )
+    .await;
+    let token = relay.token("alice");
+    let began = tokio::time::Instant::now();
+    relay.begin_shutdown();
+    // Inside the delay: the drain's first pass is over, new connections are still served.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut s = tls_connect(relay.addr, &relay.ca, "localhost", &[b"http/1.1"]).await;
+    s.write_all(
+        format!(
+            "GET /clusters/alpha/api/v1/namespaces/default/pods?watch=true HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read until the relay ends the stream; bounded well below drain_timeout.
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&seen).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("hello"), "the watch was streaming: {text}");
+    assert!(ended.is_ok(), "the watch outlived the drain: {text}");
+    let took = began.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(8),
+        "closed after the delay and within the window, not at drain_timeout: {took:?}"
+    );
+    let audit = eventually(
+        "the watch's closing record",
+        Duration::from_secs(10),
+        || async {
+            let text = std::fs::read_to_string(relay.audit_path()).unwrap_or_default();
+            text.lines()
+                .find(|l| l.contains("watch=true") && l.contains("ResponseComplete"))
+                .map(str::to_owned)
+                .ok_or("not yet")
+        },
+    )
+    .await;
+    assert!(audit.contains("\"draining\""), "{audit}");
+}

@@ -36,6 +36,7 @@ mod real_fidelity;
 mod real_modes;
 mod relay;
 mod relay_pages;
+mod slow_readers;
 mod token;
 
 /// The support library's relay YAML builder writes what a user would (one binary runs it).

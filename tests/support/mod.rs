@@ -423,6 +423,17 @@ pub struct FakeUpstream {
 }
 
 impl FakeUpstream {
+    /// Names a cluster served elsewhere (`addr`, on a CA whose certificate is `ca_pem`), for a
+    /// relay configuration; nothing is recorded.
+    pub fn describing(addr: std::net::SocketAddr, ca_pem: &str) -> Self {
+        Self {
+            addr,
+            ca_pem: ca_pem.to_owned(),
+            received: Arc::default(),
+            connections: Arc::default(),
+        }
+    }
+
     pub async fn start(response: &'static [u8]) -> Self {
         let ca = kube_sim::pki::TestCa::new("fake upstream CA").unwrap();
         let leaf = ca.issue(&["fake.upstream.test", "127.0.0.1"]).unwrap();
@@ -595,6 +606,17 @@ impl CustomRelay {
             _dir: dir,
             shutdown,
         }
+    }
+
+    /// Starts the relay's shutdown: it drains as on SIGTERM.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// The relay's audit log (`audit.jsonl` in its directory, unless `start_audited` said
+    /// otherwise).
+    pub fn audit_path(&self) -> PathBuf {
+        self._dir.path().join("audit.jsonl")
     }
 
     pub fn token(&self, user: &str) -> String {

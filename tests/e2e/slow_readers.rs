@@ -1,0 +1,178 @@
+//! docs/security.md F4: a client that stops reading a watch while the cluster streams without
+//! end must not make the relay buffer the stream. Flow control reaches the cluster: over
+//! HTTP/1.1 (TCP backpressure) and HTTP/2 (stream and connection windows) the cluster manages to
+//! send only what the socket buffers and windows hold, and the process's resident memory stays
+//! flat while it tries to send 1 GiB.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::support::{tls_connect, CustomRelay, FakeUpstream};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpListener;
+
+/// What the cluster would stream if nobody pushed back.
+const ENDLESS: u64 = 1 << 30;
+const CHUNK: usize = 64 * 1024;
+
+/// A cluster that answers the relay's health probes with 200 and every other request with a
+/// chunked body of [`ENDLESS`] bytes, counting what it managed to write.
+struct StreamingCluster {
+    upstream: FakeUpstream,
+    written: Arc<AtomicU64>,
+}
+
+impl StreamingCluster {
+    async fn start() -> Self {
+        // Borrow a FakeUpstream's CA and address shape for the relay's configuration, but serve
+        // on its own listener: the canned FakeUpstream cannot stream.
+        let ca = kube_sim::pki::TestCa::new("streaming cluster CA").unwrap();
+        let leaf = ca.issue(&["fake.upstream.test", "127.0.0.1"]).unwrap();
+        let mut cfg = (*kube_sim::server::tls_config(&leaf).unwrap()).clone();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let written = Arc::new(AtomicU64::new(0));
+        let w = written.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, w) = (acceptor.clone(), w.clone());
+                tokio::spawn(async move {
+                    let Ok(mut s) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|x| x == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                            _ => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head);
+                    if text.contains(kube_relay::upstream::health::PROBE_USER_AGENT) {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                            .await;
+                        return;
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        .await;
+                    let mut frame = format!("{CHUNK:x}\r\n").into_bytes();
+                    frame.extend(std::iter::repeat_n(b'x', CHUNK));
+                    frame.extend_from_slice(b"\r\n");
+                    let mut sent = 0u64;
+                    while sent < ENDLESS {
+                        if s.write_all(&frame).await.is_err() {
+                            return;
+                        }
+                        sent += CHUNK as u64;
+                        w.fetch_add(CHUNK as u64, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        Self {
+            upstream: FakeUpstream::describing(addr, ca.cert_pem()),
+            written,
+        }
+    }
+
+    /// Waits until the cluster has stopped making progress (its writes block), bounded; returns
+    /// the bytes it wrote.
+    async fn settled(&self) -> u64 {
+        let mut last = u64::MAX;
+        for _ in 0..100 {
+            let now = self.written.load(Ordering::Relaxed);
+            if now == last {
+                return now;
+            }
+            last = now;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        panic!("the cluster never stopped sending: {last} bytes");
+    }
+}
+
+/// Resident memory of this process (the relay runs in it), from /proc.
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+const WATCH: &str = "/clusters/alpha/api/v1/namespaces/default/pods?watch=true";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_http1_watch_reader_pushes_back_to_the_cluster() {
+    let cluster = StreamingCluster::start().await;
+    let relay = CustomRelay::start(&[("alpha", &cluster.upstream)]).await;
+    let token = relay.token("alice");
+    let rss_before = rss_bytes();
+    let mut s = tls_connect(relay.addr, &relay.ca, "localhost", &[b"http/1.1"]).await;
+    s.write_all(
+        format!("GET {WATCH} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // Read the first bytes (the stream is flowing), then stop reading.
+    let mut first = [0u8; 1024];
+    let n = s.read(&mut first).await.unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+    let written = cluster.settled().await;
+    let grown = rss_bytes().saturating_sub(rss_before);
+    eprintln!(
+        "F4 HTTP/1.1: the cluster wrote {written} bytes of {ENDLESS}; RSS grew {grown} bytes"
+    );
+    assert!(
+        written < 64 << 20,
+        "the cluster kept sending: {written} bytes"
+    );
+    assert!(
+        grown < 64 << 20,
+        "the relay buffered the stream: RSS grew {grown} bytes"
+    );
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_http2_watch_reader_pushes_back_to_the_cluster() {
+    let cluster = StreamingCluster::start().await;
+    let relay = CustomRelay::start(&[("alpha", &cluster.upstream)]).await;
+    let token = relay.token("alice");
+    let rss_before = rss_bytes();
+    let tls = tls_connect(relay.addr, &relay.ca, "localhost", &[b"h2"]).await;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("https://localhost{WATCH}"))
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    // The body is never read: its stream window fills and stays full.
+    let _unread = resp.into_body();
+    let written = cluster.settled().await;
+    let grown = rss_bytes().saturating_sub(rss_before);
+    eprintln!("F4 HTTP/2: the cluster wrote {written} bytes of {ENDLESS}; RSS grew {grown} bytes");
+    assert!(
+        written < 64 << 20,
+        "the cluster kept sending: {written} bytes"
+    );
+    assert!(
+        grown < 64 << 20,
+        "the relay buffered the stream: RSS grew {grown} bytes"
+    );
+}
