@@ -58,7 +58,7 @@ resource "azurerm_lb_rule" "https" {
   probe_id                       = azurerm_lb_probe.ready.id
   # Watches and exec sessions are long-lived; the relay also sends HTTP/2 pings upstream.
   idle_timeout_in_minutes = 30
-  enable_tcp_reset        = true
+  tcp_reset_enabled       = true
   # Outbound goes through the NAT gateway, never through load balancer SNAT.
   disable_outbound_snat = true
 }
