@@ -176,3 +176,45 @@ async fn a_stalled_http2_watch_reader_pushes_back_to_the_cluster() {
         "the relay buffered the stream: RSS grew {grown} bytes"
     );
 }
+
+/// Exec tunnels (SPDY with kubectl 1.27, WebSocket with 1.33): the pod writes 1 GiB to stdout
+/// while kubectl's stdout pipe is never read. kubectl blocks on the full pipe and stops reading
+/// the tunnel; the relay's 64 KiB copy buffers fill and it stops reading from the cluster, whose
+/// writer blocks. So after a few seconds the command is still running (1 GiB has not gone
+/// anywhere) and the process's memory has not grown by the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_exec_reader_pushes_back_to_the_pod_over_spdy_and_websocket() {
+    let env = crate::support::dev_env().await;
+    for version in ["1.27", "1.33"] {
+        let rss_before = rss_bytes();
+        let mut child = env
+            .kubectl(version, "alpha")
+            .args(["exec", "-n", "default", "web-0", "--", "gen", "1073741824"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Never read stdout. Give the stream time to fill every buffer on the way.
+        let mut still_running = true;
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if child.try_wait().unwrap().is_some() {
+                still_running = false;
+                break;
+            }
+        }
+        let grown = rss_bytes().saturating_sub(rss_before);
+        eprintln!("F4 exec {version}: still running {still_running}; RSS grew {grown} bytes");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            still_running,
+            "kubectl {version}: 1 GiB went somewhere while nobody read it"
+        );
+        assert!(
+            grown < 64 << 20,
+            "kubectl {version}: RSS grew {grown} bytes"
+        );
+    }
+    env.dev.stop().await;
+}
