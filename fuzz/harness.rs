@@ -382,6 +382,7 @@ pub fn http1_framing_bytes(data: &[u8]) {
             let mut strict = kube_relay::framing::StrictHttp1::new(
                 server,
                 true,
+                true,
                 std::time::Duration::from_secs(3600),
                 move |_| r.store(true, std::sync::atomic::Ordering::SeqCst),
             );

@@ -13,9 +13,11 @@
 //! - `best_effort` (default): the request path never waits on the disk; records that do not fit
 //!   the bounded queue or that the sink refuses are counted (`relay_audit_dropped_total`) and
 //!   logged.
-//! - `blocking`: every answer waits until its record is written, and becomes a 503 naming the
-//!   sink if it cannot be; while the sink fails, requests are refused with that 503 before any
-//!   other work. So every answer other than that 503 has its record.
+//! - `blocking`: an admitted request gets a `RequestReceived` record, written before it goes to
+//!   the cluster, and every answer waits until its own record is written; either failing turns
+//!   the answer into a 503 naming the sink, and while the sink fails requests are refused with
+//!   that 503 before any other work. So nothing reaches a cluster unrecorded, and every answer
+//!   other than that 503 has its record.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -118,6 +120,26 @@ impl AuditLog {
         code: u16,
         extra: &[(&'static str, String)],
     ) -> Option<Written> {
+        self.write(base, stage, Some(code), extra)
+    }
+
+    /// `audit.mode: blocking` only: a `RequestReceived` record for an admitted request, written
+    /// before it goes to the cluster, so nothing reaches a cluster unrecorded (as kube-apiserver's
+    /// blocking audit does). `None` in `best_effort` mode.
+    pub fn emit_received(&self, base: &AuditBase) -> Option<Written> {
+        if self.mode != AuditMode::Blocking {
+            return None;
+        }
+        self.write(base, "RequestReceived", None, &[])
+    }
+
+    fn write(
+        &self,
+        base: &AuditBase,
+        stage: &'static str,
+        code: Option<u16>,
+        extra: &[(&'static str, String)],
+    ) -> Option<Written> {
         let out = self.out.as_ref()?;
         let annotations = Annotations {
             base: &base.annotations,
@@ -142,7 +164,7 @@ impl AuditLog {
                 api_group: &o.api_group,
                 subresource: o.subresource.as_deref(),
             }),
-            response_status: ResponseStatus { code },
+            response_status: code.map(|code| ResponseStatus { code }),
             request_received_timestamp: timestamp(base.received),
             stage_timestamp: timestamp(None),
             annotations,
@@ -291,7 +313,8 @@ struct Event<'a> {
     user_agent: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     object_ref: Option<ObjectRef<'a>>,
-    response_status: ResponseStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response_status: Option<ResponseStatus>,
     request_received_timestamp: String,
     stage_timestamp: String,
     annotations: Annotations<'a>,

@@ -57,12 +57,12 @@ pub enum ProxyError {
     /// timeout, unreadable token file). `detail` stays in the log.
     #[error("cluster {cluster}: upstream credential unavailable: {detail}")]
     CredentialUnavailable { cluster: String, detail: String },
-    /// 401 with Entra's claims challenge: a rule would admit the request if the token carried
-    /// the Conditional Access authentication context `auth_context` (step-up). `message` names
-    /// the command that gets such a token.
     /// 503: `audit.mode: blocking` and the audit record cannot be written.
     #[error("audit log {sink} cannot be written")]
     AuditUnavailable { sink: String },
+    /// 401 with Entra's claims challenge: a rule would admit the request if the token carried
+    /// the Conditional Access authentication context `auth_context` (step-up). `message` names
+    /// the command that gets such a token.
     #[error("step-up required: authentication context {auth_context}")]
     StepUp {
         auth_context: String,

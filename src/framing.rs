@@ -79,6 +79,8 @@ pub struct StrictHttp1<IO> {
     pending: BytesMut,
     ready: usize,
     framing: Framing,
+    /// The listener switches protocols on `Upgrade` (see [`check_head`]).
+    upgrades: bool,
     /// hyper's header-read timer cannot see a head held back here, so the same limit runs here
     /// from the first byte of a head that is not complete yet.
     head_timeout: std::time::Duration,
@@ -89,9 +91,11 @@ pub struct StrictHttp1<IO> {
 impl<IO> StrictHttp1<IO> {
     /// `inspect: false` passes everything through (an h2 connection chosen by ALPN).
     /// `on_refuse` runs once, with the reason, when a head is refused.
+    /// `upgrades`: the listener may switch protocols (see [`check_head`]).
     pub fn new(
         io: IO,
         inspect: bool,
+        upgrades: bool,
         head_timeout: std::time::Duration,
         on_refuse: impl FnOnce(&'static str) + Send + Sync + 'static,
     ) -> Self {
@@ -104,6 +108,7 @@ impl<IO> StrictHttp1<IO> {
             } else {
                 Framing::Opaque
             },
+            upgrades,
             head_timeout,
             head_deadline: None,
             on_refuse: Some(Box::new(on_refuse)),
@@ -147,7 +152,7 @@ struct Scanned {
 /// Classifies `bytes` (what follows the last classified byte) as far as it can, moving
 /// `framing` along. Stops where it needs more bytes (an incomplete head or line) or at a
 /// refused head.
-fn scan(framing: &mut Framing, bytes: &[u8]) -> Scanned {
+fn scan(framing: &mut Framing, bytes: &[u8], upgrades: bool) -> Scanned {
     let mut at = 0;
     loop {
         let rest = &bytes[at..];
@@ -240,7 +245,7 @@ fn scan(framing: &mut Framing, bytes: &[u8]) -> Scanned {
                     }
                     return done(None);
                 };
-                match check_head(&rest[..len]) {
+                match check_head(&rest[..len], upgrades) {
                     Ok(next) => {
                         at += len;
                         *framing = match next {
@@ -281,7 +286,9 @@ fn head_len(b: &[u8]) -> Option<usize> {
 }
 
 /// The checks of the module documentation, over one complete head.
-fn check_head(head: &[u8]) -> Result<Next, &'static str> {
+/// `upgrades`: the listener may switch protocols (the relay's; the admin listener never does,
+/// so its `Upgrade` requests are inspected like any other).
+fn check_head(head: &[u8], upgrades: bool) -> Result<Next, &'static str> {
     let (mut te, mut cl) = (0, 0);
     let (mut chunked, mut length, mut upgrade) = (false, None, false);
     let (mut method, mut http10) = (&b""[..], false);
@@ -335,15 +342,20 @@ fn check_head(head: &[u8]) -> Result<Next, &'static str> {
     if te == 1 && (!chunked || http10) {
         return Err("a Transfer-Encoding other than chunked");
     }
-    if upgrade || method == b"CONNECT" {
+    if method == b"CONNECT" {
+        // Never a Kubernetes request; answered and kept open, it would end the inspection.
+        return Err("a CONNECT request");
+    }
+    if cl == 1 && length.is_none() {
+        return Err("a Content-Length that is not one decimal number");
+    }
+    if upgrade && upgrades {
         return Ok(Next::Opaque);
     }
-    Ok(match (chunked, cl, length) {
-        (true, _, _) => Next::Chunked,
-        (false, 1, Some(n)) => Next::Fixed(n),
-        // An unparsable length: hyper refuses the request itself.
-        (false, 1, None) => Next::Opaque,
-        _ => Next::NoBody,
+    Ok(match (chunked, length) {
+        (true, _) => Next::Chunked,
+        (false, Some(n)) => Next::Fixed(n),
+        (false, None) => Next::NoBody,
     })
 }
 
@@ -400,7 +412,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for StrictHttp1<IO> {
                 if end == start {
                     return Poll::Ready(Ok(()));
                 }
-                let scanned = scan(&mut this.framing, &buf.filled()[start..end]);
+                let scanned = scan(&mut this.framing, &buf.filled()[start..end], this.upgrades);
                 let ok = start + scanned.ok;
                 match scanned.refused {
                     Some(why) => this.refuse(why),
@@ -413,7 +425,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for StrictHttp1<IO> {
                 }
                 continue;
             }
-            let scanned = scan(&mut this.framing, &this.pending[this.ready..]);
+            let scanned = scan(
+                &mut this.framing,
+                &this.pending[this.ready..],
+                this.upgrades,
+            );
             this.ready += scanned.ok;
             if let Some(why) = scanned.refused {
                 this.refuse(why);
@@ -493,7 +509,7 @@ mod tests {
     use std::time::Duration;
 
     fn check(head: &str) -> Result<Next, &'static str> {
-        check_head(head.as_bytes())
+        check_head(head.as_bytes(), true)
     }
 
     #[test]
@@ -510,6 +526,8 @@ mod tests {
             "GET / HTTP/1.1\nHost: x\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\n\n",
+            "CONNECT relay:443 HTTP/1.1\r\nHost: relay:443\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\n",
         ];
         for h in refused {
             assert!(check(h).is_err(), "{h:?}");
@@ -532,6 +550,11 @@ mod tests {
             Ok(Next::Opaque)
         );
         assert_eq!(check("PRI * HTTP/2.0\r\n\r\n"), Ok(Next::Opaque));
+        // The admin listener never upgrades: an Upgrade request is inspected further.
+        assert_eq!(
+            check_head(b"GET /x HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", false),
+            Ok(Next::NoBody)
+        );
         assert_eq!(chunk_size(b"1a;name=value"), Some(26));
         assert_eq!(chunk_size(b"zz"), None);
         assert_eq!(head_len(b"GET / HTTP/1.1\r\n\r\nrest"), Some(18));
@@ -546,7 +569,7 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(1 << 20);
         let refused = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let r = refused.clone();
-        let mut strict = StrictHttp1::new(server, true, Duration::from_secs(10), move |_| {
+        let mut strict = StrictHttp1::new(server, true, true, Duration::from_secs(10), move |_| {
             r.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         for piece in input.chunks(step) {

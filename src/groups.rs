@@ -41,6 +41,9 @@ const MAX_CACHED_USERS: usize = 50_000;
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 /// Used when Graph throttles without saying for how long.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// After a failed lookup, a user's requests get the same answer for this long instead of each
+/// starting another call (and waiting on it) while Graph is down.
+const FAILURE_MEMORY: Duration = Duration::from_secs(5);
 
 type FetchResult = Result<Arc<[String]>, Arc<str>>;
 /// The outcome of the one fetch in flight for a user; `None` until it is known.
@@ -81,14 +84,23 @@ impl GroupResolver {
 
     /// Keeps the memberships a previous generation resolved (a reload must not send every
     /// overage user back to Graph), where they answer the same question (the same group ids).
+    ///
+    /// When the rules now name other groups, the old answers no longer answer the requests'
+    /// question, but they still say which of the old groups admitted live streams: they are kept
+    /// for re-checking those ([`membership_cached`](Self::membership_cached)) only. A Graph
+    /// throttle in force carries over too.
     pub fn adopt(&self, old: &GroupResolver) {
         for (name, new) in &self.by_issuer {
             if let Some(old) = old.by_issuer.get(name) {
-                if old.group_ids == new.group_ids {
-                    for (oid, entry) in old.cache.iter() {
-                        new.cache.insert(oid, entry);
-                    }
+                let into = if old.group_ids == new.group_ids {
+                    &new.cache
+                } else {
+                    &new.previous
+                };
+                for (oid, entry) in old.cache.iter() {
+                    into.insert(oid, entry);
                 }
+                *new.throttled_until.lock() = *old.throttled_until.lock();
             }
         }
     }
@@ -128,7 +140,7 @@ impl GroupResolver {
             .by_issuer
             .get(&*p.issuer)
             .zip(p.oid.as_deref())
-            .and_then(|(g, oid)| g.cache.get(oid));
+            .and_then(|(g, oid)| g.cache.get(oid).or_else(|| g.previous.get(oid)));
         match cached {
             Some(e) => Membership::Resolved(e.groups),
             None => Membership::Unresolved("not resolved".into()),
@@ -167,6 +179,10 @@ struct IssuerGraph {
     token: AzureToken,
     http: IdpHttp,
     cache: quick_cache::sync::Cache<String, Entry>,
+    /// A previous generation's answers to another set of groups: for live streams only.
+    previous: quick_cache::sync::Cache<String, Entry>,
+    /// Recent failures per user, with their reason ([`FAILURE_MEMORY`]).
+    failed: quick_cache::sync::Cache<String, (Instant, Arc<str>)>,
     inflight: Mutex<HashMap<String, Flight>>,
     /// Graph said 429: no call before this instant.
     throttled_until: Mutex<Option<Instant>>,
@@ -189,6 +205,8 @@ impl IssuerGraph {
             token: AzureToken::new(&cfg.credential)?,
             http: IdpHttp::new(&cfg.ca)?,
             cache: quick_cache::sync::Cache::new(MAX_CACHED_USERS),
+            previous: quick_cache::sync::Cache::new(MAX_CACHED_USERS),
+            failed: quick_cache::sync::Cache::new(MAX_CACHED_USERS),
             inflight: Mutex::new(HashMap::new()),
             throttled_until: Mutex::new(None),
             metrics,
@@ -211,16 +229,24 @@ impl IssuerGraph {
             self.count("cached");
             return Membership::Resolved(Arc::from([]));
         }
+        let recent_failure = self
+            .failed
+            .get(oid)
+            .filter(|(at, _)| at.elapsed() < FAILURE_MEMORY);
         if let Some(e) = self.cache.get(oid) {
             let age = e.fetched.elapsed();
             if age < self.ttl {
-                if age >= self.ttl / 4 * 3 {
+                if age >= self.ttl / 4 * 3 && recent_failure.is_none() {
                     // Refresh off the request path; this request uses what is cached.
                     drop(self.flight(oid, app_only));
                 }
                 self.count("cached");
                 return Membership::Resolved(e.groups);
             }
+        }
+        if let Some((_, why)) = recent_failure {
+            self.count("unresolved");
+            return Membership::Unresolved(why);
         }
         let mut flight = self.flight(oid, app_only);
         let outcome = tokio::time::timeout(self.timeout, async {
@@ -268,14 +294,20 @@ impl IssuerGraph {
                     Err(format!("Microsoft Graph did not answer within {:?}", this.timeout).into())
                 }
             };
-            if let Ok(groups) = &result {
-                this.cache.insert(
-                    key.clone(),
-                    Entry {
-                        groups: groups.clone(),
-                        fetched: Instant::now(),
-                    },
-                );
+            match &result {
+                Ok(groups) => {
+                    this.cache.insert(
+                        key.clone(),
+                        Entry {
+                            groups: groups.clone(),
+                            fetched: Instant::now(),
+                        },
+                    );
+                    this.failed.remove(&key);
+                }
+                Err(why) => this
+                    .failed
+                    .insert(key.clone(), (Instant::now(), why.clone())),
             }
             this.inflight.lock().remove(&key);
             tx.send_replace(Some(result));

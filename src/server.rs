@@ -506,7 +506,7 @@ async fn serve_connection(
     // (src/framing.rs); h2 frames its messages itself.
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     let refused = relay.state().metrics.framing_refused.clone();
-    let stream = crate::framing::StrictHttp1::new(stream, !h2, handshake, move |why| {
+    let stream = crate::framing::StrictHttp1::new(stream, !h2, true, handshake, move |why| {
         refused.inc();
         tracing::info!(peer = %peer, reason = why, "request refused: ambiguous HTTP/1.1 framing");
     });
@@ -556,9 +556,11 @@ async fn serve_admin(listener: TcpListener, relay: Arc<Relay>, shutdown: Cancell
             r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
         };
         let refused = relay.state().metrics.framing_refused.clone();
+        // The admin listener never switches protocols: Upgrade requests are inspected too.
         let tcp = crate::framing::StrictHttp1::new(
             tcp,
             true,
+            false,
             Duration::from_secs(10),
             move |why| {
                 refused.inc();

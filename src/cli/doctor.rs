@@ -510,6 +510,14 @@ async fn credential(
             match checked {
                 Ok(Some(Ok((detail, header)))) => (Outcome::Ok, detail, header),
                 Ok(Some(Err(e))) if e.needs_a_caller() => (Outcome::Skip, e.to_string(), None),
+                // The resource app requires role assignment for app-only tokens: that says
+                // nothing about the on-behalf-of exchange, which carries the user's access.
+                Ok(Some(Err(e)))
+                    if matches!(cluster.upstream_auth, UpstreamAuth::OnBehalfOf(_))
+                        && e.to_string().contains("AADSTS501051") =>
+                {
+                    (Outcome::Skip, e.to_string(), None)
+                }
                 Ok(Some(Err(e))) => (Outcome::Fail, e.to_string(), None),
                 Ok(None) => (Outcome::Skip, "no Entra credential".to_owned(), None),
                 Err(e) => (Outcome::Fail, e, None),

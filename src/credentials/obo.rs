@@ -271,15 +271,23 @@ impl Obo {
             )
         })?;
         let url = self.token_url(tenant);
+        // Client credentials take only `<resource>/.default`, whatever delegated scope the
+        // exchange asks for.
+        let scope = match self.endpoint.scope.rsplit_once('/') {
+            Some((resource, _)) if !resource.is_empty() => {
+                format!("{resource}/.default")
+            }
+            _ => self.endpoint.scope.clone(),
+        };
         let form: [(&str, &str); 3] = [
             ("grant_type", "client_credentials"),
             ("client_id", &self.client_id),
-            ("scope", &self.endpoint.scope),
+            ("scope", &scope),
         ];
         self.post_with_client_auth(&url, &form).await?;
         Ok(format!(
-            "on_behalf_of: Entra accepts the relay's client {} in tenant {tenant} (client credentials for {}); the exchange itself needs a caller's token",
-            self.client_id, self.endpoint.scope
+            "on_behalf_of: Entra accepts the relay's client {} in tenant {tenant} (client credentials for {scope}); the exchange itself needs a caller's token",
+            self.client_id
         ))
     }
 

@@ -30,6 +30,10 @@ use crate::route::{self, Route, RouteInput};
 use crate::state::{ConnCtx, State};
 use crate::upstream::Upstream;
 
+/// How long an answer waits for its audit record in `audit.mode: blocking` before the sink
+/// counts as failing (and the answer becomes a 503).
+const AUDIT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What the phases learnt about one request, in the order they learn it. The audit record
 /// (and from it the access log and metrics) is derived from this in [`Ctx::audit`], never
 /// assembled piecemeal by the phases.
@@ -226,14 +230,23 @@ pub async fn handle(
         &[("kube-relay.io/latency-ms", elapsed.as_millis().to_string())],
     );
     if let Some(written) = written {
-        // audit.mode blocking: no answer goes out without its record.
-        if !written.wait().await {
+        // audit.mode blocking: no answer goes out without its record. A sink that hangs (a
+        // stuck disk or pipe) counts as failing after AUDIT_WAIT.
+        let ok = tokio::time::timeout(AUDIT_WAIT, written.wait())
+            .await
+            .unwrap_or(false);
+        if !ok {
             tracing::warn!(audit_id = ?audit_id, "audit record not written; answering 503 (audit.mode: blocking)");
             resp = ProxyError::AuditUnavailable {
                 sink: state.audit.sink().to_owned(),
             }
             .into_response();
             resp.headers_mut().insert("audit-id", audit_id.clone());
+            if is_upgrade {
+                // A refused upgrade closes the connection (docs/security.md A1, A2).
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
         }
     }
     tracing::info!(
@@ -343,6 +356,17 @@ async fn phases(
     let upstream = find_cluster(state, &cluster_name)?;
     let info = RequestInfo::parse(req.method(), &target);
     let admitted = authorize(state, upstream, &principal, &req, &info, ctx).await?;
+    // audit.mode blocking: recorded before anything reaches the cluster.
+    if let Some(written) = state.audit.emit_received(&ctx.audit()) {
+        let ok = tokio::time::timeout(AUDIT_WAIT, written.wait())
+            .await
+            .unwrap_or(false);
+        if !ok {
+            return Err(ProxyError::AuditUnavailable {
+                sink: state.audit.sink().to_owned(),
+            });
+        }
+    }
     let up_headers = prepare_upstream(conn, upstream, &principal, &req, audit_id, ctx).await?;
     let up = Prepared {
         req,

@@ -76,16 +76,21 @@ fn audit_id(head: &str) -> String {
         .to_owned()
 }
 
-/// Every line parses (no torn record); the audit ids of the records.
-fn records(path: &Path) -> Vec<String> {
+/// Every line parses (no torn record); the audit ids of the records at `stage`.
+fn records_at(path: &Path, stage: &str) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     text.lines()
-        .map(|l| {
+        .filter_map(|l| {
             let v: Value =
                 serde_json::from_str(l).unwrap_or_else(|e| panic!("torn record {l:?}: {e}"));
-            v["auditID"].as_str().unwrap().to_owned()
+            (v["stage"] == stage).then(|| v["auditID"].as_str().unwrap().to_owned())
         })
         .collect()
+}
+
+/// The audit ids of the final records (every line parsed).
+fn records(path: &Path) -> Vec<String> {
+    records_at(path, "ResponseComplete")
 }
 
 fn dropped(metrics: &str) -> u64 {
@@ -166,7 +171,12 @@ async fn blocking_audit_refuses_while_the_disk_is_full_and_answers_nothing_unrec
         answered.push(audit_id(&head));
     }
 
-    // Every request that got an answer other than the refusal has its record, once.
+    // Every request that got an answer other than the refusal has its record, once, and was
+    // recorded as received before it went to the cluster.
+    let received = records_at(&log, "RequestReceived");
+    for id in &answered {
+        assert!(received.contains(id), "{id} reached the cluster unrecorded");
+    }
     let ids = records(&log);
     for id in &answered {
         assert_eq!(

@@ -31,6 +31,7 @@ const GRAPH_SECRET: &str = "graph-s3cret-value";
 const OID_CAROL: &str = "c4c4c4c4-0000-0000-0000-000000000004";
 const OID_DAVE: &str = "d5d5d5d5-0000-0000-0000-000000000005";
 const OID_ERIN: &str = "e6e6e6e6-0000-0000-0000-000000000006";
+const OID_FRANK: &str = "a8a8a8a8-0000-0000-0000-000000000008";
 /// A CI service principal (app-only tokens).
 const OID_CI_SP: &str = "f7f7f7f7-0000-0000-0000-000000000007";
 const CI_APP: &str = "f8f8f8f8-0000-0000-0000-000000000008";
@@ -411,11 +412,23 @@ async fn graph_throttling_errors_and_outage_fail_closed_while_other_rules_work()
     w.until_pods_answer("carol resolved after Retry-After", &carol, 200, "")
         .await;
 
-    // Graph failing: the status and Graph's error code reach the 403 (and the log).
+    // Graph failing: the status and Graph's error code reach the 403 (and the log). (A user
+    // whose lookup failed a moment ago gets that answer again for a few seconds, without a new
+    // call: a fresh user here.)
     w.graph.set_failure(GraphFailure::ServerError);
-    let (c, _, body) = w.get(&dave, PODS).await;
+    w.graph.set_user_groups(OID_FRANK, &[GROUP_OPS]);
+    let frank = w.overage_token(OID_FRANK);
+    let calls_before = w.graph.request_count();
+    let (c, _, body) = w.get(&frank, PODS).await;
     assert_eq!(c, 403, "{body}");
     assert!(body.contains("HTTP 503"), "{body}");
+    let (c, _, body) = w.get(&frank, PODS).await;
+    assert_eq!(c, 403, "{body}");
+    assert_eq!(
+        w.graph.request_count(),
+        calls_before + 1,
+        "a failure is remembered briefly: no second call"
+    );
 
     // Graph hanging: the request waits at most `timeout` (2 s), then 403.
     w.graph.set_failure(GraphFailure::Hang);
