@@ -253,6 +253,8 @@ impl std::io::Write for AppendFile {
         // (its requests were answered, or refused in blocking mode, already).
         self.buf = buf;
         self.buf.clear();
+        // A burst's buffer is not kept for ever.
+        self.buf.shrink_to(64 * 1024);
         self.failing = r.is_err();
         r
     }

@@ -26,6 +26,8 @@ use std::time::Duration;
 const POLL: Duration = Duration::from_millis(2);
 /// Empty polls (at [`POLL`] apart) before the writer blocks until the next line.
 const IDLE_POLLS: u32 = 50;
+/// Lines written (and flushed) together at most.
+const MAX_BATCH: u64 = 1024;
 /// While the sink fails, how often an idle writer tries it again.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -193,7 +195,8 @@ fn run(rx: Receiver<Msg>, mut out: Box<dyn Write + Send>, writing: &AtomicBool, 
     let mut empty_polls = 0;
     let mut batch = Batch::default();
     loop {
-        loop {
+        // A bounded batch: one failed write loses at most this many lines.
+        while batch.lines < MAX_BATCH {
             match rx.try_recv() {
                 Ok(msg) => handle(msg, &mut out, &mut batch),
                 Err(TryRecvError::Empty) => break,
