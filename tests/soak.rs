@@ -518,12 +518,28 @@ async fn soak() {
     )
     .await;
 
-    let first = samples.first().map(|s| s.1).unwrap_or_default();
-    let last = samples.last().map(|s| s.1).unwrap_or_default();
+    // The first and the last minute after warm-up (medians: a reload's moment is no trend).
+    let window = 12.min(samples.len() / 2).max(1);
+    let median = |part: &[(u64, (u64, usize, usize))]| -> (u64, usize, usize) {
+        let mut rss: Vec<u64> = part.iter().map(|s| s.1 .0).collect();
+        let mut fds: Vec<usize> = part.iter().map(|s| s.1 .1).collect();
+        let mut threads: Vec<usize> = part.iter().map(|s| s.1 .2).collect();
+        rss.sort_unstable();
+        fds.sort_unstable();
+        threads.sort_unstable();
+        let mid = |n: usize| n / 2;
+        (
+            rss.get(mid(rss.len())).copied().unwrap_or(0),
+            fds.get(mid(fds.len())).copied().unwrap_or(0),
+            threads.get(mid(threads.len())).copied().unwrap_or(0),
+        )
+    };
+    let first = median(&samples[..window.min(samples.len())]);
+    let last = median(&samples[samples.len().saturating_sub(window)..]);
     let peak_rss = samples.iter().map(|s| s.1 .0).max().unwrap_or(0);
     let (beta_200, beta_503) = *beta_counts.lock().unwrap();
     let report = format!(
-        "soak {secs} s: REST {requests} requests, {} failed; audit records {records}; watches {WATCHES} ({} ends, {} unexpected); exec sessions {EXEC_SESSIONS} ({exec_lines} lines echoed, {} failures); port-forwards {PORT_FORWARDS} ({pf_messages} messages, {} failures); beta {beta_200} x 200, {beta_503} x 503, {} other; reloads {reloads}, certificate rotated {rotated}; after warm-up RSS {:.1} -> {:.1} MiB (peak {:.1}), fds {} -> {}, threads {} -> {}",
+        "soak {secs} s: REST {requests} requests, {} failed; audit records {records}; watches {WATCHES} ({} ends, {} unexpected); exec sessions {EXEC_SESSIONS} ({exec_lines} lines echoed, {} failures); port-forwards {PORT_FORWARDS} ({pf_messages} messages, {} failures); beta {beta_200} x 200, {beta_503} x 503, {} other; reloads {reloads}, certificate rotated {rotated}; after warm-up, first and last minute (medians): RSS {:.1} -> {:.1} MiB (peak {:.1}), fds {} -> {}, threads {} -> {}",
         rest_failed.load(Ordering::SeqCst),
         watch_ends.load(Ordering::SeqCst),
         unexpected_watch_ends.load(Ordering::SeqCst),

@@ -45,20 +45,28 @@ impl RecordedRequest {
     }
 }
 
-/// Shared, append-only record of received requests. Cheap to clone.
+/// The most recent requests a [`Record`] keeps: enough for any test's questions, and a bound on
+/// the memory of a simulator that runs for hours (`kube-relay dev`, the soak).
+pub const RECORD_CAPACITY: usize = 4096;
+
+/// Shared record of the most recent [`RECORD_CAPACITY`] received requests. Cheap to clone.
 #[derive(Clone, Default, Debug)]
 pub struct Record {
-    inner: Arc<Mutex<Vec<RecordedRequest>>>,
+    inner: Arc<Mutex<std::collections::VecDeque<RecordedRequest>>>,
 }
 
 impl Record {
     pub fn push(&self, req: RecordedRequest) {
-        self.lock().push(req);
+        let mut r = self.lock();
+        if r.len() == RECORD_CAPACITY {
+            r.pop_front();
+        }
+        r.push_back(req);
     }
 
-    /// A snapshot of everything received so far.
+    /// A snapshot of what was received (the most recent [`RECORD_CAPACITY`] requests).
     pub fn all(&self) -> Vec<RecordedRequest> {
-        self.lock().clone()
+        self.lock().iter().cloned().collect()
     }
 
     pub fn clear(&self) {
@@ -74,7 +82,7 @@ impl Record {
             .collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RecordedRequest>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<RecordedRequest>> {
         // A panicking test thread must not hide the record from the others.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
