@@ -123,14 +123,19 @@ impl AuditLog {
         self.write(base, stage, Some(code), extra)
     }
 
-    /// `audit.mode: blocking` only: a `RequestReceived` record for an admitted request, written
-    /// before it goes to the cluster, so nothing reaches a cluster unrecorded (as kube-apiserver's
-    /// blocking audit does). `None` in `best_effort` mode.
-    pub fn emit_received(&self, base: &AuditBase) -> Option<Written> {
-        if self.mode != AuditMode::Blocking {
-            return None;
-        }
+    /// `audit.mode: blocking` with a sink: admitted requests get a `RequestReceived` record
+    /// ([`emit_received`](Self::emit_received)) before they go to the cluster. Asked first, so
+    /// `best_effort` builds no record for it.
+    pub fn records_received(&self) -> bool {
+        self.mode == AuditMode::Blocking && self.out.is_some()
+    }
+
+    /// A `RequestReceived` record for an admitted request, written before it goes to the
+    /// cluster, so nothing reaches a cluster unrecorded (as kube-apiserver's blocking audit
+    /// does). Only when [`records_received`](Self::records_received).
+    pub fn emit_received(&self, base: &AuditBase) -> Written {
         self.write(base, "RequestReceived", None, &[])
+            .unwrap_or(Written(None))
     }
 
     fn write(
@@ -187,11 +192,18 @@ impl AuditLog {
 /// Whether one record of a `blocking` audit log was written.
 pub struct Written(Option<tokio::sync::oneshot::Receiver<bool>>);
 
+/// How long an answer waits for its record before the sink counts as failing: a sink that
+/// hangs (a stuck disk or pipe) must not hold requests for ever.
+const WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Written {
-    /// True once the record is in the sink; false if the queue was full or the write failed.
+    /// True once the record is in the sink; false if the queue was full, the write failed, or
+    /// it took longer than [`WRITE_WAIT`].
     pub async fn wait(self) -> bool {
         match self.0 {
-            Some(rx) => rx.await.unwrap_or(false),
+            Some(rx) => tokio::time::timeout(WRITE_WAIT, rx)
+                .await
+                .is_ok_and(|r| r.unwrap_or(false)),
             None => false,
         }
     }

@@ -344,18 +344,21 @@ mod tests {
         }
     }
 
+    /// A sink whose writes never return while the sender is held: it holds the writer.
+    struct Stuck(std::sync::mpsc::Receiver<()>);
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.recv();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
     #[test]
     fn flush_at_exit_gives_up_on_a_stuck_writer() {
-        struct Stuck(std::sync::mpsc::Receiver<()>);
-        impl Write for Stuck {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                let _ = self.0.recv();
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let (_hold, rx) = std::sync::mpsc::channel();
         let w = LineWriter::spawn("test-lines", Box::new(Stuck(rx)), 1).unwrap();
         while w.try_write(b"x\n".to_vec()).is_ok() {}
@@ -366,16 +369,6 @@ mod tests {
     #[test]
     fn a_full_queue_refuses_instead_of_waiting() {
         // A sink that never returns holds the writer, so the queue fills.
-        struct Stuck(std::sync::mpsc::Receiver<()>);
-        impl Write for Stuck {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                let _ = self.0.recv();
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let (_hold, rx) = std::sync::mpsc::channel();
         let w = LineWriter::spawn("test-lines", Box::new(Stuck(rx)), 2).unwrap();
         let mut refused = None;
