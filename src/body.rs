@@ -83,6 +83,20 @@ pin_project_lite::pin_project! {
         stop: Option<(Pin<Box<WaitForCancellationFutureOwned>>, StreamGuard)>,
         close: Option<OnClose>,
     }
+
+    impl<B> PinnedDrop for StreamBody<B> {
+        // The relay may end a stream the HTTP stack no longer polls (a stalled client: the
+        // connection is closed under it); the record then says why the relay ended it, not
+        // that the client went away.
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let (Some((_, guard)), Some(close)) = (this.stop.as_ref(), this.close.as_mut()) {
+                if guard.entry.is_closed() && close.end.reason == CloseReason::ClientGone {
+                    close.end.reason = guard.entry.reason();
+                }
+            }
+        }
+    }
 }
 
 impl<B> StreamBody<B> {
@@ -130,6 +144,8 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         if let Some((stop, guard)) = this.stop.as_mut() {
+            // Polled again: the client took what came before (docs/security.md F4).
+            guard.entry.client_took();
             if stop.as_mut().poll(cx).is_ready() {
                 finish(this.close, guard.entry.reason());
                 return Poll::Ready(None);
@@ -148,6 +164,10 @@ where
                 }
                 if let (Some(c), Some(data)) = (this.close.as_mut(), frame.data_ref()) {
                     c.end.bytes += data.len() as u64;
+                }
+                // Until the next poll, this frame waits on the client.
+                if let Some((_, guard)) = this.stop.as_ref() {
+                    guard.entry.handed_to_client();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -258,6 +278,48 @@ mod tests {
         );
         drop(body);
         assert_eq!(ended.lock().unwrap().reason, CloseReason::ClientGone);
+    }
+
+    #[tokio::test]
+    async fn a_frame_the_client_never_takes_ends_the_stream_as_a_write_stall() {
+        let registry = Arc::new(crate::streams::StreamRegistry::default());
+        let connection = tokio_util::sync::CancellationToken::new();
+        let guard = registry
+            .register_for_tests(crate::streams::StreamKind::Watch, Some(connection.clone()));
+        let entry = guard.entry.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+        let ended = Arc::new(parking_lot::Mutex::new(None));
+        let e2 = ended.clone();
+        let mut body = StreamBody::new(
+            StreamOf::new(tokio_stream_from(rx)),
+            None,
+            None,
+            Some(OnClose::new(move |end| *e2.lock() = Some(end))),
+        )
+        .stoppable(guard);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"event"))))
+            .await
+            .unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        // Polled again with nothing new: the client took the frame; nothing waits on it.
+        assert!(futures_util::poll!(body.frame()).is_pending());
+        assert_eq!(entry.waited(), None);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"more"))))
+            .await
+            .unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        // Never polled again, as when the client's socket or h2 window is full.
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(registry.close_stalled(Duration::from_millis(1)), 1);
+        assert!(connection.is_cancelled(), "the connection is let go");
+        drop(body);
+        assert_eq!(
+            *ended.lock(),
+            Some(StreamEnd {
+                bytes: 9,
+                reason: CloseReason::WriteStall
+            })
+        );
     }
 
     fn tokio_stream_from<T: Send + 'static>(

@@ -157,6 +157,8 @@ pub struct Metrics {
     pub audit_dropped: Counter,
     /// HTTP/1.1 requests refused for ambiguous framing before they were parsed.
     pub framing_refused: Counter,
+    /// Streams ended because their client took none of their bytes for `timeouts.write_stall`.
+    pub write_stalls: Counter,
     /// Requests sent again because the cluster refused them unprocessed (HTTP/2 GOAWAY).
     pub upstream_retries: Counter,
     pub reloads: Family<ResultLabels, Counter>,
@@ -248,6 +250,12 @@ impl Metrics {
             "HTTP/1.1 requests refused for ambiguous framing (Content-Length with Transfer-Encoding, repeated framing fields, bare LF), before any parsing",
             framing_refused.clone(),
         );
+        let write_stalls = Counter::default();
+        registry.register(
+            "write_stalls",
+            "Watches, log follows and tunnels ended because the client took none of their bytes for timeouts.write_stall",
+            write_stalls.clone(),
+        );
         let audit_dropped = Counter::default();
         registry.register(
             "audit_dropped",
@@ -268,6 +276,7 @@ impl Metrics {
             credentials,
             audit_dropped,
             framing_refused,
+            write_stalls,
             upstream_retries,
             jwks_refresh,
             denials,

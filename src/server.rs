@@ -312,6 +312,19 @@ impl App {
             tokio::spawn(watch_config(relay.clone(), shutdown.clone(), self.hup));
         }
         {
+            // The registry and metrics outlive reloads; the limit is the current generation's.
+            let st = relay.state();
+            let (limit_of, stalls) = (relay.clone(), st.metrics.write_stalls.clone());
+            tokio::spawn(crate::streams::sweep_stalled(
+                st.streams.clone(),
+                move || limit_of.state().cfg.timeouts.write_stall,
+                move |n| {
+                    stalls.inc_by(n as u64);
+                },
+                shutdown.clone(),
+            ));
+        }
+        {
             let (relay, shutdown, stop, close) = (
                 relay.clone(),
                 shutdown.clone(),
@@ -510,7 +523,12 @@ async fn serve_connection(
         refused.inc();
         tracing::info!(peer = %peer, reason = why, "request refused: ambiguous HTTP/1.1 framing");
     });
-    let conn = Arc::new(ConnCtx { peer, sni });
+    let abort = CancellationToken::new();
+    let conn = Arc::new(ConnCtx {
+        peer,
+        sni,
+        abort: abort.clone(),
+    });
     // A connection accepted while draining (during `drain_delay`) is served, one request per
     // HTTP/1.1 connection; asking it to shut down at once would drop its first request unread.
     let late = relay.is_draining();
@@ -533,17 +551,23 @@ async fn serve_connection(
         service_fn(move |req: Request<Incoming>| proxy::handle(relay.state(), conn.clone(), req));
     let serving = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     tokio::pin!(serving);
+    // `abort` drops the connection mid-way: a watch whose client stopped reading cannot be
+    // ended any other way (src/streams.rs).
     tokio::select! {
         r = serving.as_mut() => {
             if let Err(e) = r {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
         }
+        () = abort.cancelled() => {}
         () = close.cancelled(), if !late => {
             // GOAWAY on h2, no more keep-alive on h1; in-flight requests finish. Long-running
             // ones are closed by the drain schedule.
             serving.as_mut().graceful_shutdown();
-            let _ = serving.await;
+            tokio::select! {
+                _ = serving => {}
+                () = abort.cancelled() => {}
+            }
         }
     }
 }

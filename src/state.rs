@@ -46,6 +46,8 @@ pub struct ConnCtx {
     pub peer: SocketAddr,
     /// SNI from the handshake, lower-cased by rustls.
     pub sni: Option<String>,
+    /// Cancelling it drops the connection at once (a stalled watch: src/streams.rs).
+    pub abort: tokio_util::sync::CancellationToken,
 }
 
 impl State {

@@ -6,7 +6,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -44,6 +47,9 @@ pub enum CloseReason {
     AccessRevoked,
     /// The relay is shutting down.
     Draining,
+    /// The client accepted none of the stream's bytes for `timeouts.write_stall`:
+    /// docs/security.md F4.
+    WriteStall,
 }
 
 impl CloseReason {
@@ -58,6 +64,7 @@ impl CloseReason {
             Self::TokenExpired => "token_expired",
             Self::AccessRevoked => "access_revoked",
             Self::Draining => "draining",
+            Self::WriteStall => "write_stall",
         }
     }
 }
@@ -71,6 +78,24 @@ pub struct StreamEntry {
     pub kind: StreamKind,
     cancel: CancellationToken,
     reason: Mutex<CloseReason>,
+    /// Since when the stream has bytes the client has not taken (milliseconds since [`epoch`]
+    /// plus one; zero while nothing waits on the client).
+    waiting: AtomicU64,
+    /// Ends the client's whole connection. A response body the HTTP stack has stopped polling
+    /// (a full socket on HTTP/1.1, an exhausted stream window on h2) cannot end itself, and
+    /// hyper offers no way to reset one h2 stream from outside: closing the connection is the
+    /// one way to let go of a stalled watch. `None` for tunnels, which end themselves.
+    connection: Option<CancellationToken>,
+}
+
+/// The moment write-stall times are counted from.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_mark() -> u64 {
+    epoch().elapsed().as_millis() as u64 + 1
 }
 
 impl StreamEntry {
@@ -86,6 +111,47 @@ impl StreamEntry {
 
     pub fn token(&self) -> CancellationToken {
         self.cancel.clone()
+    }
+
+    /// Whether the relay has decided to end this stream (revoked, draining, stalled).
+    pub fn is_closed(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// The stream handed the client bytes it has not yet taken: a wait starts now.
+    pub fn handed_to_client(&self) {
+        self.waiting.store(now_mark(), Ordering::Relaxed);
+    }
+
+    /// A write to the client could not go on: a wait starts now, unless one already runs.
+    pub fn blocked_on_client(&self) {
+        if self.waiting.load(Ordering::Relaxed) == 0 {
+            self.waiting.store(now_mark(), Ordering::Relaxed);
+        }
+    }
+
+    /// The client took bytes: nothing waits on it.
+    pub fn client_took(&self) {
+        if self.waiting.load(Ordering::Relaxed) != 0 {
+            self.waiting.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// How long the stream has waited on the client, if it does.
+    pub fn waited(&self) -> Option<Duration> {
+        match self.waiting.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(now_mark().saturating_sub(since))),
+        }
+    }
+
+    /// Ends a stream whose client stopped reading: the stream's own task (a tunnel) sees its
+    /// token cancelled; a response body is let go with its connection.
+    fn close_stalled(&self) {
+        self.close(CloseReason::WriteStall);
+        if let Some(c) = &self.connection {
+            c.cancel();
+        }
     }
 }
 
@@ -119,20 +185,23 @@ impl Drop for StreamGuard {
     }
 }
 
+/// What a stream is, as it registers.
+pub struct NewStream {
+    pub principal: Arc<Principal>,
+    pub cluster: String,
+    pub info: RequestInfo,
+    pub impersonating: bool,
+    pub kind: StreamKind,
+    /// The client connection to drop if the stream stalls (see [`StreamEntry`]).
+    pub connection: Option<CancellationToken>,
+}
+
 impl StreamRegistry {
     /// Registers a stream, unless its identity already holds `limit` live streams.
-    pub fn register(
-        self: &Arc<Self>,
-        principal: Arc<Principal>,
-        cluster: String,
-        info: RequestInfo,
-        impersonating: bool,
-        kind: StreamKind,
-        limit: u32,
-    ) -> Option<StreamGuard> {
+    pub fn register(self: &Arc<Self>, s: NewStream, limit: u32) -> Option<StreamGuard> {
         {
             let mut counts = self.per_identity.lock();
-            let n = counts.entry(principal.user_key().to_owned()).or_insert(0);
+            let n = counts.entry(s.principal.user_key().to_owned()).or_insert(0);
             if *n >= limit {
                 return None;
             }
@@ -140,13 +209,15 @@ impl StreamRegistry {
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(StreamEntry {
-            principal,
-            cluster,
-            info,
-            impersonating,
-            kind,
+            principal: s.principal,
+            cluster: s.cluster,
+            info: s.info,
+            impersonating: s.impersonating,
+            kind: s.kind,
             cancel: CancellationToken::new(),
             reason: Mutex::new(CloseReason::Closed),
+            waiting: AtomicU64::new(0),
+            connection: s.connection,
         });
         self.entries.lock().insert(id, entry.clone());
         Some(StreamGuard {
@@ -167,5 +238,133 @@ impl StreamRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Registers a stream of dev/alice on cluster alpha, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn register_for_tests(
+        self: &Arc<Self>,
+        kind: StreamKind,
+        connection: Option<CancellationToken>,
+    ) -> StreamGuard {
+        let s = NewStream {
+            principal: Arc::new(Principal::for_tests("dev", "alice")),
+            cluster: "alpha".into(),
+            info: RequestInfo::default(),
+            impersonating: false,
+            kind,
+            connection,
+        };
+        self.register(s, 10).unwrap()
+    }
+
+    /// Ends every stream that has waited on its client for `limit` or longer; returns how many.
+    pub fn close_stalled(&self, limit: Duration) -> usize {
+        let stalled: Vec<Arc<StreamEntry>> = self
+            .entries
+            .lock()
+            .values()
+            .filter(|e| !e.is_closed() && e.waited().is_some_and(|w| w >= limit))
+            .cloned()
+            .collect();
+        for e in &stalled {
+            tracing::info!(
+                cluster = %e.cluster,
+                user = %e.principal.username,
+                waited_ms = e.waited().map_or(0, |w| w.as_millis() as u64),
+                "closing a stream whose client stopped reading"
+            );
+            e.close_stalled();
+        }
+        stalled.len()
+    }
+}
+
+/// Runs until `stop`: every `limit() / 4` (within 100 ms .. 5 s) ends the streams whose client
+/// has taken nothing for `limit()` (docs/security.md F4). `limit` is read on every round, so a
+/// reload applies to live streams too.
+pub async fn sweep_stalled(
+    registry: Arc<StreamRegistry>,
+    limit: impl Fn() -> Duration,
+    on_close: impl Fn(usize),
+    stop: CancellationToken,
+) {
+    loop {
+        let every = (limit() / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let n = registry.close_stalled(limit());
+        if n > 0 {
+            on_close(n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(r: &Arc<StreamRegistry>, connection: Option<CancellationToken>) -> StreamGuard {
+        r.register_for_tests(StreamKind::Watch, connection)
+    }
+
+    #[test]
+    fn only_a_stream_waiting_on_its_client_past_the_limit_is_closed() {
+        let r = Arc::new(StreamRegistry::default());
+        let conn = CancellationToken::new();
+        let (waiting, idle, took) = (
+            register(&r, Some(conn.clone())),
+            register(&r, None),
+            register(&r, None),
+        );
+        waiting.entry.handed_to_client();
+        took.entry.handed_to_client();
+        took.entry.client_took();
+        // Not yet past a limit of an hour.
+        assert_eq!(r.close_stalled(Duration::from_secs(3600)), 0);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(r.close_stalled(Duration::from_millis(1)), 1);
+        assert_eq!(waiting.entry.reason(), CloseReason::WriteStall);
+        assert!(waiting.entry.is_closed() && conn.is_cancelled());
+        assert!(!idle.entry.is_closed() && !took.entry.is_closed());
+        // Closed once: a second sweep does not count it again.
+        assert_eq!(r.close_stalled(Duration::from_millis(1)), 0);
+    }
+
+    #[test]
+    fn a_blocked_write_keeps_the_time_its_wait_began() {
+        let r = Arc::new(StreamRegistry::default());
+        let g = register(&r, None);
+        g.entry.blocked_on_client();
+        std::thread::sleep(Duration::from_millis(20));
+        // Woken and blocked again: still the same wait.
+        g.entry.blocked_on_client();
+        assert!(g.entry.waited().unwrap() >= Duration::from_millis(20));
+        g.entry.client_took();
+        assert_eq!(g.entry.waited(), None);
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_closes_stalled_streams_and_reports_them() {
+        let r = Arc::new(StreamRegistry::default());
+        let g = register(&r, None);
+        g.entry.blocked_on_client();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(sweep_stalled(
+            r.clone(),
+            || Duration::from_millis(50),
+            move |n| {
+                let _ = tx.send(n);
+            },
+            stop.clone(),
+        ));
+        let n = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert_eq!(n.unwrap(), Some(1));
+        assert_eq!(g.entry.reason(), CloseReason::WriteStall);
+        stop.cancel();
+        task.await.unwrap();
     }
 }

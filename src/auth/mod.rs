@@ -121,6 +121,26 @@ impl Principal {
     pub fn claim(&self, name: &str) -> Option<&str> {
         claim_str(&self.claims, name)
     }
+
+    /// A caller `issuer/subject` with no groups and a token valid for an hour, for unit tests of
+    /// what happens after authentication.
+    #[cfg(test)]
+    pub(crate) fn for_tests(issuer: &str, subject: &str) -> Self {
+        Self {
+            issuer: issuer.into(),
+            subject: subject.to_owned(),
+            user_key: format!("{issuer}/{subject}"),
+            username: subject.to_owned(),
+            groups: Arc::from([]),
+            groups_overage: false,
+            app_only: false,
+            oid: None,
+            app_id: None,
+            expires_at: crate::clock::unix_now() + 3600,
+            claims: serde_json::Map::new(),
+            token: "".into(),
+        }
+    }
 }
 
 /// Why a token was refused; the label of `relay_authn_total{reason}`. Never sent to clients.

@@ -130,6 +130,7 @@ struct FileTimeouts {
     connect: Option<String>,
     response_header: Option<String>,
     stream_idle: Option<String>,
+    write_stall: Option<String>,
     token_grace: Option<String>,
     drain_delay: Option<String>,
     drain_window: Option<String>,
@@ -211,6 +212,10 @@ pub struct Timeouts {
     pub response_header: Duration,
     /// Idle time (no bytes either way) after which a watch, log follow or tunnel is closed.
     pub stream_idle: Duration,
+    /// How long a watch, log follow or tunnel may wait on a client that takes none of its bytes
+    /// before the relay ends it (docs/security.md F4). A watch over HTTP/2 is ended with its
+    /// whole connection: the HTTP stack cannot reset one stalled stream from outside.
+    pub write_stall: Duration,
     /// How long a watch, log follow or tunnel may outlive the caller's token (`exp`) before the
     /// relay closes it; client-go then reconnects with a fresh token.
     pub token_grace: Duration,
@@ -233,6 +238,9 @@ impl Default for Timeouts {
             // Watches without timeoutSeconds last 30–60 min on the API server (docs/protocols.md
             // §3.4); the relay must never be the one to cut them first.
             stream_idle: Duration::from_secs(2 * 60 * 60),
+            // Long enough for a person who paused a pager on `kubectl logs -f`, short enough
+            // that a hung client does not pin a watch and its upstream stream for hours.
+            write_stall: Duration::from_secs(5 * 60),
             token_grace: Duration::from_secs(5 * 60),
             drain_delay: Duration::from_secs(5),
             drain_window: Duration::from_secs(20),
@@ -587,6 +595,7 @@ fn validate_timeouts(t: FileTimeouts, errs: &mut Errors) -> Timeouts {
             errs,
         ),
         stream_idle: parse_duration(&t.stream_idle, "timeouts.stream_idle", d.stream_idle, errs),
+        write_stall: parse_duration(&t.write_stall, "timeouts.write_stall", d.write_stall, errs),
         token_grace: parse_duration(&t.token_grace, "timeouts.token_grace", d.token_grace, errs),
         drain_delay: parse_duration(&t.drain_delay, "timeouts.drain_delay", d.drain_delay, errs),
         drain_window: parse_duration(

@@ -89,6 +89,7 @@ fn the_design_example_loads() {
     );
     assert_eq!(weu.access.len(), 3);
     assert_eq!(cfg.timeouts.stream_idle, Duration::from_secs(7200));
+    assert_eq!(cfg.timeouts.write_stall, Duration::from_secs(300));
 }
 
 #[test]
@@ -100,7 +101,7 @@ public_url: http://relay.example.com
 tls: {cert_file: missing.crt, key_file: relay.crt}
 routing: {host_suffix: "bad suffix!", path_prefix: "clusters"}
 colour: blue
-timeouts: {connect: soon}
+timeouts: {connect: soon, write_stall: 0s}
 identity:
   issuers:
     - name: contoso
@@ -140,6 +141,7 @@ clusters:
         "routing.path_prefix:",
         "colour: unknown key",
         "timeouts.connect: `soon` is not a duration",
+        "timeouts.write_stall: must be greater than zero",
         "identity.issuers[0].tenant_id:",
         "identity.issuers[0].audiences:",
         "identity.issuers[1].name: duplicate issuer name",

@@ -364,7 +364,7 @@ async fn phases(
         target: &target,
         info: &info,
     };
-    dispatch(state, upstream, admitted, &principal, up, ctx).await
+    dispatch(state, conn, upstream, admitted, &principal, up, ctx).await
 }
 
 /// Phase: route. Pure; malformed or contradictory names are refused before anything else.
@@ -555,6 +555,7 @@ struct Prepared<'a> {
 /// Long-running requests end when the caller's token does, plus grace (docs/security.md A6).
 async fn dispatch(
     state: &State,
+    conn: &ConnCtx,
     upstream: &Upstream,
     admitted: Admitted,
     principal: &Arc<Principal>,
@@ -580,6 +581,7 @@ async fn dispatch(
             info,
             impersonating,
             crate::streams::StreamKind::Tunnel,
+            None,
         )?;
         let up = upgrade::UpgradeRequest {
             req,
@@ -603,6 +605,7 @@ async fn dispatch(
             info,
             impersonating,
             crate::streams::StreamKind::Watch,
+            Some(conn.abort.clone()),
         )?;
         Some((ctx.audit(), token_deadline, guard))
     } else {
@@ -620,15 +623,19 @@ fn register_stream(
     info: &RequestInfo,
     impersonating: bool,
     kind: crate::streams::StreamKind,
+    connection: Option<tokio_util::sync::CancellationToken>,
 ) -> Result<crate::streams::StreamGuard, ProxyError> {
     state
         .streams
         .register(
-            p.clone(),
-            cluster.to_owned(),
-            info.clone(),
-            impersonating,
-            kind,
+            crate::streams::NewStream {
+                principal: p.clone(),
+                cluster: cluster.to_owned(),
+                info: info.clone(),
+                impersonating,
+                kind,
+                connection,
+            },
             state.cfg.limits.per_identity_streams,
         )
         .ok_or_else(|| ProxyError::TooManyRequests {

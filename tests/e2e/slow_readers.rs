@@ -2,7 +2,8 @@
 //! end must not make the relay buffer the stream. Flow control reaches the cluster: over
 //! HTTP/1.1 (TCP backpressure) and HTTP/2 (stream and connection windows) the cluster manages to
 //! send only what the socket buffers and windows hold, and the process's resident memory stays
-//! flat while it tries to send 1 GiB.
+//! flat while it tries to send 1 GiB. Then, after `timeouts.write_stall` with nothing taken, the
+//! relay ends the stream and its audit record says `write_stall`; over SPDY and WebSocket too.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -109,10 +110,33 @@ fn rss_bytes() -> u64 {
 
 const WATCH: &str = "/clusters/alpha/api/v1/namespaces/default/pods?watch=true";
 
+/// A write-stall limit short enough for a test, long enough that nothing else trips it.
+const STALL: &str = "timeouts: {write_stall: 2s}\n";
+
+/// Waits (bounded) for the audit log at `path` to hold a ResponseComplete whose close reason is
+/// `write_stall`, and returns it.
+async fn stall_record(path: &std::path::Path) -> serde_json::Value {
+    crate::support::eventually(
+        "a ResponseComplete audit record with close-reason write_stall",
+        Duration::from_secs(30),
+        || async {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|r| {
+                    r["stage"] == "ResponseComplete"
+                        && r["annotations"]["kube-relay.io/close-reason"] == "write_stall"
+                })
+                .ok_or(())
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_http1_watch_reader_pushes_back_to_the_cluster() {
+async fn a_stalled_http1_watch_reader_pushes_back_to_the_cluster_then_is_cut_off() {
     let cluster = StreamingCluster::start().await;
-    let relay = CustomRelay::start(&[("alpha", &cluster.upstream)]).await;
+    let relay = CustomRelay::start_with(&[("alpha", &cluster.upstream)], STALL).await;
     let token = relay.token("alice");
     let rss_before = rss_bytes();
     let mut s = tls_connect(relay.addr, &relay.ca, "localhost", &[b"http/1.1"]).await;
@@ -139,13 +163,29 @@ async fn a_stalled_http1_watch_reader_pushes_back_to_the_cluster() {
         grown < 64 << 20,
         "the relay buffered the stream: RSS grew {grown} bytes"
     );
-    drop(s);
+    // Nothing taken for the limit: the relay ends the stream, audited, and closes the
+    // connection: reading on finds its end after what the buffers held.
+    let record = stall_record(&relay.audit_path()).await;
+    assert_eq!(record["annotations"]["kube-relay.io/protocol"], "watch");
+    let mut sink = vec![0u8; 1 << 16];
+    let mut drained = 0usize;
+    let end = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match s.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the connection stayed open after the stall");
+    assert!(drained < 64 << 20, "{drained} bytes were still buffered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_http2_watch_reader_pushes_back_to_the_cluster() {
+async fn a_stalled_http2_watch_reader_pushes_back_to_the_cluster_then_is_cut_off() {
     let cluster = StreamingCluster::start().await;
-    let relay = CustomRelay::start(&[("alpha", &cluster.upstream)]).await;
+    let relay = CustomRelay::start_with(&[("alpha", &cluster.upstream)], STALL).await;
     let token = relay.token("alice");
     let rss_before = rss_bytes();
     let tls = tls_connect(relay.addr, &relay.ca, "localhost", &[b"h2"]).await;
@@ -155,7 +195,7 @@ async fn a_stalled_http2_watch_reader_pushes_back_to_the_cluster() {
     )
     .await
     .unwrap();
-    tokio::spawn(conn);
+    let connection = tokio::spawn(conn);
     let req = http::Request::get(format!("https://localhost{WATCH}"))
         .header("authorization", format!("Bearer {token}"))
         .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -175,17 +215,40 @@ async fn a_stalled_http2_watch_reader_pushes_back_to_the_cluster() {
         grown < 64 << 20,
         "the relay buffered the stream: RSS grew {grown} bytes"
     );
+    // The stalled stream cannot be reset on its own (src/streams.rs): its connection ends.
+    let record = stall_record(&relay.audit_path()).await;
+    assert_eq!(record["annotations"]["kube-relay.io/protocol"], "watch");
+    let ended = tokio::time::timeout(Duration::from_secs(30), connection).await;
+    assert!(
+        ended.is_ok(),
+        "the h2 connection stayed open after the stall"
+    );
 }
 
 /// Exec tunnels (SPDY with kubectl 1.27, WebSocket with 1.33): the pod writes 1 GiB to stdout
 /// while kubectl's stdout pipe is never read. kubectl blocks on the full pipe and stops reading
 /// the tunnel; the relay's 64 KiB copy buffers fill and it stops reading from the cluster, whose
 /// writer blocks. So after a few seconds the command is still running (1 GiB has not gone
-/// anywhere) and the process's memory has not grown by the stream.
+/// anywhere) and the process's memory has not grown by the stream. Then, with
+/// `timeouts.write_stall` at 10 s, the relay ends the session and audits `write_stall`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_exec_reader_pushes_back_to_the_pod_over_spdy_and_websocket() {
+async fn a_stalled_exec_reader_pushes_back_to_the_pod_then_is_cut_off_over_spdy_and_websocket() {
     let env = crate::support::dev_env().await;
-    for version in ["1.27", "1.33"] {
+    let config = env.dev.dir.join("relay.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("timeouts:\n", "timeouts:\n  write_stall: 10s\n", 1),
+    )
+    .unwrap();
+    env.dev
+        .relay_handle
+        .reload()
+        .await
+        .expect("the edited configuration loads");
+    let audit = env.dev.dir.join("audit.jsonl");
+    for (version, protocol) in [("1.27", "spdy"), ("1.33", "websocket")] {
+        let before = std::fs::read_to_string(&audit).unwrap_or_default().len();
         let rss_before = rss_bytes();
         let mut child = env
             .kubectl(version, "alpha")
@@ -205,8 +268,6 @@ async fn a_stalled_exec_reader_pushes_back_to_the_pod_over_spdy_and_websocket() 
         }
         let grown = rss_bytes().saturating_sub(rss_before);
         eprintln!("F4 exec {version}: still running {still_running}; RSS grew {grown} bytes");
-        let _ = child.kill();
-        let _ = child.wait();
         assert!(
             still_running,
             "kubectl {version}: 1 GiB went somewhere while nobody read it"
@@ -215,6 +276,43 @@ async fn a_stalled_exec_reader_pushes_back_to_the_pod_over_spdy_and_websocket() 
             grown < 64 << 20,
             "kubectl {version}: RSS grew {grown} bytes"
         );
+        let record = crate::support::eventually(
+            "the exec session's write_stall record",
+            Duration::from_secs(60),
+            || async {
+                let text = std::fs::read_to_string(&audit).unwrap_or_default();
+                text.get(before..)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .find(|r| {
+                        r["stage"] == "ResponseComplete"
+                            && r["annotations"]["kube-relay.io/close-reason"] == "write_stall"
+                    })
+                    .ok_or(())
+            },
+        )
+        .await;
+        eprintln!("F4 exec {version}: {}", record["annotations"]);
+        assert_eq!(
+            record["annotations"]["kube-relay.io/protocol"], protocol,
+            "kubectl {version}"
+        );
+        // kubectl, blocked on its full stdout, notices only when someone reads on: then it
+        // finds the session over after what was in flight, far short of the GiB. (How it
+        // exits is kubectl's: 1.27 treats the closed SPDY connection as the end of output.)
+        let mut stdout = child.stdout.take().unwrap();
+        let reader = tokio::task::spawn_blocking(move || {
+            std::io::copy(&mut stdout, &mut std::io::sink()).unwrap_or(0)
+        });
+        let read = tokio::time::timeout(Duration::from_secs(60), reader).await;
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        let read = read
+            .expect("kubectl's output ends once the relay ended its session")
+            .unwrap();
+        eprintln!("F4 exec {version}: kubectl printed {read} bytes, then {status}");
+        assert!(read < 64 << 20, "kubectl {version} printed {read} bytes");
     }
     env.dev.stop().await;
 }
