@@ -9,6 +9,8 @@
 #   - tests/browser/node_modules via `npm ci` (playwright-core, which drives the browser of
 #     tests/e2e/browser.rs), on the same terms, and Debian's `chromium` (apt-get, root only, only when
 #     /usr/bin/chromium is missing): playwright-core never downloads a browser of its own;
+#   - tests/storage/node_modules via `npm ci` (Azurite, the Azure Storage emulator that stores
+#     session recordings in tests/e2e/recording.rs), on the same terms;
 #   - .venv-deploy/ with tests/deploy/requirements.txt (checkov, for tests/e2e/deploy.rs), a venv of
 #     its own because checkov's pins conflict with the kubernetes client's; reinstalled only
 #     when that file or the interpreter changes.
@@ -86,33 +88,29 @@ else
     log "node client deps installed: @kubernetes/client-node $(node -p 'require("'"$NODE_DIR"'/node_modules/@kubernetes/client-node/package.json").version')"
 fi
 
-# --- Test IdP (oidc-provider) ---
-IDP_DIR="$ROOT/tests/idp"
-IDP_STAMP="$IDP_DIR/node_modules/.kube-relay-package-lock.sha256"
-idp_want="$(fingerprint "$IDP_DIR/package-lock.json" "node $(node --version) npm $(npm --version 2>/dev/null)")"
-if [ -d "$IDP_DIR/node_modules" ] && [ -f "$IDP_STAMP" ] && [ "$(cat "$IDP_STAMP")" = "$idp_want" ]; then
-    log "test IdP deps up to date (${IDP_DIR#"$ROOT"/}/node_modules)"
-else
-    log "npm ci in ${IDP_DIR#"$ROOT"/}"
-    (cd "$IDP_DIR" && npm ci --no-audit --no-fund --loglevel=error)
-    printf '%s\n' "$idp_want" >"$IDP_STAMP"
-    log "test IdP deps installed: oidc-provider $(node -p 'require("'"$IDP_DIR"'/node_modules/oidc-provider/package.json").version')"
-fi
-
-# --- Test browser (Debian chromium + playwright-core) ---
+# --- npm packages of the other test helpers, each pinned by its own lock file ---
+# npm ci in DIR (relative to the repo) when its lock file, node or npm changed; LABEL names it in
+# messages and PKG is the package whose version is reported.
+npm_deps() {
+    local dir="$ROOT/$1" label="$2" pkg="$3" stamp want
+    stamp="$dir/node_modules/.kube-relay-package-lock.sha256"
+    want="$(fingerprint "$dir/package-lock.json" "node $(node --version) npm $(npm --version 2>/dev/null)")"
+    if [ -d "$dir/node_modules" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        log "$label deps up to date ($1/node_modules)"
+        return
+    fi
+    log "npm ci in $1"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+    printf '%s\n' "$want" >"$stamp"
+    log "$label deps installed: $pkg $(node -p 'require("'"$dir"'/node_modules/'"$pkg"'/package.json").version')"
+}
+# oidc-provider: the real IdP of tests/e2e/oidc_provider.rs.
+npm_deps tests/idp "test IdP" oidc-provider
 # playwright-core is pinned to the release whose bundled Chromium matches Debian bookworm's
-# chromium major version; drive.mjs launches /usr/bin/chromium.
-BROWSER_DIR="$ROOT/tests/browser"
-BROWSER_STAMP="$BROWSER_DIR/node_modules/.kube-relay-package-lock.sha256"
-browser_want="$(fingerprint "$BROWSER_DIR/package-lock.json" "node $(node --version) npm $(npm --version 2>/dev/null)")"
-if [ -d "$BROWSER_DIR/node_modules" ] && [ -f "$BROWSER_STAMP" ] && [ "$(cat "$BROWSER_STAMP")" = "$browser_want" ]; then
-    log "test browser driver deps up to date (${BROWSER_DIR#"$ROOT"/}/node_modules)"
-else
-    log "npm ci in ${BROWSER_DIR#"$ROOT"/}"
-    (cd "$BROWSER_DIR" && npm ci --no-audit --no-fund --loglevel=error)
-    printf '%s\n' "$browser_want" >"$BROWSER_STAMP"
-    log "test browser driver deps installed: playwright-core $(node -p 'require("'"$BROWSER_DIR"'/node_modules/playwright-core/package.json").version')"
-fi
+# chromium major version; tests/browser/drive.mjs launches /usr/bin/chromium.
+npm_deps tests/browser "test browser driver" playwright-core
+# Azurite, the Azure Storage emulator: the recording store of tests/e2e/recording.rs.
+npm_deps tests/storage "storage emulator" azurite
 if [ -x /usr/bin/chromium ]; then
     log "chromium present ($(/usr/bin/chromium --version 2>/dev/null | head -n1))"
 elif [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then

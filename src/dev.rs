@@ -320,6 +320,14 @@ admin:
   listen: {admin_addr}
 audit:
   path: audit.jsonl
+recording:
+  # exec and attach sessions on alpha are recorded (asciicast v2), one file per session;
+  # production would use kind: azure_blob. alice may play them back in the portal.
+  store:
+    kind: file
+    dir: recordings
+  auditors:
+    users: [{ISSUER_NAME}/alice]
 timeouts:
   # Dev mode stops quickly on Ctrl-C; production defaults are 5s / 20s.
   drain_delay: 200ms
@@ -355,6 +363,7 @@ clusters:
     upstream_auth:
       mode: impersonate
       token_file: relay-token
+    recording: required
     access:
       - users: [{ISSUER_NAME}/alice]
       - users: [{ISSUER_NAME}/carol]

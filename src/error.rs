@@ -60,6 +60,10 @@ pub enum ProxyError {
     /// 503: `audit.mode: blocking` and the audit record cannot be written.
     #[error("audit log {sink} cannot be written")]
     AuditUnavailable { sink: String },
+    /// 503: the cluster requires session recording and the recording store cannot be
+    /// written, so the session is not started.
+    #[error("recording store unavailable for cluster {cluster}")]
+    RecordingUnavailable { cluster: String, detail: String },
     /// 401 with Entra's claims challenge: a rule would admit the request if the token carried
     /// the Conditional Access authentication context `auth_context` (step-up). `message` names
     /// the command that gets such a token.
@@ -77,6 +81,7 @@ impl ProxyError {
             Self::Internal(_) => Fault::Internal,
             Self::CredentialUnavailable { .. } => Fault::Upstream,
             Self::AuditUnavailable { .. } => Fault::Internal,
+            Self::RecordingUnavailable { .. } => Fault::Internal,
             _ => Fault::Client,
         }
     }
@@ -107,6 +112,7 @@ impl ProxyError {
             Self::CredentialUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::StepUp { .. } => StatusCode::UNAUTHORIZED,
             Self::AuditUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RecordingUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -132,6 +138,7 @@ impl ProxyError {
             Self::CredentialUnavailable { .. } => "ServiceUnavailable",
             Self::StepUp { .. } => "Unauthorized",
             Self::AuditUnavailable { .. } => "ServiceUnavailable",
+            Self::RecordingUnavailable { .. } => "ServiceUnavailable",
         }
     }
 
@@ -145,6 +152,9 @@ impl ProxyError {
             Self::StepUp { message, .. } => message.clone(),
             Self::AuditUnavailable { sink } => format!(
                 "kube-relay cannot write its audit log ({sink}) and audit.mode is blocking: requests are refused until records can be written again"
+            ),
+            Self::RecordingUnavailable { cluster, detail } => format!(
+                "cluster {cluster} requires session recording and the recording store cannot be written ({detail}): the session was not started; try again later or ask an administrator to check the store"
             ),
             Self::CredentialUnavailable { cluster, .. } => format!(
                 "cluster {cluster} is unavailable: kube-relay cannot get its credential for the cluster from Entra ID right now; try again in a minute"

@@ -51,6 +51,7 @@ pub mod net;
 pub mod portal;
 pub mod private_file;
 pub mod proxy;
+pub mod recording;
 pub mod route;
 pub mod server;
 pub mod state;

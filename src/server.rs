@@ -188,8 +188,13 @@ fn build_state(cfg: Config, previous: Option<&State>) -> anyhow::Result<State> {
     if let Some(p) = previous {
         groups.adopt(&p.groups);
     }
+    let recordings = match &cfg.recording {
+        Some(r) => Some(Arc::new(crate::recording::RecordingStore::new(&r.store)?)),
+        None => None,
+    };
     Ok(State {
         groups: Arc::new(groups),
+        recordings,
         cfg,
         upstreams,
         auth,

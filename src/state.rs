@@ -27,6 +27,8 @@ pub struct State {
     pub portal: Option<Arc<crate::auth::sso::Portal>>,
     /// Group overage resolution through Microsoft Graph, per issuer.
     pub groups: Arc<crate::groups::GroupResolver>,
+    /// Where exec and attach sessions are recorded (`recording.store`), when configured.
+    pub recordings: Option<Arc<crate::recording::RecordingStore>>,
     pub(crate) tls: TlsAcceptor,
     /// Stops this generation's background tasks (key refresh) when it is replaced.
     pub(crate) generation: CancellationToken,

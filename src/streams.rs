@@ -50,6 +50,8 @@ pub enum CloseReason {
     /// The client accepted none of the stream's bytes for `timeouts.write_stall`:
     /// docs/security.md F4.
     WriteStall,
+    /// The cluster requires session recording and the recording could not be written on.
+    RecordingFailed,
 }
 
 impl CloseReason {
@@ -65,6 +67,7 @@ impl CloseReason {
             Self::AccessRevoked => "access_revoked",
             Self::Draining => "draining",
             Self::WriteStall => "write_stall",
+            Self::RecordingFailed => "recording_failed",
         }
     }
 }

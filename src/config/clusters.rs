@@ -13,6 +13,9 @@ pub(super) struct FileCluster {
     upstream_auth: FileUpstreamAuth,
     #[serde(default)]
     access: Vec<FileAccessRule>,
+    /// Session recording of exec and attach: off (default), optional or required.
+    #[serde(default)]
+    recording: RecordingMode,
 }
 
 #[derive(Deserialize)]
@@ -124,6 +127,8 @@ pub struct ClusterConfig {
     pub ca: Vec<CertificateDer<'static>>,
     pub upstream_auth: UpstreamAuth,
     pub access: Vec<AccessRule>,
+    /// Whether exec and attach sessions are recorded (top-level `recording` says where).
+    pub recording: RecordingMode,
 }
 
 impl ClusterConfig {
@@ -353,6 +358,7 @@ pub(super) fn parse_clusters(
                 ca,
                 upstream_auth: auth,
                 access,
+                recording: f.recording,
             }));
         }
     }

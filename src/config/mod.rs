@@ -28,11 +28,13 @@ mod access;
 mod clusters;
 mod issuers;
 mod login;
+mod recording;
 
 pub use access::*;
 pub use clusters::*;
 pub use issuers::*;
 pub use login::*;
+pub use recording::*;
 
 /// Where audit records go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,6 +179,9 @@ pub struct Config {
     /// How people get tokens for this relay: `kube-relay token`, generated kubeconfigs and the
     /// browser portal. `None`: only bearer tokens obtained elsewhere; the portal says so.
     pub login: Option<LoginConfig>,
+    /// Where exec and attach recordings go and who may play them back; `None` when no cluster
+    /// records.
+    pub recording: Option<RecordingConfig>,
 }
 
 /// The relay's serving certificate chain and key, loaded and checked to match.
@@ -337,6 +342,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
         "limits",
         "audit",
         "login",
+        "recording",
     ];
     for key in root.keys() {
         match key.as_str() {
@@ -439,6 +445,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
     let issuer_names: BTreeSet<String> = issuers.iter().map(|i| i.name.clone()).collect();
     let clusters = parse_clusters(&root, base, &issuer_names, &mut errs);
     let login = parse_login(&root, base, &issuers, &mut errs);
+    let recording = parse_recording(&root, base, &issuer_names, &clusters, &mut errs);
 
     if !errs.0.is_empty() {
         return Err(ConfigErrors(errs.0));
@@ -465,6 +472,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
                 audit_mode,
                 public_ca_pem,
                 login,
+                recording,
             })
         }
         // Each `None` above recorded an error, so this arm is unreachable in practice; it keeps

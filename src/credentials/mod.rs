@@ -155,6 +155,12 @@ impl AzureToken {
     pub async fn authorization(&self) -> Result<HeaderValue, CredentialError> {
         self.0.authorization().await
     }
+
+    /// The underlying azure_identity credential, for an Azure SDK client that asks for its own
+    /// scope (Azure Storage).
+    pub fn token_credential(&self) -> Arc<dyn TokenCredential> {
+        self.0.cred.clone()
+    }
 }
 
 // === UpstreamCredentials ===

@@ -42,6 +42,8 @@ pub fn entra_client(ca: Option<&[CertificateDer<'static>]>) -> anyhow::Result<Po
 /// identity endpoints (IMDS and App Service/AKS style `IDENTITY_ENDPOINT`), which are http.
 pub struct HyperTransport {
     https: PooledClient,
+    /// Azure Storage: answers (recordings) are streamed, not gathered under a small cap.
+    storage: bool,
     http: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         UpstreamBody,
@@ -70,10 +72,19 @@ impl HyperTransport {
         )))
     }
 
+    /// For Azure Blob Storage (recordings): the public web PKI, or exactly `ca` (an emulator
+    /// in tests); PUT, HEAD and DELETE as well, and response bodies streamed.
+    pub fn for_storage(ca: Option<&[CertificateDer<'static>]>) -> anyhow::Result<Self> {
+        let mut t = Self::new(ca)?;
+        t.storage = true;
+        Ok(t)
+    }
+
     fn over(https: PooledClient) -> anyhow::Result<Self> {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         Ok(Self {
+            storage: false,
             https,
             http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .build(connector),
@@ -94,6 +105,9 @@ impl azure_core::http::HttpClient for HyperTransport {
         let method = match request.method() {
             azure_core::http::Method::Get => Method::GET,
             azure_core::http::Method::Post => Method::POST,
+            azure_core::http::Method::Put if self.storage => Method::PUT,
+            azure_core::http::Method::Head if self.storage => Method::HEAD,
+            azure_core::http::Method::Delete if self.storage => Method::DELETE,
             other => return Err(err(ErrorKind::Other, format!("method {other:?} not used"))),
         };
         let body = match request.body() {
@@ -125,6 +139,20 @@ impl azure_core::http::HttpClient for HyperTransport {
             if let Ok(v) = v.to_str() {
                 headers.insert(k.as_str().to_owned(), v.to_owned());
             }
+        }
+        if self.storage {
+            use futures_util::TryStreamExt as _;
+            let stream = http_body_util::BodyDataStream::new(resp.into_body()).map_err(|e| {
+                azure_core::Error::with_message(
+                    ErrorKind::Io,
+                    format!("reading the response: {}", error_chain(&e)),
+                )
+            });
+            return Ok(azure_core::http::AsyncRawResponse::new(
+                status.into(),
+                headers,
+                Box::pin(stream),
+            ));
         }
         let bytes = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
             .collect()

@@ -35,6 +35,7 @@ use crate::authz::RequestInfo;
 use crate::body::{RelayBody, StreamBody};
 use crate::error::{ProxyError, UpstreamFailure};
 use crate::metrics::{DirectionLabels, DurationLabels, LongRunningLabels};
+use crate::recording::{Recording, RecordingMode, SessionInfo};
 use crate::state::State;
 use crate::streams::{CloseReason, StreamEntry};
 use crate::upstream::Upstream;
@@ -164,6 +165,10 @@ pub async fn relay(
     let uri = upstream
         .uri(target)
         .map_err(|e| ProxyError::BadRequest(format!("cannot forward this request-target: {e}")))?;
+    // Opened before the cluster hears of the session: a required recording that cannot be
+    // written refuses the session before anything runs in the pod.
+    let (mut recording, mut recording_notes) =
+        open_recording(state, upstream, &guard, &audit, target).await?;
     let client_key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
     let offered: Vec<String> = headers::ws_protocols(req.headers())
         .filter(|p| !p.starts_with(headers::WS_BEARER_PREFIX))
@@ -286,6 +291,17 @@ pub async fn relay(
         }
     }
 
+    if let Some((rec, _)) = recording.as_mut() {
+        let chosen = resp
+            .headers()
+            .get(header::SEC_WEBSOCKET_PROTOCOL)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim);
+        rec.framing(match kind {
+            UpgradeKind::Spdy => None,
+            UpgradeKind::WebSocket => Some(chosen.unwrap_or("channel.k8s.io")),
+        });
+    }
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
     let mut client_resp = Response::new(
         Empty::<Bytes>::new()
@@ -335,6 +351,10 @@ pub async fn relay(
                 return;
             }
         };
+        let (rec, finished) = match recording.take() {
+            Some((r, f)) => (Some(r), Some(f)),
+            None => (None, None),
+        };
         let (up, down, ended) = tunnel(
             TokioIo::new(client_io),
             TokioIo::new(upstream_io),
@@ -342,28 +362,107 @@ pub async fn relay(
             token_deadline,
             guard.entry.token(),
             Some(guard.entry.clone()),
+            rec,
         )
         .await;
+        // The recording's last lines reach the store before the record says it is complete.
+        if let Some(f) = finished {
+            match tokio::time::timeout(Duration::from_secs(10), f).await {
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(failure))) => recording_notes.push(("kube-relay.io/recording-error", failure.0)),
+                _ => recording_notes.push((
+                    "kube-relay.io/recording-error",
+                    "the store did not take the recording's last lines within 10 s".to_owned(),
+                )),
+            }
+        }
         // Stopped from outside (revoked access, draining): the registry says which.
         let reason = ended.unwrap_or_else(|| guard.entry.reason()).as_str();
         drop(guard);
         gauge.dec();
         to_up.inc_by(up);
         to_client.inc_by(down);
-        log.emit(
-            &audit,
-            "ResponseComplete",
-            101,
-            &[
-                ("kube-relay.io/protocol", protocol.to_owned()),
-                ("kube-relay.io/bytes-to-upstream", up.to_string()),
-                ("kube-relay.io/bytes-to-client", down.to_string()),
-                ("kube-relay.io/close-reason", reason.to_owned()),
-            ],
-        );
+        let mut notes = vec![
+            ("kube-relay.io/protocol", protocol.to_owned()),
+            ("kube-relay.io/bytes-to-upstream", up.to_string()),
+            ("kube-relay.io/bytes-to-client", down.to_string()),
+            ("kube-relay.io/close-reason", reason.to_owned()),
+        ];
+        notes.extend(recording_notes);
+        log.emit(&audit, "ResponseComplete", 101, &notes);
         tracing::info!(cluster = %cluster, protocol, bytes_to_upstream = up, bytes_to_client = down, close = reason, "stream closed");
     });
     Ok(client_resp)
+}
+
+/// Opens the session's recording when its cluster records exec and attach: the recording and
+/// its writer, plus the audit annotations that point at it (or say why there is none). A
+/// required recording whose store cannot be written refuses the session.
+#[allow(clippy::type_complexity)]
+async fn open_recording(
+    state: &State,
+    upstream: &Upstream,
+    guard: &crate::streams::StreamGuard,
+    audit: &crate::audit::AuditBase,
+    target: &str,
+) -> Result<
+    (
+        Option<(Recording, crate::recording::Finished)>,
+        Vec<(&'static str, String)>,
+    ),
+    ProxyError,
+> {
+    let mode = upstream.cluster.recording;
+    let info = &guard.entry.info;
+    let interactive = matches!(info.subresource.as_deref(), Some("exec" | "attach"));
+    let (Some(store), Some(cfg), true) = (&state.recordings, &state.cfg.recording, interactive)
+    else {
+        return Ok((None, Vec::new()));
+    };
+    if mode == RecordingMode::Off {
+        return Ok((None, Vec::new()));
+    }
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    let mut command = Vec::new();
+    let mut container = None;
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "command" => command.push(v.into_owned()),
+            "container" => container = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let session = SessionInfo {
+        id: audit.audit_id.clone(),
+        cluster: upstream.cluster.name.to_string(),
+        user: guard.entry.principal.username.clone(),
+        namespace: info.namespace.clone().unwrap_or_default(),
+        pod: info.name.clone().unwrap_or_default(),
+        container,
+        command: command.join(" "),
+        stdin: cfg.stdin,
+    };
+    let entry = guard.entry.clone();
+    let on_failure = move |why: &str| {
+        tracing::warn!(cluster = %entry.cluster, error = why, "session recording failed");
+        if mode == RecordingMode::Required {
+            entry.close(CloseReason::RecordingFailed);
+        }
+    };
+    match Recording::open(store.clone(), mode, session, on_failure).await {
+        Ok((rec, finished)) => {
+            let notes = vec![("kube-relay.io/recording", rec.name.clone())];
+            Ok((Some((rec, finished)), notes))
+        }
+        Err(e) if mode == RecordingMode::Required => Err(ProxyError::RecordingUnavailable {
+            cluster: upstream.cluster.name.to_string(),
+            detail: e.0,
+        }),
+        Err(e) => {
+            tracing::warn!(cluster = %upstream.cluster.name, error = %e, "session not recorded (recording: optional)");
+            Ok((None, vec![("kube-relay.io/recording-error", e.0)]))
+        }
+    }
 }
 
 /// Copies both ways until either side closes, an error, `idle` passes with no bytes, or the
@@ -378,6 +477,7 @@ async fn tunnel<A, B>(
     deadline: Instant,
     stop: tokio_util::sync::CancellationToken,
     entry: Option<Arc<StreamEntry>>,
+    recording: Option<Recording>,
 ) -> (u64, u64, Option<CloseReason>)
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -391,6 +491,7 @@ where
         last: activity.clone(),
         bytes: 0,
         writes_wait_on: entry,
+        recording,
     };
     let mut upstream = Activity {
         io: upstream,
@@ -398,6 +499,7 @@ where
         last: activity.clone(),
         bytes: 0,
         writes_wait_on: None,
+        recording: None,
     };
     let result = {
         // 64 KiB per direction instead of tokio's 8 KiB default: measured exec throughput 0.82× →
@@ -438,6 +540,9 @@ struct Activity<T> {
     last: Arc<AtomicU64>,
     bytes: u64,
     writes_wait_on: Option<Arc<StreamEntry>>,
+    /// The client's leg of a recorded session: sees both directions' bytes as they pass, and
+    /// holds the tunnel while the recording's spool is full.
+    recording: Option<Recording>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
@@ -446,9 +551,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Some(rec) = &self.recording {
+            std::task::ready!(rec.poll_room(cx));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         let n = buf.filled().len() - before;
+        if let (Some(rec), true) = (self.recording.as_mut(), n > 0) {
+            rec.from_client(&buf.filled()[before..]);
+        }
         if n > 0 {
             self.bytes += n as u64;
             let now = self.base.elapsed().as_millis() as u64;
@@ -464,7 +575,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if let Some(rec) = &self.recording {
+            std::task::ready!(rec.poll_room(cx));
+        }
         let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let (Some(rec), Poll::Ready(Ok(n))) = (self.recording.as_mut(), &r) {
+            rec.from_server(&buf[..*n]);
+        }
         if let Some(entry) = &self.writes_wait_on {
             match r {
                 Poll::Pending => entry.blocked_on_client(),
@@ -504,6 +621,7 @@ mod tests {
             Instant::now() + Duration::from_secs(3600),
             Default::default(),
             None,
+            None,
         )
         .await;
         assert_eq!(reason, Some(CloseReason::IdleTimeout));
@@ -538,6 +656,7 @@ mod tests {
                 Instant::now() + Duration::from_secs(3600),
                 guard.entry.token(),
                 Some(guard.entry.clone()),
+                None,
             ),
         )
         .await
@@ -571,6 +690,7 @@ mod tests {
             Duration::from_secs(60),
             deadline,
             Default::default(),
+            None,
             None,
         )
         .await;

@@ -34,6 +34,7 @@ mod real_apiserver;
 mod real_behaviour;
 mod real_fidelity;
 mod real_modes;
+mod recording;
 mod relay;
 mod relay_pages;
 mod slow_readers;

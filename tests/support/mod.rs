@@ -3,6 +3,7 @@
 
 pub mod idp;
 pub mod real;
+pub mod storage;
 pub mod tenant;
 pub mod yaml;
 

@@ -1,0 +1,290 @@
+//! Session recording (docs/architecture.md "Session recording"): what the terminal of an exec or
+//! attach session showed, with timing, as asciicast v2, streamed to a store while the session
+//! runs, so that auditors can play it back in the portal.
+//!
+//! - [`decode`] reads the tunnel's bytes as they pass (never changing them).
+//! - [`cast`] writes the asciicast lines.
+//! - [`store`] keeps them: a directory, or append blobs in Azure Blob Storage.
+//!
+//! Memory stays bounded: the tunnel hands each session's lines to a spool of at most
+//! [`SPOOL_BUDGET`] bytes, which a writer task empties into the store about once a second. When
+//! the store falls behind, the spool fills and the tunnel waits (flow control then reaches the
+//! pod), so the recording never loses what the user saw and never holds a session in memory.
+
+pub mod cast;
+pub mod decode;
+pub mod store;
+
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+pub use store::{RecordingStore, StoreError};
+
+/// Bytes of asciicast lines one session may hold before its tunnel waits for the store.
+pub const SPOOL_BUDGET: usize = 1 << 20;
+
+/// How often a session's lines go to the store while it runs.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+pub use crate::config::RecordingMode;
+
+/// Who a recording is about, for its header and its name.
+pub struct SessionInfo {
+    pub id: String,
+    pub cluster: String,
+    pub user: String,
+    pub namespace: String,
+    pub pod: String,
+    pub container: Option<String>,
+    pub command: String,
+    /// Record what was typed as well (`recording.stdin`).
+    pub stdin: bool,
+}
+
+/// Why a session's recording stopped early.
+#[derive(Debug, Clone)]
+pub struct Failure(pub String);
+
+/// Shared between the tunnel (which adds lines) and the writer task (which takes them).
+struct Spool {
+    inner: Mutex<SpoolInner>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct SpoolInner {
+    lines: String,
+    closed: bool,
+    failed: Option<String>,
+    /// The tunnel, waiting for room.
+    waiter: Option<Waker>,
+}
+
+/// A session being recorded: the tunnel's end of it.
+pub struct Recording {
+    pub name: String,
+    pub mode: RecordingMode,
+    spool: Arc<Spool>,
+    /// Set once the cluster accepted the upgrade and its framing is known.
+    decoder: Option<decode::Decoder>,
+    started: Instant,
+    header: Option<HeaderParts>,
+    out: cast::Text,
+    typed: cast::Text,
+    stdin: bool,
+    staged: String,
+}
+
+struct HeaderParts {
+    timestamp: u64,
+    title: String,
+    command: String,
+}
+
+/// The writer task's handle: resolves to the failure, if writing failed.
+pub type Finished = tokio::task::JoinHandle<Option<Failure>>;
+
+impl Recording {
+    /// Creates the recording in the store (so a store that cannot be written is known before
+    /// the session starts) and starts its writer task. `on_failure` runs once if writing
+    /// fails mid-session.
+    pub async fn open(
+        store: Arc<RecordingStore>,
+        mode: RecordingMode,
+        info: SessionInfo,
+        on_failure: impl FnOnce(&str) + Send + 'static,
+    ) -> Result<(Self, Finished), StoreError> {
+        // `2026-12-07T02:30:00Z` → `20261207T023000Z`: sortable and safe in a blob name.
+        let when: String = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            .to_string()
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .collect();
+        let name = format!("{}_{when}_{}.cast", info.cluster, info.id);
+        let mut object = store.create(&name).await?;
+        let spool = Arc::new(Spool {
+            inner: Mutex::new(SpoolInner::default()),
+            ready: Notify::new(),
+        });
+        let task_spool = spool.clone();
+        let finished = tokio::spawn(async move {
+            let failed = write_loop(&task_spool, &mut object).await;
+            if let Some(f) = &failed {
+                on_failure(&f.0);
+            }
+            failed
+        });
+        let title = format!(
+            "{} on {}: {}/{}{}",
+            info.user,
+            info.cluster,
+            info.namespace,
+            info.pod,
+            info.container
+                .as_deref()
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default()
+        );
+        Ok((
+            Self {
+                name,
+                mode,
+                spool,
+                decoder: None,
+                started: Instant::now(),
+                header: Some(HeaderParts {
+                    timestamp: crate::clock::unix_now(),
+                    title,
+                    command: info.command,
+                }),
+                out: cast::Text::default(),
+                typed: cast::Text::default(),
+                stdin: info.stdin,
+                staged: String::new(),
+            },
+            finished,
+        ))
+    }
+
+    /// Ready when the spool has room; the tunnel waits otherwise (the store is behind).
+    pub fn poll_room(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.spool.inner.lock();
+        if s.lines.len() < SPOOL_BUDGET || s.failed.is_some() {
+            Poll::Ready(())
+        } else {
+            s.waiter = Some(cx.waker().clone());
+            drop(s);
+            self.spool.ready.notify_one();
+            Poll::Pending
+        }
+    }
+
+    /// The tunnel's framing, once the cluster accepted the upgrade: the WebSocket subprotocol
+    /// it chose, or `None` for SPDY. The session's clock starts here.
+    pub fn framing(&mut self, websocket_subprotocol: Option<&str>) {
+        self.decoder = Some(decode::Decoder::new(websocket_subprotocol));
+        self.started = Instant::now();
+    }
+
+    /// Bytes the client sent into the tunnel.
+    pub fn from_client(&mut self, bytes: &[u8]) {
+        if let Some(mut decoder) = self.decoder.take() {
+            decoder.from_client(bytes, self);
+            self.decoder = Some(decoder);
+            self.hand_over();
+        }
+    }
+
+    /// Bytes the cluster sent to the client.
+    pub fn from_server(&mut self, bytes: &[u8]) {
+        if let Some(mut decoder) = self.decoder.take() {
+            decoder.from_server(bytes, self);
+            self.decoder = Some(decoder);
+            self.hand_over();
+        }
+    }
+
+    fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Writes the header before the first event: sized by that event if it is a resize.
+    fn header_first(&mut self, size: Option<(u16, u16)>) -> bool {
+        let Some(h) = self.header.take() else {
+            return false;
+        };
+        let (width, height) = size.unwrap_or((80, 24));
+        self.staged.push_str(
+            &cast::Header {
+                width,
+                height,
+                timestamp: h.timestamp,
+                title: &h.title,
+                command: &h.command,
+            }
+            .line(),
+        );
+        size.is_some()
+    }
+
+    fn hand_over(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        let mut s = self.spool.inner.lock();
+        // After a failure nobody empties the spool: lines are dropped, not kept.
+        if s.failed.is_none() {
+            s.lines.push_str(&self.staged);
+        }
+        drop(s);
+        self.staged.clear();
+        self.spool.ready.notify_one();
+    }
+}
+
+impl decode::Events for Recording {
+    fn output(&mut self, data: &[u8]) {
+        self.header_first(None);
+        let t = self.elapsed();
+        self.out.event(&mut self.staged, t, "o", data);
+    }
+
+    fn input(&mut self, data: &[u8]) {
+        if self.stdin {
+            self.header_first(None);
+            let t = self.elapsed();
+            self.typed.event(&mut self.staged, t, "i", data);
+        }
+    }
+
+    fn resize(&mut self, cols: u16, rows: u16) {
+        if self.header_first(Some((cols, rows))) {
+            return;
+        }
+        let t = self.elapsed();
+        cast::resize(&mut self.staged, t, cols, rows);
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        let mut s = self.spool.inner.lock();
+        s.closed = true;
+        drop(s);
+        self.spool.ready.notify_one();
+    }
+}
+
+/// Moves the spool's lines to the store about once a second, and the rest when the session
+/// ends. Returns the failure that stopped it, if any.
+async fn write_loop(spool: &Spool, object: &mut store::Object) -> Option<Failure> {
+    loop {
+        // Wait for lines, a full spool or the end; at most FLUSH_EVERY between writes.
+        let _ = tokio::time::timeout(FLUSH_EVERY, spool.ready.notified()).await;
+        let (lines, closed) = {
+            let mut s = spool.inner.lock();
+            (std::mem::take(&mut s.lines), s.closed)
+        };
+        if !lines.is_empty() {
+            if let Err(e) = object.append(lines.into_bytes()).await {
+                let mut s = spool.inner.lock();
+                s.failed = Some(e.to_string());
+                if let Some(w) = s.waiter.take() {
+                    w.wake();
+                }
+                return Some(Failure(e.to_string()));
+            }
+        }
+        if let Some(w) = spool.inner.lock().waiter.take() {
+            w.wake();
+        }
+        if closed {
+            return None;
+        }
+    }
+}
