@@ -4,10 +4,12 @@
 //!
 //! - [`api`]: `/-/clusters`, `/-/kubeconfig` (bearer token or portal session) and
 //!   `/-/login-config` (public: what `kube-relay token` needs to sign in).
+//! - [`playback`]: session recordings for auditors (`/-/recordings…`).
 //! - [`web`]: the browser portal: `/`, `/-/login`, `/-/callback`, `/-/logout`, `/-/signed-out`,
 //!   `/-/static/…`.
 
 pub mod api;
+pub mod playback;
 pub mod web;
 
 use http::{Request, Response};
@@ -30,6 +32,7 @@ pub async fn handle(
         "/-/clusters" | "/-/kubeconfig" | "/-/login-config" => {
             api::handle(state, conn, req, path).await
         }
+        p if playback::serves(p) => playback::handle(state, req, path).await,
         _ => web::handle(state, conn, req, path).await,
     }
 }

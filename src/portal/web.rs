@@ -114,6 +114,22 @@ pub async fn session_principal(state: &State, h: &http::HeaderMap) -> Option<Arc
         .map(|(p, _)| p)
 }
 
+/// Whether `p` is one of `recording.auditors` (by user, or by a group from the token or resolved
+/// through Graph).
+pub(crate) fn is_auditor(
+    state: &State,
+    p: &Principal,
+    membership: &crate::authz::Membership,
+) -> bool {
+    state.cfg.recording.as_ref().is_some_and(|r| {
+        let mut groups = p.groups.to_vec();
+        if let crate::authz::Membership::Resolved(extra) = membership {
+            groups.extend(extra.iter().cloned());
+        }
+        r.is_auditor(p.user_key(), &groups)
+    })
+}
+
 /// The login section, its portal part and this generation's provider client, when the portal
 /// is configured.
 fn enabled(state: &State) -> Option<(&LoginConfig, &PortalConfig, &Portal)> {
@@ -237,6 +253,7 @@ fn signed_in_page(
             public_url,
             csrf: &s.csrf,
             sign_out_at_provider,
+            auditor: is_auditor(state, p, membership),
         }),
         &[],
     )
@@ -647,7 +664,7 @@ fn portal_off() -> Response<RelayBody> {
     )
 }
 
-fn method_not_allowed(allow: &'static str) -> Response<RelayBody> {
+pub(crate) fn method_not_allowed(allow: &'static str) -> Response<RelayBody> {
     let mut r = problem(
         StatusCode::METHOD_NOT_ALLOWED,
         "Method not allowed",
@@ -669,7 +686,12 @@ fn internal(what: &str) -> Response<RelayBody> {
     )
 }
 
-fn problem(status: StatusCode, heading: &str, text: &str, retry: bool) -> Response<RelayBody> {
+pub(crate) fn problem(
+    status: StatusCode,
+    heading: &str,
+    text: &str,
+    retry: bool,
+) -> Response<RelayBody> {
     problem_with(status, heading, text, retry, &[])
 }
 
@@ -683,7 +705,7 @@ fn problem_with(
     page(status, html::problem(heading, text, retry), cookies)
 }
 
-fn page(status: StatusCode, html: String, cookies: &[String]) -> Response<RelayBody> {
+pub(crate) fn page(status: StatusCode, html: String, cookies: &[String]) -> Response<RelayBody> {
     respond(
         status,
         "text/html; charset=utf-8",
@@ -694,7 +716,11 @@ fn page(status: StatusCode, html: String, cookies: &[String]) -> Response<RelayB
     )
 }
 
-fn redirect(status: StatusCode, location: &str, cookies: &[String]) -> Response<RelayBody> {
+pub(crate) fn redirect(
+    status: StatusCode,
+    location: &str,
+    cookies: &[String],
+) -> Response<RelayBody> {
     respond(
         status,
         "text/plain; charset=utf-8",
@@ -708,7 +734,7 @@ fn redirect(status: StatusCode, location: &str, cookies: &[String]) -> Response<
 /// Builds a response with the security headers. Header values we cannot encode (never the
 /// case for our base64url cookies and checked or URL-serialised locations) are dropped and
 /// logged rather than panicking.
-fn respond(
+pub(crate) fn respond(
     status: StatusCode,
     content_type: &'static str,
     cache: &'static str,

@@ -25,6 +25,12 @@
 //       Signs in to the portal at URL, then opens URL2 (another relay on the same host name, so
 //       the browser sends it the same cookie, sealed with another key) and fetches its
 //       /-/kubeconfig: records what it makes of the cookie.
+//   node drive.mjs playback --relay URL --user NAME
+//       Signs in to the portal, follows "Session recordings" when the page offers it (else
+//       opens /-/recordings), records the listed recordings (<tr data-recording>), plays the
+//       first one with the page's asciinema-player, and records the terminal's text once it
+//       shows the whole recording, page errors, and the recording file's status fetched with the
+//       browser's cookies. A non-auditor records the refusal page instead.
 //   node drive.mjs open URL
 //       Opens URL; records the status, <h1> and text.
 //
@@ -67,6 +73,7 @@ const { values: opts, positionals } = parseArgs({
     relay: { type: 'string' },
     other: { type: 'string' },
     out: { type: 'string' },
+    expect: { type: 'string' },
     'no-signout': { type: 'boolean', default: false },
     artifacts: { type: 'string', default: path.join(REPO, 'target', 'test-artifacts', 'browser') },
     label: { type: 'string' },
@@ -474,6 +481,50 @@ async function run(page, context) {
       result.after.kubeconfig = await fetchWithCookies(context, `${other}/-/kubeconfig`);
       break;
     }
+    case 'playback': {
+      if (!opts.relay) fail('playback needs --relay URL');
+      const relay = opts.relay.replace(/\/$/, '');
+      await portalSignIn(page, `${relay}/`);
+      result.clusters = await signedIn(page);
+      // Errors on the relay's pages only (the IdP's pages ask for web fonts the test blocks).
+      const errors = [];
+      page.on('pageerror', (e) => errors.push(String(e)));
+      page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
+      result.page_errors = errors;
+      const link = page.locator('#recordings-link');
+      result.offered = (await link.count()) > 0;
+      let response;
+      if (result.offered) {
+        await keyboardActivate(page, '#recordings-link', 'recordings-link');
+      } else {
+        response = await goto(page, `${relay}/-/recordings`, 'recordings');
+      }
+      await screenshot(page, 'recordings');
+      result.list = await describe(page, response);
+      result.a11y.list = await a11yProblems(page);
+      result.recordings = await page.locator('tr[data-recording]')
+        .evaluateAll((els) => els.map((e) => e.getAttribute('data-recording')));
+      if (!result.recordings.length) break;
+      const name = result.recordings[0];
+      await navigating(page, 'play', () => page.locator(`tr[data-recording="${name}"] a`).first().click());
+      // The player is ready once it made its terminal; then play to the end and read it.
+      await page.locator('#player .ap-player').waitFor({ state: 'attached', timeout: WAIT });
+      await page.evaluate(() => window.kubeRelayPlayer.play());
+      const expect = opts.expect ?? '';
+      try {
+        await page.waitForFunction(
+          (text) => (document.querySelector('#player')?.innerText ?? '').includes(text),
+          expect,
+          { timeout: WAIT },
+        );
+      } catch {
+        // recorded below: the test says what was missing
+      }
+      await screenshot(page, 'played');
+      result.terminal = await page.locator('#player').innerText();
+      result.file = await fetchWithCookies(context, `${relay}/-/recordings/file/${name}`);
+      break;
+    }
     case 'open': {
       if (!target) fail('open needs a URL');
       const response = await goto(page, target, 'open');
@@ -481,7 +532,7 @@ async function run(page, context) {
       break;
     }
     default:
-      fail(`unknown command ${JSON.stringify(command)} (signin, device, portal, deny, tamper, stale, open)`);
+      fail(`unknown command ${JSON.stringify(command)} (signin, device, portal, deny, tamper, stale, playback, open)`);
   }
 }
 

@@ -555,6 +555,9 @@ login:
     cookie_key_file: cookie.key
     session_lifetime: 1h
     sign_out_at_provider: {sign_out_at_provider}
+recording:
+  store: {{kind: file, dir: recordings}}
+  auditors: {{groups: [sre]}}
 clusters:
 "#,
             issuer = idp.issuer,
@@ -1583,4 +1586,93 @@ async fn step_up_sign_in_sends_the_claims_request_in_a_real_browser() {
     let q = query(url.lines().nth(1).unwrap());
     assert!(param(&q, "claims").is_none(), "{url}");
     assert!(jwt_parts(&plain).1.get("acrs").is_none());
+}
+
+/// A finished recording as the relay writes them, for the playback tests.
+const RECORDED: &str = concat!(
+    "{\"version\":2,\"width\":80,\"height\":24,\"timestamp\":1796610600,\"title\":\"alice on alpha: default/web-0\",\"command\":\"sh\",\"env\":{\"TERM\":\"xterm-256color\"}}\n",
+    "[0.1,\"o\",\"$ echo hello\\r\\n\"]\n",
+    "[0.3,\"o\",\"hello from the recording\\r\\n\"]\n",
+);
+const RECORDING: &str = "alpha_20261207T023000Z_0d0e0a0d-0000-4000-8000-000000000001.cast";
+
+/// docs/security.md G3: an auditor (alice, in `sre`) finds the recording from the portal and
+/// plays it in Chromium with the embedded asciinema-player; bob (not an auditor) gets the same
+/// 403 for the list and the file; without a session the file is a 401 and the list a sign-in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auditors_play_recordings_in_a_real_browser_and_nobody_else_can() {
+    require_browser();
+    let art = artifacts("playback");
+    let env = LoginEnv::start(&[]).await;
+    let store = env.dir.path().join("relay/recordings");
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::write(store.join(RECORDING), RECORDED).unwrap();
+
+    let alice = drive_async(
+        &art,
+        &[
+            "playback",
+            "--relay",
+            &env.relay.url,
+            "--user",
+            "alice",
+            "--expect",
+            "hello from the recording",
+        ],
+    )
+    .await;
+    assert_eq!(alice["offered"], true, "{alice}");
+    assert_eq!(
+        alice["recordings"],
+        serde_json::json!([RECORDING]),
+        "{alice}"
+    );
+    assert!(
+        alice["terminal"]
+            .as_str()
+            .is_some_and(|t| t.contains("hello from the recording")),
+        "the player did not show the recording: {alice}"
+    );
+    assert_eq!(alice["file"]["status"], 200, "{alice}");
+    assert_eq!(alice["page_errors"], serde_json::json!([]), "{alice}");
+
+    let bob = drive_async(
+        &art,
+        &["playback", "--relay", &env.relay.url, "--user", "bob"],
+    )
+    .await;
+    assert_eq!(bob["offered"], false, "{bob}");
+    assert_eq!(bob["list"]["status"], 403, "{bob}");
+    assert_eq!(bob["list"]["h1"], "Recordings are for auditors", "{bob}");
+
+    // Without any session: the file is refused, the list sends the browser to sign in.
+    use rustls_pki_types::pem::PemObject as _;
+    let ca = rustls_pki_types::CertificateDer::pem_file_iter(&env.relay.ca_file)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let addr: std::net::SocketAddr = env
+        .relay
+        .url
+        .trim_start_matches("https://localhost:")
+        .parse::<u16>()
+        .map(|p| ([127, 0, 0, 1], p).into())
+        .unwrap();
+    for (path, want) in [
+        (format!("/-/recordings/file/{RECORDING}"), "HTTP/1.1 401"),
+        ("/-/recordings".to_owned(), "HTTP/1.1 303"),
+        (format!("/-/recordings/play/{RECORDING}"), "HTTP/1.1 303"),
+    ] {
+        let got = crate::support::tls_exchange(
+            addr,
+            &ca,
+            "localhost",
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert!(got.starts_with(want), "{path}: {got}");
+        assert!(!got.contains("hello from the recording"), "{path}: {got}");
+    }
 }

@@ -325,3 +325,83 @@ async fn recordings_hold_what_the_terminal_showed_and_no_token() {
     }
     env.dev.stop().await;
 }
+
+/// The same through the test bed's real kube-apiserver (v1.34) and its kubelet stand-in:
+/// kubectl 1.27 (SPDY end to end) and 1.33 (WebSocket, which the API server turns into SPDY
+/// to the kubelet), with stdin, and a TTY session whose terminal size the recording carries.
+#[test]
+fn exec_through_the_real_api_server_is_recorded() {
+    use crate::support::real::*;
+    let t = Duration::from_secs(60);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let idp = rt.block_on(EntraIdp::start());
+    let cluster = RealCluster::start(&rt, Options::new("rec"));
+    let token_file = cluster.dir.path().join("relay-sa-token");
+    std::fs::write(&token_file, cluster.relay_sa_token()).unwrap();
+    let front = Front::start(
+        &rt,
+        &idp,
+        &[Upstream {
+            cluster: &cluster,
+            alias: None,
+            connect_port: None,
+            upstream_auth: format!(
+                "{{mode: impersonate, token_file: \"{}\"}}",
+                token_file.display()
+            ),
+            access: format!("[{{groups: [{GROUP_OPS}]}}]\nrecording: required"),
+        }],
+        &[("alice", idp.user_token(OID_ALICE, &[GROUP_OPS]))],
+        "recording: {store: {kind: file, dir: recordings}}",
+    );
+    for version in ["1.27", "1.33"] {
+        let mut c = front.kubectl(version, "rec");
+        c.args(["exec", "-i", "web-0", "--", "cat"]);
+        let payload = format!("through the API server with {version}\n");
+        let out = ok(&run(c, Some(payload.as_bytes()), t), "exec -i");
+        assert!(out.contains(&payload), "{out}");
+    }
+    // A TTY session under a real pseudo-terminal of 100x30.
+    let cmdline = format!(
+        "stty cols 100 rows 30; {} --kubeconfig {} --context rec exec -it web-0 -- echo tty-recorded",
+        kubectl("1.33").display(),
+        front.kubeconfig.display()
+    );
+    let mut s = std::process::Command::new("script");
+    s.args(["-qec", &cmdline, "/dev/null"])
+        .env("HOME", &front.home);
+    let out = ok(&run(s, None, t), "exec -it");
+    assert!(out.contains("tty-recorded"), "{out}");
+
+    let dir = front.audit.parent().unwrap().join("recordings");
+    let casts: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(casts.len(), 3, "one recording per session");
+    for version in ["1.27", "1.33"] {
+        let want = format!("through the API server with {version}");
+        assert!(
+            casts.iter().any(|c| c.contains(&want)),
+            "no recording shows {want:?}"
+        );
+    }
+    let tty = casts
+        .iter()
+        .find(|c| c.contains("tty-recorded"))
+        .expect("the TTY session's recording");
+    let header: serde_json::Value = serde_json::from_str(tty.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (header["width"].as_u64(), header["height"].as_u64()),
+        (Some(100), Some(30)),
+        "{tty}"
+    );
+    // Every session's record names its recording.
+    let named = front
+        .audit_records()
+        .iter()
+        .filter(|r| r["stage"] == "ResponseComplete" && r["objectRef"]["subresource"] == "exec")
+        .filter(|r| r["annotations"]["kube-relay.io/recording"].is_string())
+        .count();
+    assert_eq!(named, 3);
+}

@@ -11,15 +11,21 @@ pub use crate::html::html_escape as esc;
 
 /// A whole document: `title` is text (escaped here), `main` is markup built with [`esc`].
 pub fn layout(title: &str, main: &str) -> String {
+    layout_with(title, main, "", "")
+}
+
+/// [`layout`] with more of the relay's own static assets: `head` (stylesheets) and `scripts`,
+/// literal markup naming `/-/static/` files only.
+pub fn layout_with(title: &str, main: &str, head: &str, scripts: &str) -> String {
     format!(
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
          <title>{title} · kube-relay</title>\n\
-         <link rel=\"stylesheet\" href=\"/-/static/portal.css\">\n</head>\n<body>\n\
+         <link rel=\"stylesheet\" href=\"/-/static/portal.css\">\n{head}</head>\n<body>\n\
          <header class=\"site\"><a class=\"brand\" href=\"/\">kube-relay</a></header>\n\
          <main id=\"main\">\n{main}</main>\n\
          <footer class=\"site\"><p>kube-relay: one authenticated entry point to your Kubernetes clusters.</p></footer>\n\
-         </body>\n</html>\n",
+         {scripts}</body>\n</html>\n",
         title = esc(title),
     )
 }
@@ -141,6 +147,8 @@ pub struct Home<'a> {
     pub csrf: &'a str,
     /// The form asks for sign-out at the provider too (the page allows that redirect).
     pub sign_out_at_provider: bool,
+    /// The user is one of `recording.auditors`: the page links to the recordings.
+    pub auditor: bool,
 }
 
 pub fn home(v: &Home<'_>) -> String {
@@ -225,6 +233,12 @@ pub fn home(v: &Home<'_>) -> String {
     }
     m.push_str("</ul>\n");
     m.push_str("</section>\n");
+    if v.auditor {
+        m.push_str(
+            "<section aria-labelledby=\"audit\">\n<h2 id=\"audit\">Audit</h2>\n\
+             <p><a id=\"recordings-link\" href=\"/-/recordings\">Session recordings</a>: play back recorded exec and attach sessions.</p>\n</section>\n",
+        );
+    }
     let _ = write!(
         m,
         "<section aria-labelledby=\"cli\">\n<h2 id=\"cli\">Command line</h2>\n\
@@ -295,6 +309,7 @@ mod tests {
             public_url: evil,
             csrf: evil,
             sign_out_at_provider: false,
+            auditor: false,
         });
         assert!(!page.contains("<img"), "{page}");
         assert!(!page.contains("\"'"), "{page}");
