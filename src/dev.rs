@@ -355,6 +355,7 @@ login:
     client_secret_file: portal-secret
     cookie_key_file: cookie-key
     session_lifetime: 1h
+    terminal: true       # the web terminal and live logs at /-/terminal
 clusters:
   - name: alpha
     server: https://{alpha_host}:{alpha_port}

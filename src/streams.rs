@@ -52,6 +52,8 @@ pub enum CloseReason {
     WriteStall,
     /// The cluster requires session recording and the recording could not be written on.
     RecordingFailed,
+    /// A browser sent a WebSocket frame larger than the web terminal allows.
+    FrameTooLarge,
 }
 
 impl CloseReason {
@@ -68,6 +70,7 @@ impl CloseReason {
             Self::Draining => "draining",
             Self::WriteStall => "write_stall",
             Self::RecordingFailed => "recording_failed",
+            Self::FrameTooLarge => "frame_too_large",
         }
     }
 }

@@ -21,6 +21,8 @@ pub(super) struct FilePortal {
     cookie_key_file: String,
     session_lifetime: Option<String>,
     sign_out_at_provider: Option<bool>,
+    terminal: Option<bool>,
+    terminal_idle: Option<String>,
 }
 
 /// The `login` section: which issuer people sign in with and as which client.
@@ -91,6 +93,10 @@ pub struct PortalConfig {
     /// with the provider. Off by default: an unregistered return address is an error page at
     /// some providers.
     pub sign_out_at_provider: bool,
+    /// The web terminal and live logs (`/-/terminal`): off unless asked for.
+    pub terminal: bool,
+    /// A terminal with no bytes either way for this long is closed (browsers left open).
+    pub terminal_idle: Duration,
 }
 
 /// 32 bytes derived from `cookie_key_file`. Debug never prints them.
@@ -184,12 +190,37 @@ pub(super) fn parse_login(
                 }
             },
         };
+        let terminal_idle = match &p.terminal_idle {
+            None => Duration::from_secs(15 * 60),
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if d >= Duration::from_secs(1) && d <= Duration::from_secs(8 * 3600) => d,
+                Ok(_) => {
+                    errs.add("login.portal.terminal_idle", "must be between 1s and 8h");
+                    return None;
+                }
+                Err(e) => {
+                    errs.add(
+                        "login.portal.terminal_idle",
+                        format!("not a duration ({e}); use e.g. 15m"),
+                    );
+                    return None;
+                }
+            },
+        };
+        if p.terminal_idle.is_some() && p.terminal != Some(true) {
+            errs.add(
+                "login.portal.terminal_idle",
+                "only used with terminal: true",
+            );
+        }
         Some(PortalConfig {
             client_id: p.client_id,
             client_secret: client_secret?,
             cookie_key: cookie_key?,
             session_lifetime,
             sign_out_at_provider: p.sign_out_at_provider.unwrap_or(false),
+            terminal: p.terminal.unwrap_or(false),
+            terminal_idle,
         })
     });
     Some(LoginConfig {

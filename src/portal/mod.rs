@@ -4,12 +4,17 @@
 //!
 //! - [`api`]: `/-/clusters`, `/-/kubeconfig` (bearer token or portal session) and
 //!   `/-/login-config` (public: what `kube-relay token` needs to sign in).
+//! - [`gateway`]: `/-/web/…`, the browser's way to a cluster for the terminal and logs (its
+//!   requests are rewritten and then served by the proxy's phases, not here).
+//! - [`terminal`]: the web terminal and live logs page (`/-/terminal`) and its scripts.
 //! - [`playback`]: session recordings for auditors (`/-/recordings…`).
 //! - [`web`]: the browser portal: `/`, `/-/login`, `/-/callback`, `/-/logout`, `/-/signed-out`,
 //!   `/-/static/…`.
 
 pub mod api;
+pub mod gateway;
 pub mod playback;
+pub mod terminal;
 pub mod web;
 
 use http::{Request, Response};
@@ -33,6 +38,7 @@ pub async fn handle(
             api::handle(state, conn, req, path).await
         }
         p if playback::serves(p) => playback::handle(state, req, path).await,
+        p if terminal::serves(p) => terminal::handle(state, req, path).await,
         _ => web::handle(state, conn, req, path).await,
     }
 }

@@ -6,7 +6,6 @@
 //! gets the same 403 whether or not a recording exists, and a request without a session gets a
 //! 401 (the file) or is sent to sign in (the pages): a recording's URL is useless on its own.
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -45,20 +44,14 @@ pub async fn handle(
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(web::method_not_allowed("GET, HEAD"));
     }
-    let asset = |body: &'static [u8], ty: &'static str| {
-        Ok(web::respond(
-            StatusCode::OK,
-            ty,
-            "public, max-age=300",
-            Bytes::from_static(body),
-            &[],
-            None,
-        ))
-    };
     match path {
-        "/-/static/asciinema-player.min.js" => return asset(PLAYER_JS, "text/javascript"),
-        "/-/static/asciinema-player.css" => return asset(PLAYER_CSS, "text/css; charset=utf-8"),
-        "/-/static/playback.js" => return asset(PLAYBACK_JS, "text/javascript"),
+        "/-/static/asciinema-player.min.js" => {
+            return Ok(web::static_file(PLAYER_JS, "text/javascript"))
+        }
+        "/-/static/asciinema-player.css" => {
+            return Ok(web::static_file(PLAYER_CSS, "text/css; charset=utf-8"))
+        }
+        "/-/static/playback.js" => return Ok(web::static_file(PLAYBACK_JS, "text/javascript")),
         _ => {}
     }
     let Some(store) = &state.recordings else {

@@ -104,14 +104,19 @@ pub async fn handle(
 /// the cookie opens under the configured key, the session has not ended, and its token still
 /// passes every check a kubectl token must pass.
 pub async fn session_principal(state: &State, h: &http::HeaderMap) -> Option<Arc<Principal>> {
+    signed_in(state, h).await.map(|(_, p)| p)
+}
+
+/// The portal session behind the request's cookie and its user, on the same terms as
+/// [`session_principal`].
+pub(crate) async fn signed_in(
+    state: &State,
+    h: &http::HeaderMap,
+) -> Option<(Session, Arc<Principal>)> {
     let (_, portal, _) = enabled(state)?;
     let session = Session::open(&portal.cookie_key, &session::sealed_session(h)?, now())?;
-    state
-        .auth
-        .authenticate(&session.token)
-        .await
-        .ok()
-        .map(|(p, _)| p)
+    let (p, _) = state.auth.authenticate(&session.token).await.ok()?;
+    Some((session, p))
 }
 
 /// Whether `p` is one of `recording.auditors` (by user, or by a group from the token or resolved
@@ -254,6 +259,12 @@ fn signed_in_page(
             csrf: &s.csrf,
             sign_out_at_provider,
             auditor: is_auditor(state, p, membership),
+            terminal: state
+                .cfg
+                .login
+                .as_ref()
+                .and_then(|l| l.portal.as_ref())
+                .is_some_and(|p| p.terminal),
         }),
         &[],
     )
@@ -728,6 +739,19 @@ pub(crate) fn redirect(
         Bytes::new(),
         cookies,
         Some(location),
+    )
+}
+
+/// One of the relay's own static files (scripts, stylesheets embedded in the binary).
+pub(crate) fn static_file(body: &'static [u8], content_type: &'static str) -> Response<RelayBody> {
+    // Not a page: a short cache is fine and saves a request per page view.
+    respond(
+        StatusCode::OK,
+        content_type,
+        "public, max-age=300",
+        Bytes::from_static(body),
+        &[],
+        None,
     )
 }
 

@@ -46,6 +46,16 @@ struct Ctx {
     long_running: bool,
     /// The caller's groups beyond the token (Entra overage), as the authorize phase saw them.
     membership: crate::authz::Membership,
+    /// A browser's request through the portal's gateway: its streams end with the portal
+    /// session and after the terminal's idle limit.
+    web: Option<WebLimits>,
+}
+
+#[derive(Clone, Copy)]
+struct WebLimits {
+    idle: std::time::Duration,
+    /// Seconds since the epoch.
+    session_ends: u64,
 }
 
 impl Ctx {
@@ -332,15 +342,31 @@ async fn phases(
             why.to_str().unwrap_or("ambiguous framing"),
         )));
     }
-    let (cluster_name, target) = match route(state, conn, &req)? {
-        Route::Relay { path } => {
-            let path = path.to_owned();
-            return crate::portal::handle(state, conn, req, &path).await;
-        }
+    let mut req = req;
+    let routed = match route(state, conn, &req)? {
+        Route::Relay { path } => Err(path.to_owned()),
         Route::Cluster {
             cluster,
             upstream_target,
-        } => (cluster, upstream_target.to_path_and_query()),
+        } => Ok((cluster, upstream_target.to_path_and_query())),
+    };
+    let (cluster_name, target) = match routed {
+        Ok(cluster_and_target) => cluster_and_target,
+        // The portal's terminal and logs: admitted by session, origin and CSRF token, then the
+        // cluster request they stand for goes through every phase below like kubectl's.
+        Err(path) if path.starts_with(crate::portal::gateway::PREFIX) => {
+            let web = crate::portal::gateway::admit(state, &mut req, &path).await?;
+            ctx.base.request_uri = web.target.clone();
+            ctx.base
+                .annotations
+                .insert("kube-relay.io/client", "web-terminal".to_owned());
+            ctx.web = Some(WebLimits {
+                idle: web.idle,
+                session_ends: web.session_ends,
+            });
+            (web.cluster, web.target)
+        }
+        Err(path) => return crate::portal::handle(state, conn, req, &path).await,
     };
     ctx.cluster = Some(cluster_name.clone());
     check_headers(&req)?;
@@ -570,7 +596,14 @@ async fn dispatch(
     } = up;
     let cluster_name = upstream.cluster.name.to_string();
     let impersonating = ctx.nested.is_some();
-    let token_deadline = token_deadline(principal, state.cfg.timeouts.token_grace);
+    let mut token_deadline = token_deadline(principal, state.cfg.timeouts.token_grace);
+    let mut idle = state.cfg.timeouts.stream_idle;
+    if let Some(web) = ctx.web {
+        // A browser's stream ends with its portal session, and sooner when left idle.
+        let left = web.session_ends.saturating_sub(crate::clock::unix_now());
+        token_deadline = token_deadline.min(Instant::now() + std::time::Duration::from_secs(left));
+        idle = idle.min(web.idle);
+    }
     if let Some(kind) = upgrade::requested(&req, info)? {
         ctx.long_running = true;
         let client_upgrade = hyper::upgrade::on(&mut req);
@@ -590,6 +623,9 @@ async fn dispatch(
             kind,
             client_upgrade,
             token_deadline,
+            idle,
+            // A terminal's keystrokes and resizes are small; nothing a browser sends needs more.
+            max_client_frame: ctx.web.map(|_| 64 * 1024),
             audit: ctx.audit(),
             guard,
         };
@@ -607,7 +643,7 @@ async fn dispatch(
             crate::streams::StreamKind::Watch,
             Some(conn.abort.clone()),
         )?;
-        Some((ctx.audit(), token_deadline, guard))
+        Some((ctx.audit(), token_deadline, idle, guard))
     } else {
         None
     };
@@ -663,7 +699,12 @@ async fn forward(
     req: Request<Incoming>,
     headers: http::HeaderMap,
     target: &str,
-    stream: Option<(AuditBase, Instant, crate::streams::StreamGuard)>,
+    stream: Option<(
+        AuditBase,
+        Instant,
+        std::time::Duration,
+        crate::streams::StreamGuard,
+    )>,
 ) -> Result<Response<RelayBody>, ProxyError> {
     let cluster = upstream.cluster.name.to_string();
     let (parts, body) = req.into_parts();
@@ -737,7 +778,7 @@ async fn forward(
     let (mut parts, body) = resp.into_parts();
     headers::sanitize_response(&mut parts.headers);
     let body = match stream {
-        Some((audit, deadline, guard)) if parts.status.is_success() => {
+        Some((audit, deadline, idle, guard)) if parts.status.is_success() => {
             let gauge = state
                 .metrics
                 .longrunning
@@ -762,14 +803,9 @@ async fn forward(
                     ],
                 );
             });
-            StreamBody::new(
-                body,
-                Some(state.cfg.timeouts.stream_idle),
-                Some(deadline),
-                Some(close),
-            )
-            .stoppable(guard)
-            .boxed()
+            StreamBody::new(body, Some(idle), Some(deadline), Some(close))
+                .stoppable(guard)
+                .boxed()
         }
         _ => StreamBody::new(body, None, None, None).boxed(),
     };

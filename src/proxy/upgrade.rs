@@ -139,6 +139,12 @@ pub struct UpgradeRequest<'a> {
     pub client_upgrade: OnUpgrade,
     /// The tunnel closes at this instant (the caller's token expiry plus grace).
     pub token_deadline: Instant,
+    /// No bytes either way for this long closes the tunnel (`timeouts.stream_idle`, or the web
+    /// terminal's shorter limit).
+    pub idle: Duration,
+    /// WebSocket frames from the client longer than this end the tunnel (the web terminal's
+    /// browsers: docs/security.md G7); `None` for kubectl.
+    pub max_client_frame: Option<u64>,
     pub audit: crate::audit::AuditBase,
     /// Registration in the live-stream registry (revocation, drain).
     pub guard: crate::streams::StreamGuard,
@@ -158,6 +164,8 @@ pub async fn relay(
         kind,
         client_upgrade,
         token_deadline,
+        idle,
+        max_client_frame,
         audit,
         guard,
     } = up;
@@ -315,7 +323,6 @@ pub async fn relay(
     h.insert(header::UPGRADE, HeaderValue::from_static(kind.token()));
     *client_resp.headers_mut() = h;
 
-    let idle = state.cfg.timeouts.stream_idle;
     let gauge = state
         .metrics
         .longrunning
@@ -361,8 +368,11 @@ pub async fn relay(
             idle,
             token_deadline,
             guard.entry.token(),
-            Some(guard.entry.clone()),
-            rec,
+            ClientLeg {
+                entry: Some(guard.entry.clone()),
+                recording: rec,
+                frames: max_client_frame.map(FrameGuard::new),
+            },
         )
         .await;
         // The recording's last lines reach the store before the record says it is complete.
@@ -476,8 +486,7 @@ async fn tunnel<A, B>(
     idle: Duration,
     deadline: Instant,
     stop: tokio_util::sync::CancellationToken,
-    entry: Option<Arc<StreamEntry>>,
-    recording: Option<Recording>,
+    leg: ClientLeg,
 ) -> (u64, u64, Option<CloseReason>)
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -490,8 +499,9 @@ where
         base,
         last: activity.clone(),
         bytes: 0,
-        writes_wait_on: entry,
-        recording,
+        writes_wait_on: leg.entry,
+        recording: leg.recording,
+        frames: leg.frames,
     };
     let mut upstream = Activity {
         io: upstream,
@@ -500,6 +510,7 @@ where
         bytes: 0,
         writes_wait_on: None,
         recording: None,
+        frames: None,
     };
     let result = {
         // 64 KiB per direction instead of tokio's 8 KiB default: measured exec throughput 0.82× →
@@ -517,7 +528,11 @@ where
         tokio::pin!(expiry);
         loop {
             tokio::select! {
-                r = &mut copy => break Some(match r { Ok(_) => CloseReason::Closed, Err(_) => CloseReason::Error }),
+                r = &mut copy => break Some(match r {
+                    Ok(_) => CloseReason::Closed,
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => CloseReason::FrameTooLarge,
+                    Err(_) => CloseReason::Error,
+                }),
                 () = &mut expiry => break Some(CloseReason::TokenExpired),
                 () = stop.cancelled() => break None,
                 () = tokio::time::sleep(check) => {
@@ -532,6 +547,17 @@ where
     (client.bytes, upstream.bytes, result)
 }
 
+/// What the tunnel does on the client's side besides copying.
+#[derive(Default)]
+struct ClientLeg {
+    /// Told when writes to the client stall (the write-stall sweeper).
+    entry: Option<Arc<StreamEntry>>,
+    /// The session's recording.
+    recording: Option<Recording>,
+    /// A browser's frames, held to a size.
+    frames: Option<FrameGuard>,
+}
+
 /// Wraps a tunnel leg: records the time of the last byte read and counts bytes read; on the
 /// client's leg, also when writes stall and resume.
 struct Activity<T> {
@@ -543,6 +569,64 @@ struct Activity<T> {
     /// The client's leg of a recorded session: sees both directions' bytes as they pass, and
     /// holds the tunnel while the recording's spool is full.
     recording: Option<Recording>,
+    /// The client's leg of a browser's session: frames it sends are held to a size.
+    frames: Option<FrameGuard>,
+}
+
+/// Follows the WebSocket frame headers a client sends and refuses a frame whose payload is
+/// longer than the limit, before the relay passes its bytes on.
+pub(crate) struct FrameGuard {
+    limit: u64,
+    head: Vec<u8>,
+    /// Payload bytes left in the current frame.
+    remaining: u64,
+}
+
+impl FrameGuard {
+    fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            head: Vec::with_capacity(14),
+            remaining: 0,
+        }
+    }
+
+    /// Passes `bytes` through the frame structure; false when a frame is too long.
+    fn check(&mut self, mut bytes: &[u8]) -> bool {
+        while !bytes.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(bytes.len() as u64);
+                self.remaining -= n;
+                bytes = &bytes[n as usize..];
+                continue;
+            }
+            self.head.push(bytes[0]);
+            bytes = &bytes[1..];
+            if self.head.len() < 2 {
+                continue;
+            }
+            let ext = match self.head[1] & 0x7f {
+                126 => 2,
+                127 => 8,
+                _ => 0,
+            };
+            let mask = if self.head[1] & 0x80 != 0 { 4 } else { 0 };
+            if self.head.len() < 2 + ext + mask {
+                continue;
+            }
+            let len = match ext {
+                2 => u64::from(u16::from_be_bytes([self.head[2], self.head[3]])),
+                8 => u64::from_be_bytes(self.head[2..10].try_into().unwrap_or([0xff; 8])),
+                _ => u64::from(self.head[1] & 0x7f),
+            };
+            if len > self.limit {
+                return false;
+            }
+            self.remaining = len;
+            self.head.clear();
+        }
+        true
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
@@ -557,6 +641,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         let n = buf.filled().len() - before;
+        if let (Some(guard), true) = (self.frames.as_mut(), n > 0) {
+            if !guard.check(&buf.filled()[before..]) {
+                // Refused before the bytes go anywhere: the copy fails and the tunnel ends.
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "a WebSocket frame from the browser is larger than the web terminal allows",
+                )));
+            }
+        }
         if let (Some(rec), true) = (self.recording.as_mut(), n > 0) {
             rec.from_client(&buf.filled()[before..]);
         }
@@ -620,8 +713,7 @@ mod tests {
             Duration::from_secs(60),
             Instant::now() + Duration::from_secs(3600),
             Default::default(),
-            None,
-            None,
+            ClientLeg::default(),
         )
         .await;
         assert_eq!(reason, Some(CloseReason::IdleTimeout));
@@ -655,8 +747,10 @@ mod tests {
                 Duration::from_secs(3600),
                 Instant::now() + Duration::from_secs(3600),
                 guard.entry.token(),
-                Some(guard.entry.clone()),
-                None,
+                ClientLeg {
+                    entry: Some(guard.entry.clone()),
+                    ..ClientLeg::default()
+                },
             ),
         )
         .await
@@ -690,8 +784,7 @@ mod tests {
             Duration::from_secs(60),
             deadline,
             Default::default(),
-            None,
-            None,
+            ClientLeg::default(),
         )
         .await;
         assert_eq!(reason, Some(CloseReason::TokenExpired));

@@ -31,6 +31,12 @@
 //       first one with the page's asciinema-player, and records the terminal's text once it
 //       shows the whole recording, page errors, and the recording file's status fetched with the
 //       browser's cookies. A non-auditor records the refusal page instead.
+//   node drive.mjs terminal --relay URL --user NAME [--expect TEXT]
+//       Signs in, follows "Open a terminal" with the keyboard, waits for the pod pickers, opens
+//       a terminal in the first pod (keyboard), types `echo hello-web` and waits for its output
+//       (or TEXT), resizes the window, types `exit 3` and waits for the session to end with its
+//       exit code; then follows the pod's logs until some arrive and stops. Records the status
+//       line, exit code, terminal text, log text, page errors and accessibility problems.
 //   node drive.mjs open URL
 //       Opens URL; records the status, <h1> and text.
 //
@@ -151,13 +157,17 @@ async function navigating(page, what, action) {
 
 // Moves focus with Tab (as a keyboard user would) until `selector` has it, then presses Enter:
 // proves the control is reachable and operable without a mouse. Bounded by `maxTabs`.
-async function keyboardActivate(page, selector, what, maxTabs = 40) {
+async function keyboardActivate(page, selector, what, maxTabs = 40, { navigates = true } = {}) {
   for (let i = 0; i < maxTabs; i += 1) {
     await page.keyboard.press('Tab');
     const focused = await page.evaluate((sel) => !!document.activeElement?.matches(sel), selector);
     if (focused) {
       result.keyboard.push(what);
-      await navigating(page, what, () => page.keyboard.press('Enter'));
+      if (navigates) {
+        await navigating(page, what, () => page.keyboard.press('Enter'));
+      } else {
+        await page.keyboard.press('Enter');
+      }
       return;
     }
   }
@@ -309,6 +319,17 @@ async function signedIn(page) {
   }
   return page.locator('ul#clusters li[data-cluster]')
     .evaluateAll((els) => els.map((e) => e.getAttribute('data-cluster')));
+}
+
+// Signs in to the portal at `relay`, then collects errors the relay's pages report from then
+// on (the IdP's pages ask for web fonts the test blocks): the list grows as the run goes on.
+async function signInCollectingErrors(page, relay) {
+  await portalSignIn(page, `${relay}/`);
+  result.clusters = await signedIn(page);
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(String(e)));
+  page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
+  result.page_errors = errors;
 }
 
 // A GET with the browser context's cookies (as the browser would send them to that URL),
@@ -484,13 +505,7 @@ async function run(page, context) {
     case 'playback': {
       if (!opts.relay) fail('playback needs --relay URL');
       const relay = opts.relay.replace(/\/$/, '');
-      await portalSignIn(page, `${relay}/`);
-      result.clusters = await signedIn(page);
-      // Errors on the relay's pages only (the IdP's pages ask for web fonts the test blocks).
-      const errors = [];
-      page.on('pageerror', (e) => errors.push(String(e)));
-      page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
-      result.page_errors = errors;
+      await signInCollectingErrors(page, relay);
       const link = page.locator('#recordings-link');
       result.offered = (await link.count()) > 0;
       let response;
@@ -525,6 +540,47 @@ async function run(page, context) {
       result.file = await fetchWithCookies(context, `${relay}/-/recordings/file/${name}`);
       break;
     }
+    case 'terminal': {
+      if (!opts.relay) fail('terminal needs --relay URL');
+      const relay = opts.relay.replace(/\/$/, '');
+      await signInCollectingErrors(page, relay);
+      await keyboardActivate(page, '#terminal-link', 'terminal-link');
+      await page.locator('#terminal-app').waitFor({ state: 'attached', timeout: WAIT });
+      result.a11y.terminal = await a11yProblems(page);
+      // The pickers fill from the cluster through the gateway.
+      await page.waitForFunction(() => {
+        const pod = document.querySelector('#pod');
+        return pod && pod.options.length && pod.value;
+      }, null, { timeout: WAIT });
+      result.pods = await page.locator('#pod option').evaluateAll((os) => os.map((o) => o.value));
+      await keyboardActivate(page, '#open-terminal', 'open-terminal', 40, { navigates: false });
+      await page.waitForFunction(() => document.querySelector('#terminal-app').dataset.session === 'open', null, { timeout: WAIT });
+      const shown = (text) => page.waitForFunction(
+        (t) => (document.querySelector('#terminal')?.innerText ?? '').includes(t), text, { timeout: WAIT },
+      );
+      await page.keyboard.type('echo hello-web');
+      await page.keyboard.press('Enter');
+      await shown(opts.expect ?? 'hello-web');
+      await screenshot(page, 'terminal');
+      // A smaller window: the terminal fits itself and tells the pod its new size.
+      await page.setViewportSize({ width: 900, height: 700 });
+      await page.keyboard.type('exit 3');
+      await page.keyboard.press('Enter');
+      await page.waitForFunction(() => document.querySelector('#terminal-app').dataset.session === 'closed', null, { timeout: WAIT });
+      result.exit_code = await page.locator('#exit-code').innerText();
+      result.status_after_exit = await page.locator('#terminal-status').innerText();
+      result.terminal = await page.locator('#terminal').innerText();
+      // F6 leaves the terminal (which keeps Tab for the shell); then Tab on to the logs.
+      await page.keyboard.press('F6');
+      await keyboardActivate(page, '#follow-logs', 'follow-logs', 40, { navigates: false });
+      await page.waitForFunction(() => (document.querySelector('#logs')?.textContent ?? '').length > 0, null, { timeout: WAIT });
+      result.logs = (await page.locator('#logs').textContent()).slice(0, 2000);
+      await keyboardActivate(page, '#stop-logs', 'stop-logs', 40, { navigates: false });
+      await page.waitForFunction(() => document.querySelector('#terminal-app').dataset.logs === 'stopped', null, { timeout: WAIT });
+      await screenshot(page, 'logs');
+      result.status = await page.locator('#terminal-status').innerText();
+      break;
+    }
     case 'open': {
       if (!target) fail('open needs a URL');
       const response = await goto(page, target, 'open');
@@ -532,7 +588,7 @@ async function run(page, context) {
       break;
     }
     default:
-      fail(`unknown command ${JSON.stringify(command)} (signin, device, portal, deny, tamper, stale, playback, open)`);
+      fail(`unknown command ${JSON.stringify(command)} (signin, device, portal, deny, tamper, stale, playback, terminal, open)`);
   }
 }
 

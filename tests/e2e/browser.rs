@@ -486,8 +486,9 @@ async fn start_cluster(name: &str) -> (SimHandle, String) {
 }
 
 /// The three clusters and who may use them: `sre` alpha and beta, `dev` beta, `ops` gamma.
+/// (name, the rest of its flow mapping after `access: `): alpha records exec sessions.
 const CLUSTERS: &[(&str, &str)] = &[
-    ("alpha", "[{groups: [sre]}]"),
+    ("alpha", "[{groups: [sre]}], recording: required"),
     ("beta", "[{groups: [sre]}, {groups: [dev]}]"),
     ("gamma", "[{groups: [ops]}]"),
 ];
@@ -555,6 +556,7 @@ login:
     cookie_key_file: cookie.key
     session_lifetime: 1h
     sign_out_at_provider: {sign_out_at_provider}
+    terminal: true
 recording:
   store: {{kind: file, dir: recordings}}
   auditors: {{groups: [sre]}}
@@ -1675,4 +1677,79 @@ async fn auditors_play_recordings_in_a_real_browser_and_nobody_else_can() {
         assert!(got.starts_with(want), "{path}: {got}");
         assert!(!got.contains("hello from the recording"), "{path}: {got}");
     }
+}
+
+/// The on-call journey in Chromium (README "Web terminal"): alice signs in, opens a terminal in
+/// a pod with the keyboard, runs a command and sees its output, resizes, exits with a code the
+/// page shows, follows the pod's logs; then, as an auditor, plays that very session back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_terminal_runs_a_shell_and_follows_logs_in_a_real_browser() {
+    require_browser();
+    let art = artifacts("terminal");
+    let env = LoginEnv::start(&[]).await;
+    let run = drive_async(
+        &art,
+        &["terminal", "--relay", &env.relay.url, "--user", "alice"],
+    )
+    .await;
+    assert_eq!(run["exit_code"], "3", "{run}");
+    assert!(
+        run["terminal"]
+            .as_str()
+            .is_some_and(|t| t.contains("hello-web")),
+        "{run}"
+    );
+    assert!(run["logs"].as_str().is_some_and(|l| !l.is_empty()), "{run}");
+    assert_eq!(run["page_errors"], serde_json::json!([]), "{run}");
+    assert_eq!(run["a11y"]["terminal"], serde_json::json!([]), "{run}");
+    // The cluster saw alice's exec, made by the relay's credential for her (impersonate mode).
+    let audit = std::fs::read_to_string(env.dir.path().join("relay/audit.jsonl")).unwrap();
+    let exec: Vec<Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["objectRef"]["subresource"] == "exec" && r["stage"] == "ResponseComplete")
+        .collect();
+    assert_eq!(exec.len(), 1, "{audit}");
+    assert_eq!(
+        exec[0]["annotations"]["kube-relay.io/client"],
+        "web-terminal"
+    );
+    assert_eq!(exec[0]["user"]["username"], "alice");
+    assert!(
+        !exec[0]["requestURI"].as_str().unwrap().contains("csrf"),
+        "{}",
+        exec[0]
+    );
+
+    // The session was recorded (alpha requires it): the auditor replays it in the browser.
+    let recording = exec[0]["annotations"]["kube-relay.io/recording"]
+        .as_str()
+        .expect("the record names the recording")
+        .to_owned();
+    let played = drive_async(
+        &art,
+        &[
+            "playback",
+            "--relay",
+            &env.relay.url,
+            "--user",
+            "alice",
+            "--expect",
+            "hello-web",
+            "--label",
+            "replay-alice",
+        ],
+    )
+    .await;
+    assert_eq!(
+        played["recordings"],
+        serde_json::json!([recording]),
+        "{played}"
+    );
+    assert!(
+        played["terminal"]
+            .as_str()
+            .is_some_and(|t| t.contains("hello-web")),
+        "the replay did not show the session: {played}"
+    );
 }

@@ -38,6 +38,7 @@ mod recording;
 mod relay;
 mod relay_pages;
 mod slow_readers;
+mod terminal;
 mod token;
 
 /// The support library's relay YAML builder writes what a user would (one binary runs it).

@@ -107,16 +107,7 @@ fn assert_page_headers(head: &str) {
 
 /// A sealed session for `token`, as one `Cookie` header value (chunked when large).
 fn session_cookie(key: &CookieKey, token: String, expires_at: u64) -> (String, Session) {
-    let s = Session::new(token, now(), expires_at).unwrap();
-    let sealed = s.seal(key).unwrap();
-    let line = session::set_session_cookies(&sealed, 600)
-        .unwrap()
-        .iter()
-        .filter_map(|c| c.split(';').next())
-        .filter(|pair| !pair.ends_with('='))
-        .collect::<Vec<_>>()
-        .join("; ");
-    (line, s)
+    crate::support::portal_session_cookie(key, token, expires_at)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

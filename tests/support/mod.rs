@@ -635,3 +635,23 @@ impl Drop for CustomRelay {
         self.shutdown.cancel();
     }
 }
+
+/// A portal session for `token` until `expires_at`, sealed with `key` as the relay would: the
+/// `Cookie` header value (chunked when large) and the session (for its CSRF token).
+pub fn portal_session_cookie(
+    key: &kube_relay::config::CookieKey,
+    token: String,
+    expires_at: u64,
+) -> (String, kube_relay::portal::web::session::Session) {
+    use kube_relay::portal::web::session;
+    let s = session::Session::new(token, tenant::now(), expires_at).unwrap();
+    let sealed = s.seal(key).unwrap();
+    let line = session::set_session_cookies(&sealed, 600)
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.split(';').next())
+        .filter(|pair| !pair.ends_with('='))
+        .collect::<Vec<_>>()
+        .join("; ");
+    (line, s)
+}

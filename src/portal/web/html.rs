@@ -149,6 +149,8 @@ pub struct Home<'a> {
     pub sign_out_at_provider: bool,
     /// The user is one of `recording.auditors`: the page links to the recordings.
     pub auditor: bool,
+    /// `login.portal.terminal`: the page links to the web terminal.
+    pub terminal: bool,
 }
 
 pub fn home(v: &Home<'_>) -> String {
@@ -233,6 +235,13 @@ pub fn home(v: &Home<'_>) -> String {
     }
     m.push_str("</ul>\n");
     m.push_str("</section>\n");
+    if v.terminal && !v.clusters.is_empty() {
+        m.push_str(
+            "<section aria-labelledby=\"in-browser\">\n<h2 id=\"in-browser\">In the browser</h2>\n\
+             <p><a class=\"button\" id=\"terminal-link\" href=\"/-/terminal\">Open a terminal</a> \
+             in a pod, or follow its logs, without kubectl.</p>\n</section>\n",
+        );
+    }
     if v.auditor {
         m.push_str(
             "<section aria-labelledby=\"audit\">\n<h2 id=\"audit\">Audit</h2>\n\
@@ -310,6 +319,7 @@ mod tests {
             csrf: evil,
             sign_out_at_provider: false,
             auditor: false,
+            terminal: false,
         });
         assert!(!page.contains("<img"), "{page}");
         assert!(!page.contains("\"'"), "{page}");
