@@ -1746,6 +1746,12 @@ async fn the_web_terminal_runs_a_shell_and_follows_logs_in_a_real_browser() {
         serde_json::json!([recording]),
         "{played}"
     );
+    // The browser told the pod its size, and again when the window shrank.
+    let cast =
+        std::fs::read_to_string(env.dir.path().join("relay/recordings").join(&recording)).unwrap();
+    let header: Value = serde_json::from_str(cast.lines().next().unwrap()).unwrap();
+    assert!(header["width"].as_u64().unwrap() > 20, "{header}");
+    assert!(cast.contains(",\"r\","), "no resize event: {cast}");
     assert!(
         played["terminal"]
             .as_str()

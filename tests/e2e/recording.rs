@@ -119,6 +119,34 @@ async fn kubectl_exec_sessions_are_recorded_over_spdy_and_websocket() {
     env.dev.stop().await;
 }
 
+/// Recording reads the tunnel; it never changes it: 1 MiB of binary stdin comes back from
+/// `cat` byte for byte through a recorded session, over SPDY and WebSocket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_sessions_relay_every_byte_unchanged() {
+    let env = dev_env().await;
+    let payload: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    for version in ["1.27", "1.33"] {
+        let before = exec_records(&env).len();
+        let mut c = env.kubectl(version, "alpha");
+        c.args(["exec", "-i", "-n", "default", "web-0", "--", "cat"]);
+        let out = run(c, Some(&payload), Duration::from_secs(60));
+        assert!(out.status.success(), "kubectl {version}");
+        assert!(
+            out.stdout == payload,
+            "kubectl {version}: {} bytes back",
+            out.stdout.len()
+        );
+        let record = exec_record_after(&env, before).await;
+        assert!(
+            record["annotations"]["kube-relay.io/recording"].is_string(),
+            "{record}"
+        );
+    }
+    env.dev.stop().await;
+}
+
 /// docs/security.md G: recording: required fails closed. With the store unwritable, kubectl
 /// is refused with a Status naming the reason and nothing runs in the pod.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
