@@ -19,6 +19,9 @@
 //! `keys` (how many usable RS256/ES256 keys the JWKS holds) and, with `group_overage: {resolve:
 //! graph}`, `graph` (one `checkMemberGroups` call with the relay's own Graph token).
 //!
+//! With `recording`: `store` (the recording directory takes a file, or the Blob container
+//! answers a listing with the relay's own identity).
+//!
 //! Invariants: every check runs under [`Options::timeout`], so a black-holed address cannot
 //! hang the command; nothing here prints secrets (token contents never appear in a row).
 
@@ -253,6 +256,19 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
                 tasks.push(tokio::spawn(async move { r }));
             }
         }
+    }
+    // Session recording: the store the relay writes to, with the relay's own identity.
+    if let Some(rec) = &cfg.recording {
+        let mut r = Report::default();
+        match crate::recording::RecordingStore::new(&rec.store) {
+            Ok(store) => match bounded(opts.timeout * 4, store.probe()).await {
+                Ok(Ok(detail)) => r.push("recording", "store", Outcome::Ok, detail),
+                Ok(Err(e)) => r.push("recording", "store", Outcome::Fail, e.to_string()),
+                Err(e) => r.push("recording", "store", Outcome::Fail, e),
+            },
+            Err(e) => r.push("recording", "store", Outcome::Fail, format!("{e:#}")),
+        }
+        tasks.push(tokio::spawn(async move { r }));
     }
     let mut report = Report::default();
     for task in tasks {

@@ -106,6 +106,43 @@ impl RecordingStore {
         }
     }
 
+    /// `kube-relay doctor`: can the relay use this store? A directory must take a file (written
+    /// and removed again); a container must answer a listing with the relay's identity (a
+    /// missing container is fine: the first session creates it). Says what it found.
+    pub async fn probe(&self) -> Result<String, StoreError> {
+        match self {
+            Self::Dir(dir) => {
+                tokio::fs::create_dir_all(dir)
+                    .await
+                    .map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+                let probe = dir.join(".kube-relay-doctor");
+                tokio::fs::write(&probe, b"")
+                    .await
+                    .map_err(|e| StoreError(format!("{} is not writable: {e}", dir.display())))?;
+                let _ = tokio::fs::remove_file(&probe).await;
+                let n = self.list().await?.len();
+                Ok(format!("{} is writable; {n} recordings", dir.display()))
+            }
+            Self::Blob(b) => {
+                use futures_util::TryStreamExt as _;
+                let mut pages = b
+                    .container
+                    .list_blobs(None)
+                    .map_err(|e| b.error("listing recordings", &e))?;
+                match pages.try_next().await {
+                    Ok(_) => Ok(format!("{} answers with the relay's identity", b.location)),
+                    Err(e) if e.http_status() == Some(azure_core::http::StatusCode::NotFound) => {
+                        Ok(format!(
+                            "{} reachable; the container does not exist yet (the first session creates it)",
+                            b.location
+                        ))
+                    }
+                    Err(e) => Err(b.error("listing recordings", &e)),
+                }
+            }
+        }
+    }
+
     /// Creates an empty recording named `name`, failing if it exists.
     pub async fn create(&self, name: &str) -> Result<Object, StoreError> {
         match self {

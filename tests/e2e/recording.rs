@@ -170,6 +170,15 @@ async fn a_required_recording_that_cannot_be_written_refuses_the_session() {
             "kubectl {version}: {stderr}"
         );
     }
+    // doctor says so before any session would.
+    let check = doctor_store_row(&env).await;
+    assert_eq!(
+        check.outcome,
+        kube_relay::cli::doctor::Outcome::Fail,
+        "{}",
+        check.detail
+    );
+    assert!(check.detail.contains("recordings"), "{}", check.detail);
     // Reads are not sessions: they go on.
     let out = env
         .kubectl("1.33", "alpha")
@@ -263,7 +272,33 @@ async fn sessions_are_recorded_to_azure_blob_storage() {
         assert!(text.starts_with("{\"command\":\"echo in-a-blob"), "{text}");
         assert!(text.contains(&format!("in-a-blob-{version}\\n")), "{text}");
     }
+    // doctor checks the store with the relay's identity.
+    let check = doctor_store_row(&env).await;
+    assert_eq!(
+        check.outcome,
+        kube_relay::cli::doctor::Outcome::Ok,
+        "{}",
+        check.detail
+    );
+    assert!(
+        check.detail.contains("kube-relay-recordings"),
+        "{}",
+        check.detail
+    );
     env.dev.stop().await;
+}
+
+/// `kube-relay doctor`'s `recording store` row for the dev environment's configuration.
+async fn doctor_store_row(env: &Env) -> kube_relay::cli::doctor::Check {
+    let report = kube_relay::cli::doctor::run_file(
+        &env.dev.dir.join("relay.yaml"),
+        &kube_relay::cli::doctor::Options::default(),
+    )
+    .await;
+    report
+        .find("recording", "store")
+        .cloned()
+        .unwrap_or_else(|| panic!("no recording row:\n{}", report.render()))
 }
 
 /// docs/security.md G: with recording required, a store that fails mid-session ends the
