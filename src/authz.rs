@@ -75,9 +75,7 @@ impl RequestInfo {
         if resource.as_deref() == Some("namespaces") && name.is_some() && parts.len() <= 3 {
             namespace = None;
         }
-        let watch_param = query
-            .split('&')
-            .any(|kv| kv == "watch=true" || kv == "watch=1");
+        let watch_param = query_flag(query, "watch");
         let streaming_sub = matches!(
             subresource.as_deref(),
             Some("exec" | "attach" | "portforward")
@@ -136,11 +134,18 @@ impl RequestInfo {
     /// True for requests that stream for a long time: watches and followed logs.
     pub fn is_long_running_read(&self, query: &str) -> bool {
         self.verb == "watch"
-            || (self.subresource.as_deref() == Some("log")
-                && query
-                    .split('&')
-                    .any(|kv| kv == "follow=true" || kv == "follow=1"))
+            || (self.subresource.as_deref() == Some("log") && query_flag(query, "follow"))
     }
+}
+
+/// A boolean query parameter read as kube-apiserver reads it (its query decoding, then the
+/// first value of `key`; absent, `0` or `false` in any case is false, anything else is true,
+/// an empty value included), so the relay never takes for a plain read what the API server
+/// runs as a watch or a followed log.
+pub fn query_flag(query: &str, key: &str) -> bool {
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == key)
+        .is_some_and(|(_, v)| !(v == "0" || v.eq_ignore_ascii_case("false")))
 }
 
 /// Why the rules refused a request.
@@ -425,6 +430,40 @@ mod tests {
 
     fn info(m: Method, p: &str) -> RequestInfo {
         RequestInfo::parse(&m, p)
+    }
+
+    #[test]
+    fn watch_and_follow_are_read_as_the_apiserver_reads_them() {
+        for q in [
+            "watch=true",
+            "watch=1",
+            "watch=yes",
+            "watch=",
+            "watch",
+            "watch=%74rue",
+            "watch=TRUE&watch=false",
+        ] {
+            let i = info(Method::GET, &format!("/api/v1/pods?{q}"));
+            assert_eq!(i.verb, "watch", "{q}");
+            assert!(i.is_long_running_read(q), "{q}");
+        }
+        for q in [
+            "watch=false",
+            "watch=0",
+            "watch=FALSE",
+            "watch=false&watch=true",
+            "watcher=true",
+            "",
+        ] {
+            assert_eq!(
+                info(Method::GET, &format!("/api/v1/pods?{q}")).verb,
+                "list",
+                "{q}"
+            );
+        }
+        let log = info(Method::GET, "/api/v1/namespaces/d/pods/p/log?follow=yes");
+        assert!(log.is_long_running_read("follow=yes"));
+        assert!(!log.is_long_running_read("follow=false&follow=true"));
     }
 
     #[test]

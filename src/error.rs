@@ -153,8 +153,10 @@ impl ProxyError {
             Self::AuditUnavailable { sink } => format!(
                 "kube-relay cannot write its audit log ({sink}) and audit.mode is blocking: requests are refused until records can be written again"
             ),
-            Self::RecordingUnavailable { cluster, detail } => format!(
-                "cluster {cluster} requires session recording and the recording store cannot be written ({detail}): the session was not started; try again later or ask an administrator to check the store"
+            // The store's location and error stay in the relay's log (Internal faults are
+            // logged with their detail): a kubectl user needs the what, not the where.
+            Self::RecordingUnavailable { cluster, .. } => format!(
+                "cluster {cluster} requires session recording and the recording store cannot be written right now: the session was not started; try again later, or ask the relay's administrators (kube-relay doctor checks the store)"
             ),
             Self::CredentialUnavailable { cluster, .. } => format!(
                 "cluster {cluster} is unavailable: kube-relay cannot get its credential for the cluster from Entra ID right now; try again in a minute"

@@ -67,7 +67,11 @@ pub async fn admit(
         })?;
     let h = req.headers();
     let public = state.cfg.public_url.origin().ascii_serialization();
-    let websocket = h.contains_key(header::UPGRADE);
+    let websocket = match h.get(header::UPGRADE) {
+        None => false,
+        Some(u) if u.as_bytes().eq_ignore_ascii_case(b"websocket") => true,
+        Some(_) => return Err(forbidden("only WebSocket upgrades are served")),
+    };
     match h.get(header::ORIGIN).map(|o| o.as_bytes()) {
         Some(o) if o == public.as_bytes() => {}
         Some(_) => return Err(forbidden("the request came from another site")),
@@ -134,12 +138,29 @@ pub async fn admit(
             "the web terminal only reads (GET)".into(),
         ));
     }
+    if !crate::config::is_cluster_name(segs[0]) {
+        return Err(ProxyError::NotFound("no such cluster".into()));
+    }
     let cluster = segs[0].to_owned();
-    let kept: Vec<(&str, &str)> = query
-        .iter()
-        .filter(|(k, _)| keys.contains(&k.as_str()))
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let mut kept: Vec<(&str, &str)> = Vec::new();
+    for (k, v) in &query {
+        if !keys.contains(&k.as_str()) {
+            continue;
+        }
+        // One value per parameter (the API server reads the first, the relay must not read
+        // another), except the command's words.
+        if k != "command" && kept.iter().any(|(seen, _)| *seen == k.as_str()) {
+            return Err(ProxyError::BadRequest(format!("`{k}` given twice")));
+        }
+        // `follow` is passed on as exactly what the relay understood it to be.
+        if k == "follow" {
+            if crate::authz::query_flag(&format!("follow={}", urlencode(v)), "follow") {
+                kept.push(("follow", "true"));
+            }
+            continue;
+        }
+        kept.push((k.as_str(), v.as_str()));
+    }
     let mut target = format!("/{}", segs[1..].join("/"));
     if !kept.is_empty() {
         target.push('?');
@@ -175,6 +196,10 @@ pub async fn admit(
         session_ends: session.expires_at,
         idle: portal.terminal_idle,
     })
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! gets the same 403 whether or not a recording exists, and a request without a session gets a
 //! 401 (the file) or is sent to sign in (the pages): a recording's URL is useless on its own.
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -95,7 +96,7 @@ pub async fn handle(
         return Ok(resp);
     }
     if let Some(name) = file {
-        let Some(bytes) = store.read(name).await.map_err(store_error)? else {
+        let Some(body) = store.open_read(name).await.map_err(store_error)? else {
             return Err(not_found());
         };
         tracing::info!(user = %p.user_key(), recording = name, "recording played");
@@ -103,10 +104,11 @@ pub async fn handle(
             StatusCode::OK,
             "text/plain; charset=utf-8",
             "no-store",
-            bytes,
+            Bytes::new(),
             &[],
             None,
         );
+        *resp.body_mut() = body;
         // Opened directly, it is a download, never a page.
         if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
             resp.headers_mut().insert(header::CONTENT_DISPOSITION, v);

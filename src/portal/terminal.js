@@ -130,7 +130,8 @@
     });
     fit.fit();
     const url = `wss://${location.host}/-/web/${encodeURIComponent($("cluster").value)}/${path}/exec?${q}`;
-    ws = new WebSocket(url, ["v5.channel.k8s.io"]);
+    const socket = new WebSocket(url, ["v5.channel.k8s.io"]);
+    ws = socket;
     ws.binaryType = "arraybuffer";
     let code = null;
     status(`Connecting to ${$("pod").value}…`);
@@ -147,17 +148,22 @@
       else if (d[0] === 3) code = exitCode(new TextDecoder().decode(d.subarray(1)));
     };
     ws.onclose = (e) => {
+      // A session closed by opening another must not speak for the new one.
+      if (ws !== socket && ws !== null) return;
       app.dataset.session = "closed";
       const why = code !== null ? `exit code ${code}` : (e.reason || `connection closed (${e.code})`);
       status(`Session ended: ${why}.`);
       $("exit-code").textContent = code !== null ? code : "";
     };
     term.onData((s) => {
-      if (ws && ws.readyState === WebSocket.OPEN) {
-        const b = enc.encode(s);
-        const frame = new Uint8Array(b.length + 1);
+      if (!ws || ws.readyState !== WebSocket.OPEN) return;
+      const b = enc.encode(s);
+      // The relay refuses frames over 64 KiB: a large paste goes in 32 KiB pieces.
+      for (let at = 0; at < b.length; at += 32768) {
+        const piece = b.subarray(at, at + 32768);
+        const frame = new Uint8Array(piece.length + 1);
         frame[0] = 0;
-        frame.set(b, 1);
+        frame.set(piece, 1);
         ws.send(frame);
       }
     });

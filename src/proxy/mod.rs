@@ -355,6 +355,8 @@ async fn phases(
         // The portal's terminal and logs: admitted by session, origin and CSRF token, then the
         // cluster request they stand for goes through every phase below like kubectl's.
         Err(path) if path.starts_with(crate::portal::gateway::PREFIX) => {
+            // The query carries the session's CSRF token: never in a record, even of a refusal.
+            ctx.base.request_uri = path.clone();
             let web = crate::portal::gateway::admit(state, &mut req, &path).await?;
             ctx.base.request_uri = web.target.clone();
             ctx.base

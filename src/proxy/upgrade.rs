@@ -176,7 +176,7 @@ pub async fn relay(
     // Opened before the cluster hears of the session: a required recording that cannot be
     // written refuses the session before anything runs in the pod.
     let (mut recording, mut recording_notes) =
-        open_recording(state, upstream, &guard, &audit, target).await?;
+        open_recording(state, upstream, &guard, target).await?;
     let client_key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
     let offered: Vec<String> = headers::ws_protocols(req.headers())
         .filter(|p| !p.starts_with(headers::WS_BEARER_PREFIX))
@@ -413,7 +413,6 @@ async fn open_recording(
     state: &State,
     upstream: &Upstream,
     guard: &crate::streams::StreamGuard,
-    audit: &crate::audit::AuditBase,
     target: &str,
 ) -> Result<
     (
@@ -438,12 +437,13 @@ async fn open_recording(
     for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
         match &*k {
             "command" => command.push(v.into_owned()),
-            "container" => container = Some(v.into_owned()),
+            // The API server reads the first value.
+            "container" if container.is_none() => container = Some(v.into_owned()),
             _ => {}
         }
     }
     let session = SessionInfo {
-        id: audit.audit_id.clone(),
+        id: uuid::Uuid::new_v4().to_string(),
         cluster: upstream.cluster.name.to_string(),
         user: guard.entry.principal.username.clone(),
         namespace: info.namespace.clone().unwrap_or_default(),

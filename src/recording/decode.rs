@@ -75,6 +75,15 @@ impl Decoder {
         }
     }
 
+    /// Why the decoder lost track of the session, if it did: what it decodes after that
+    /// would be wrong, so the recording stops there (the session itself is not touched).
+    pub fn failure(&self) -> Option<&'static str> {
+        match self {
+            Self::WebSocket(ws) => ws.from_client.failed.or(ws.from_server.failed),
+            Self::Spdy(s) => s.failed,
+        }
+    }
+
     pub fn from_client(&mut self, bytes: &[u8], ev: &mut impl Events) {
         match self {
             Self::WebSocket(ws) => ws
@@ -142,13 +151,14 @@ pub struct WsReader {
     /// base64 ones (decoded once complete).
     gathered: Vec<u8>,
     scratch: Vec<u8>,
+    failed: Option<&'static str>,
 }
 
 impl WsReader {
     /// `on(channel, data, whole)`: data of a message as it passes (`whole == false`), or a
     /// gathered message once complete (`whole == true`).
     fn feed(&mut self, mut bytes: &[u8], base64: bool, on: &mut impl FnMut(Channel, &[u8], bool)) {
-        while !bytes.is_empty() {
+        while !bytes.is_empty() && self.failed.is_none() {
             if !self.in_payload {
                 let need = self.head_len();
                 let take = (need - self.head.len()).min(bytes.len());
@@ -243,6 +253,8 @@ impl WsReader {
             if gather {
                 if self.gathered.len() + data.len() <= GATHER_CAP * 16 {
                     self.gathered.extend_from_slice(data);
+                } else {
+                    self.failed = Some("a WebSocket message too large to follow");
                 }
             } else if ch != Channel::Other && !data.is_empty() {
                 on(ch, data, false);
@@ -290,7 +302,13 @@ pub struct Spdy {
     /// goes on; the recording then holds what was decoded until then).
     inflate: Option<flate2::Decompress>,
     dictionary: Vec<u8>,
+    /// Bytes gathered across all streams (resize and error messages being read).
+    gathered: usize,
+    failed: Option<&'static str>,
 }
+
+/// kubectl opens at most five streams per session (error, stdin, stdout, stderr, resize).
+const MAX_STREAMS: usize = 64;
 
 impl Default for Spdy {
     fn default() -> Self {
@@ -300,6 +318,8 @@ impl Default for Spdy {
             streams: HashMap::new(),
             inflate: Some(flate2::Decompress::new(true)),
             dictionary: spdy3_dictionary(),
+            gathered: 0,
+            failed: None,
         }
     }
 }
@@ -321,7 +341,7 @@ struct SpdyReader {
 
 impl Spdy {
     fn feed(&mut self, client: bool, mut bytes: &[u8], ev: &mut impl Events) {
-        while !bytes.is_empty() {
+        while !bytes.is_empty() && self.failed.is_none() {
             let r = if client {
                 &mut self.from_client
             } else {
@@ -360,6 +380,11 @@ impl Spdy {
             if let Some((_, c)) = r.control.as_mut() {
                 if c.len() + piece.len() <= GATHER_CAP {
                     c.extend_from_slice(piece);
+                } else {
+                    // Its header block could not be inflated whole, and every later one
+                    // depends on it.
+                    self.failed = Some("an SPDY control frame too large to follow");
+                    return;
                 }
             } else {
                 let ch = self
@@ -371,10 +396,15 @@ impl Spdy {
                     (true, Channel::Stdin) => ev.input(piece),
                     (false, Channel::Output) => ev.output(piece),
                     (_, Channel::Resize | Channel::Error) => {
-                        let g = r.gathered.entry(r.stream).or_default();
-                        if g.len() + piece.len() <= GATHER_CAP {
-                            g.extend_from_slice(piece);
+                        if self.gathered + piece.len() > GATHER_CAP * 4 {
+                            self.failed = Some("SPDY resize or error messages too large to follow");
+                            return;
                         }
+                        self.gathered += piece.len();
+                        r.gathered
+                            .entry(r.stream)
+                            .or_default()
+                            .extend_from_slice(piece);
                     }
                     _ => {}
                 }
@@ -400,12 +430,15 @@ impl Spdy {
                     if let Some(g) = r.gathered.get_mut(&stream) {
                         if let Some(end) = g.iter().rposition(|&b| b == b'\n' || b == b'}') {
                             let done: Vec<u8> = g.drain(..=end).collect();
+                            self.gathered = self.gathered.saturating_sub(done.len());
                             resize_messages(&done, ev);
                         }
                     }
                 }
                 if r.fin {
-                    r.gathered.remove(&stream);
+                    if let Some(g) = r.gathered.remove(&stream) {
+                        self.gathered = self.gathered.saturating_sub(g.len());
+                    }
                 }
             }
             Some((kind, frame)) => {
@@ -421,7 +454,18 @@ impl Spdy {
     /// compression context on.
     fn client_control(&mut self, kind: u16, frame: &[u8]) {
         const SYN_STREAM: u16 = 1;
+        const RST_STREAM: u16 = 3;
         const HEADERS: u16 = 8;
+        if kind == RST_STREAM && frame.len() >= 4 {
+            let id = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) & 0x7fff_ffff;
+            self.streams.remove(&id);
+            for r in [&mut self.from_client, &mut self.from_server] {
+                if let Some(g) = r.gathered.remove(&id) {
+                    self.gathered = self.gathered.saturating_sub(g.len());
+                }
+            }
+            return;
+        }
         let (stream, block) = match kind {
             SYN_STREAM if frame.len() >= 10 => (
                 u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) & 0x7fff_ffff,
@@ -431,9 +475,14 @@ impl Spdy {
             _ => return,
         };
         let Some(headers) = self.inflate(block) else {
+            self.failed = Some("an SPDY header block that does not inflate");
             return;
         };
         if kind == SYN_STREAM {
+            if self.streams.len() >= MAX_STREAMS && !self.streams.contains_key(&stream) {
+                self.failed = Some("more SPDY streams than a session opens");
+                return;
+            }
             let ch = match header_value(&headers, b"streamtype") {
                 Some(b"stdin") => Channel::Stdin,
                 Some(b"stdout" | b"stderr") => Channel::Output,
@@ -470,7 +519,12 @@ impl Spdy {
             if input.is_empty() && out.len() < out.capacity() {
                 return Some(out);
             }
-            if out.len() >= GATHER_CAP || (out.len() == out0 && input.is_empty()) {
+            if out.len() >= GATHER_CAP {
+                // More than any header block of a session: the context would lose step if the
+                // rest were not consumed, and the headers are not worth reading.
+                return None;
+            }
+            if out.len() == out0 && input.is_empty() {
                 return Some(out);
             }
             out.reserve(4096);
@@ -690,6 +744,46 @@ mod tests {
             assert_eq!(seen.input, b"echo hi\r");
             assert_eq!(seen.sizes, vec![(100, 30)]);
         }
+    }
+
+    #[test]
+    fn a_session_the_decoder_cannot_follow_says_so_instead_of_recording_wrongly() {
+        // More streams than any session opens.
+        let mut z = flate2::Compress::new(flate2::Compression::best(), true);
+        z.set_dictionary(&spdy3_dictionary()).unwrap();
+        let mut d = Decoder::new(None);
+        let mut seen = Seen::default();
+        for id in 0..(MAX_STREAMS as u32 + 1) {
+            d.from_client(&syn_stream(&mut z, 2 * id + 1, "stdout"), &mut seen);
+        }
+        assert!(d.failure().is_some());
+        // A control frame larger than any header block.
+        let mut d = Decoder::new(None);
+        d.from_client(&control(1, 0, &vec![0u8; GATHER_CAP + 10]), &mut seen);
+        assert!(d.failure().is_some());
+        // A header block that is not zlib.
+        let mut d = Decoder::new(None);
+        d.from_client(
+            &control(1, 0, &[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, 2, 3]),
+            &mut seen,
+        );
+        assert!(d.failure().is_some());
+        // A WebSocket resize message of a megabyte and more.
+        let mut d = Decoder::new(Some("v5.channel.k8s.io"));
+        let big = [&[4u8][..], &vec![b' '; GATHER_CAP * 16 + 1][..]].concat();
+        d.from_client(&ws_frame(2, true, &big, Some([1, 2, 3, 4])), &mut seen);
+        assert!(d.failure().is_some());
+        // Closed streams give their memory back.
+        let mut z = flate2::Compress::new(flate2::Compression::best(), true);
+        z.set_dictionary(&spdy3_dictionary()).unwrap();
+        let mut d = Decoder::new(None);
+        d.from_client(&syn_stream(&mut z, 1, "error"), &mut seen);
+        for _ in 0..100 {
+            d.from_server(&data(1, false, &[b'x'; 1000]), &mut seen);
+            d.from_client(&control(3, 0, &[0, 0, 0, 1, 0, 0, 0, 5]), &mut seen); // RST_STREAM 1
+            d.from_client(&syn_stream(&mut z, 1, "error"), &mut seen);
+        }
+        assert!(d.failure().is_none(), "{:?}", d.failure());
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub use crate::config::RecordingMode;
 
 /// Who a recording is about, for its header and its name.
 pub struct SessionInfo {
+    /// Names the recording: minted by the relay (a client's `Audit-ID` could be long or odd).
     pub id: String,
     pub cluster: String,
     pub user: String,
@@ -78,6 +79,21 @@ pub struct Recording {
     typed: cast::Text,
     stdin: bool,
     staged: String,
+    fail: Arc<FailOnce>,
+}
+
+/// Reports a failure to the session once, whoever notices it first (the writer, the decoder).
+struct FailOnce {
+    done: std::sync::atomic::AtomicBool,
+    f: Box<dyn Fn(&str) + Send + Sync>,
+}
+
+impl FailOnce {
+    fn fail(&self, why: &str) {
+        if !self.done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            (self.f)(why);
+        }
+    }
 }
 
 struct HeaderParts {
@@ -91,13 +107,13 @@ pub type Finished = tokio::task::JoinHandle<Option<Failure>>;
 
 impl Recording {
     /// Creates the recording in the store (so a store that cannot be written is known before
-    /// the session starts) and starts its writer task. `on_failure` runs once if writing
-    /// fails mid-session.
+    /// the session starts) and starts its writer task. `on_failure` runs once if recording
+    /// fails mid-session (the store, or a tunnel the decoder cannot follow).
     pub async fn open(
         store: Arc<RecordingStore>,
         mode: RecordingMode,
         info: SessionInfo,
-        on_failure: impl FnOnce(&str) + Send + 'static,
+        on_failure: impl Fn(&str) + Send + Sync + 'static,
     ) -> Result<(Self, Finished), StoreError> {
         // `2026-12-07T02:30:00Z` → `20261207T023000Z`: sortable and safe in a blob name.
         let when: String = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
@@ -112,10 +128,15 @@ impl Recording {
             ready: Notify::new(),
         });
         let task_spool = spool.clone();
+        let fail = Arc::new(FailOnce {
+            done: std::sync::atomic::AtomicBool::new(false),
+            f: Box::new(on_failure),
+        });
+        let task_fail = fail.clone();
         let finished = tokio::spawn(async move {
             let failed = write_loop(&task_spool, &mut object).await;
             if let Some(f) = &failed {
-                on_failure(&f.0);
+                task_fail.fail(&f.0);
             }
             failed
         });
@@ -146,6 +167,7 @@ impl Recording {
                 typed: cast::Text::default(),
                 stdin: info.stdin,
                 staged: String::new(),
+                fail,
             },
             finished,
         ))
@@ -173,20 +195,44 @@ impl Recording {
 
     /// Bytes the client sent into the tunnel.
     pub fn from_client(&mut self, bytes: &[u8]) {
-        if let Some(mut decoder) = self.decoder.take() {
-            decoder.from_client(bytes, self);
-            self.decoder = Some(decoder);
-            self.hand_over();
-        }
+        self.feed(bytes, true);
     }
 
     /// Bytes the cluster sent to the client.
     pub fn from_server(&mut self, bytes: &[u8]) {
-        if let Some(mut decoder) = self.decoder.take() {
+        self.feed(bytes, false);
+    }
+
+    fn feed(&mut self, bytes: &[u8], client: bool) {
+        let Some(mut decoder) = self.decoder.take() else {
+            return;
+        };
+        if client {
+            decoder.from_client(bytes, self);
+        } else {
             decoder.from_server(bytes, self);
-            self.decoder = Some(decoder);
-            self.hand_over();
         }
+        self.hand_over();
+        match decoder.failure() {
+            // What follows could not be recorded faithfully: the recording stops here, and a
+            // required one ends the session.
+            Some(why) => self.stop(&format!("the recording stopped: {why}")),
+            None => self.decoder = Some(decoder),
+        }
+    }
+
+    /// Stops recording: the spool takes no more lines and the session is told.
+    fn stop(&mut self, why: &str) {
+        let mut s = self.spool.inner.lock();
+        if s.failed.is_none() {
+            s.failed = Some(why.to_owned());
+        }
+        if let Some(w) = s.waiter.take() {
+            w.wake();
+        }
+        drop(s);
+        self.spool.ready.notify_one();
+        self.fail.fail(why);
     }
 
     fn elapsed(&self) -> f64 {
@@ -253,6 +299,11 @@ impl decode::Events for Recording {
 
 impl Drop for Recording {
     fn drop(&mut self) {
+        // A session that showed nothing still leaves a valid (empty) recording.
+        if self.decoder.is_some() {
+            self.header_first(None);
+            self.hand_over();
+        }
         let mut s = self.spool.inner.lock();
         s.closed = true;
         drop(s);
@@ -260,17 +311,38 @@ impl Drop for Recording {
     }
 }
 
-/// Moves the spool's lines to the store about once a second, and the rest when the session
-/// ends. Returns the failure that stopped it, if any.
+/// Moves the spool's lines to the store about once a second (sooner when the spool is half
+/// full), and the rest when the session ends. Returns why recording stopped, if it did.
 async fn write_loop(spool: &Spool, object: &mut store::Object) -> Option<Failure> {
+    let mut last = Instant::now();
     loop {
-        // Wait for lines, a full spool or the end; at most FLUSH_EVERY between writes.
-        let _ = tokio::time::timeout(FLUSH_EVERY, spool.ready.notified()).await;
-        let (lines, closed) = {
+        // Wait for lines, then gather more for up to FLUSH_EVERY since the last append: an
+        // append per keystroke would exhaust an append blob's 50,000 blocks within hours.
+        loop {
+            let (len, closed) = {
+                let s = spool.inner.lock();
+                (s.lines.len(), s.closed || s.failed.is_some())
+            };
+            let due = last + FLUSH_EVERY;
+            if closed || len >= SPOOL_BUDGET / 2 || (len > 0 && Instant::now() >= due) {
+                break;
+            }
+            let wake = if len > 0 {
+                due
+            } else {
+                Instant::now() + FLUSH_EVERY
+            };
+            tokio::select! {
+                () = spool.ready.notified() => {}
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+        let (lines, closed, failed) = {
             let mut s = spool.inner.lock();
-            (std::mem::take(&mut s.lines), s.closed)
+            (std::mem::take(&mut s.lines), s.closed, s.failed.clone())
         };
         if !lines.is_empty() {
+            last = Instant::now();
             if let Err(e) = object.append(lines.into_bytes()).await {
                 let mut s = spool.inner.lock();
                 s.failed = Some(e.to_string());
@@ -283,8 +355,71 @@ async fn write_loop(spool: &Spool, object: &mut store::Object) -> Option<Failure
         if let Some(w) = spool.inner.lock().waiter.take() {
             w.wake();
         }
+        if let Some(why) = failed {
+            return Some(Failure(why));
+        }
         if closed {
             return None;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ws(payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut f = vec![
+            0x82,
+            if mask.is_some() { 0x80 } else { 0 } | payload.len() as u8,
+        ];
+        match mask {
+            Some(k) => {
+                f.extend_from_slice(&k);
+                f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+            }
+            None => f.extend_from_slice(payload),
+        }
+        f
+    }
+
+    #[tokio::test]
+    async fn a_session_s_size_output_and_resizes_reach_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RecordingStore::Dir(dir.path().to_owned()));
+        let info = SessionInfo {
+            id: "s1".into(),
+            cluster: "alpha".into(),
+            user: "alice".into(),
+            namespace: "default".into(),
+            pod: "web-0".into(),
+            container: None,
+            command: "sh".into(),
+            stdin: false,
+        };
+        let (mut rec, finished) = Recording::open(store, RecordingMode::Required, info, |_| {})
+            .await
+            .unwrap();
+        let name = rec.name.clone();
+        rec.framing(Some("v5.channel.k8s.io"));
+        let k = Some([9, 8, 7, 6]);
+        rec.from_client(&ws(b"\x04{\"Width\":100,\"Height\":30}", k));
+        rec.from_server(&ws(b"\x01hello\r\n", None));
+        rec.from_client(&ws(b"\x04{\"Width\":90,\"Height\":20}", k));
+        drop(rec);
+        assert!(finished.await.unwrap().is_none());
+        let text = std::fs::read_to_string(dir.path().join(&name)).unwrap();
+        let mut lines = text.lines();
+        let header: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        assert_eq!(
+            (header["width"].as_u64(), header["height"].as_u64()),
+            (Some(100), Some(30)),
+            "{text}"
+        );
+        let rest: Vec<serde_json::Value> =
+            lines.map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(rest[0][1], "o", "{text}");
+        assert_eq!(rest[1][1], "r", "{text}");
+        assert_eq!(rest[1][2], "90x20", "{text}");
     }
 }

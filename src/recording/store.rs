@@ -145,15 +145,23 @@ impl RecordingStore {
 
     /// Creates an empty recording named `name`, failing if it exists.
     pub async fn create(&self, name: &str) -> Result<Object, StoreError> {
+        if !valid_name(name) {
+            return Err(StoreError(format!("`{name}` is not a recording name")));
+        }
         match self {
             Self::Dir(dir) => {
-                tokio::fs::create_dir_all(dir)
+                // Terminal output holds secrets as often as not: only the relay's user reads it.
+                tokio::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
                     .await
                     .map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
                 let path = dir.join(name);
                 let f = tokio::fs::OpenOptions::new()
                     .create_new(true)
                     .append(true)
+                    .mode(0o600)
                     .open(&path)
                     .await
                     .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
@@ -214,6 +222,57 @@ impl RecordingStore {
         };
         all.sort_by(|a, b| b.name.cmp(&a.name));
         Ok(all)
+    }
+
+    /// One recording, streamed (a recording can be larger than the relay should hold).
+    pub async fn open_read(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::body::RelayBody>, StoreError> {
+        use futures_util::TryStreamExt as _;
+        use http_body_util::BodyExt as _;
+        if !valid_name(name) {
+            return Ok(None);
+        }
+        match self {
+            Self::Dir(dir) => match tokio::fs::File::open(dir.join(name)).await {
+                Ok(f) => {
+                    let frames = tokio_util::io::ReaderStream::new(f)
+                        .map_ok(hyper::body::Frame::data)
+                        .map_err(|e| Box::new(e) as crate::body::BoxError);
+                    Ok(Some(http_body_util::StreamBody::new(frames).boxed()))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(StoreError(format!("{}: {e}", dir.display()))),
+            },
+            Self::Blob(b) => {
+                let blob = b.container.blob_client(name);
+                match blob.download(None).await {
+                    Ok(r) => {
+                        // The SDK's stream is not Sync, which the relay's bodies are: a task
+                        // moves it through a small channel (backpressure: four pieces).
+                        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+                        let mut body = r.body;
+                        tokio::spawn(async move {
+                            while let Some(piece) = body.try_next().await.transpose() {
+                                let piece = piece
+                                    .map(hyper::body::Frame::data)
+                                    .map_err(|e| Box::new(e) as crate::body::BoxError);
+                                if tx.send(piece).await.is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                        let frames = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+                        Ok(Some(http_body_util::StreamBody::new(frames).boxed()))
+                    }
+                    Err(e) if e.http_status() == Some(azure_core::http::StatusCode::NotFound) => {
+                        Ok(None)
+                    }
+                    Err(e) => Err(b.error("reading the recording", &e)),
+                }
+            }
+        }
     }
 
     /// One recording's bytes.

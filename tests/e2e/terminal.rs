@@ -166,6 +166,14 @@ async fn the_gateway_passes_only_the_terminal_s_requests_under_the_cluster_s_rul
             "{path}: {got}"
         );
     }
+    // One value per parameter: the relay must read what the API server reads.
+    let twice = send(
+        &env,
+        "/-/web/alpha/api/v1/namespaces/default/pods/web-0/log?container=a&container=b",
+        &h,
+    )
+    .await;
+    assert!(twice.starts_with("HTTP/1.1 400"), "{twice}");
     let pods = send(&env, "/-/web/alpha/api/v1/namespaces/default/pods", &h).await;
     assert!(
         pods.starts_with("HTTP/1.1 200") && pods.contains("web-0"),
