@@ -206,7 +206,10 @@ pub enum Verified {
 /// Validates bearer tokens against the configured issuers.
 pub struct Authenticator {
     sources: Vec<Arc<KeySource>>,
-    cache: quick_cache::sync::Cache<[u8; 32], Arc<Principal>>,
+    /// Verified tokens by their full text (shared with the principal, not copied): a hit is an
+    /// exact match, so the cache's hash (keyed per process) needs no collision resistance, and
+    /// a token is never hashed with SHA-256 on the request path.
+    cache: quick_cache::sync::Cache<Arc<str>, Arc<Principal>>,
     metrics: Arc<Metrics>,
 }
 
@@ -339,7 +342,7 @@ impl Authenticator {
 
     /// A previously verified, unexpired token, without any signature work.
     pub fn cached(&self, token: &str) -> Option<Arc<Principal>> {
-        let p = self.cache.get(&token_hash(token))?;
+        let p = self.cache.get(token)?;
         (crate::clock::unix_now() < p.expires_at + LEEWAY_SECS).then_some(p)
     }
 
@@ -354,15 +357,16 @@ impl Authenticator {
                 format!("token of {} bytes", token.len()),
             ));
         }
-        if token.split('.').count() != 3 {
+        // Two dots, found with SIMD: a `char` split walked every character of a multi-KB token
+        // on each request (callgrind: ~6k instructions for a 3.3 KB Entra token).
+        if memchr::memchr_iter(b'.', token.as_bytes()).take(3).count() != 2 {
             return Err(fail(AuthFailure::Malformed, "not a compact JWS"));
         }
-        let hash = token_hash(token);
-        if let Some(p) = self.cache.get(&hash) {
+        if let Some(p) = self.cache.get(token) {
             if crate::clock::unix_now() < p.expires_at + LEEWAY_SECS {
                 return Ok((p, Verified::Cached));
             }
-            self.cache.remove(&hash);
+            self.cache.remove(token);
         }
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| fail(AuthFailure::Malformed, format!("header: {e}")))?;
@@ -454,14 +458,8 @@ impl Authenticator {
                 fail(failure, e.to_string())
             })?;
         let principal = Arc::new(principal_from(src, &iss, data.claims, token)?);
-        self.cache.insert(hash, principal.clone());
+        self.cache
+            .insert(principal.token.clone(), principal.clone());
         Ok((principal, Verified::Verified))
     }
-}
-
-fn token_hash(token: &str) -> [u8; 32] {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
 }
