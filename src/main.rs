@@ -137,11 +137,15 @@ impl Drop for LogGuard {
 fn init_tracing() -> Option<LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: log files, journald and container logs get
+    // plain text (and the relay skips formatting escape codes on every line).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let out = Box::new(std::io::BufWriter::new(std::io::stderr()));
     match kube_relay::lines::LineWriter::spawn("kube-relay-log", out, 128 * 1024) {
         Ok(writer) => {
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
+                .with_ansi(ansi)
                 .with_writer(writer.clone())
                 .init();
             Some(LogGuard(writer))
@@ -150,6 +154,7 @@ fn init_tracing() -> Option<LogGuard> {
         Err(e) => {
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
+                .with_ansi(ansi)
                 .with_writer(std::io::stderr)
                 .init();
             tracing::warn!(error = %e, "cannot start the log writer thread; logging unbuffered");
