@@ -28,15 +28,17 @@
 //   node drive.mjs playback --relay URL --user NAME
 //       Signs in to the portal, follows "Session recordings" when the page offers it (else
 //       opens /-/recordings), records the listed recordings (<tr data-recording>), plays the
-//       first one with the page's asciinema-player, and records the terminal's text once it
+//       first one (or --recording NAME) with the page's asciinema-player, and records the
+//       terminal's text once it
 //       shows the whole recording, page errors, and the recording file's status fetched with the
 //       browser's cookies. A non-auditor records the refusal page instead.
 //   node drive.mjs terminal --relay URL --user NAME [--expect TEXT]
 //       Signs in, follows "Open a terminal" with the keyboard, waits for the pod pickers, opens
 //       a terminal in the first pod (keyboard), types `echo hello-web` and waits for its output
 //       (or TEXT), resizes the window, types `exit 3` and waits for the session to end with its
-//       exit code; then follows the pod's logs until some arrive and stops. Records the status
-//       line, exit code, terminal text, log text, page errors and accessibility problems.
+//       exit code; then follows the pod's logs until some arrive and stops, and signs out.
+//       Records the status line, exit code, terminal text, log text, page errors, accessibility
+//       problems and the signed-out page.
 //   node drive.mjs open URL
 //       Opens URL; records the status, <h1> and text.
 //
@@ -80,6 +82,7 @@ const { values: opts, positionals } = parseArgs({
     other: { type: 'string' },
     out: { type: 'string' },
     expect: { type: 'string' },
+    recording: { type: 'string' },
     'no-signout': { type: 'boolean', default: false },
     artifacts: { type: 'string', default: path.join(REPO, 'target', 'test-artifacts', 'browser') },
     label: { type: 'string' },
@@ -520,7 +523,8 @@ async function run(page, context) {
       result.recordings = await page.locator('tr[data-recording]')
         .evaluateAll((els) => els.map((e) => e.getAttribute('data-recording')));
       if (!result.recordings.length) break;
-      const name = result.recordings[0];
+      const name = opts.recording ?? result.recordings[0];
+      if (!result.recordings.includes(name)) fail(`${name} is not listed`);
       await navigating(page, 'play', () => page.locator(`tr[data-recording="${name}"] a`).first().click());
       // The player is ready once it made its terminal; then play to the end and read it.
       await page.locator('#player .ap-player').waitFor({ state: 'attached', timeout: WAIT });
@@ -579,6 +583,13 @@ async function run(page, context) {
       await page.waitForFunction(() => document.querySelector('#terminal-app').dataset.logs === 'stopped', null, { timeout: WAIT });
       await screenshot(page, 'logs');
       result.status = await page.locator('#terminal-status').innerText();
+      // Back to the portal's page and sign out, with the keyboard: the journey's end.
+      await goto(page, `${relay}/`, 'home-after-terminal');
+      await keyboardActivate(page, '#sign-out', 'sign-out');
+      await screenshot(page, 'signed-out');
+      result.signed_out = await describe(page);
+      result.signed_out.has_clusters = (await page.locator('ul#clusters').count()) > 0;
+      result.signed_out.terminal = (await fetchWithCookies(context, `${relay}/-/terminal`)).status;
       break;
     }
     case 'open': {

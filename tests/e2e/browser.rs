@@ -1702,6 +1702,9 @@ async fn the_web_terminal_runs_a_shell_and_follows_logs_in_a_real_browser() {
     assert!(run["logs"].as_str().is_some_and(|l| !l.is_empty()), "{run}");
     assert_eq!(run["page_errors"], serde_json::json!([]), "{run}");
     assert_eq!(run["a11y"]["terminal"], serde_json::json!([]), "{run}");
+    // Signed out: the page no longer lists clusters and the terminal sends the browser to sign in.
+    assert_eq!(run["signed_out"]["has_clusters"], false, "{run}");
+    assert_eq!(run["signed_out"]["terminal"], 303, "{run}");
     // The cluster saw alice's exec, made by the relay's credential for her (impersonate mode).
     let audit = std::fs::read_to_string(env.dir.path().join("relay/audit.jsonl")).unwrap();
     let exec: Vec<Value> = audit
@@ -1762,4 +1765,78 @@ async fn the_web_terminal_runs_a_shell_and_follows_logs_in_a_real_browser() {
             .is_some_and(|t| t.contains("hello-web")),
         "the replay did not show the session: {played}"
     );
+}
+
+/// An auditor replays kubectl's own sessions in Chromium: exec sessions of kubectl 1.27 (SPDY)
+/// and 1.33 (WebSocket), recorded by the dev environment's relay, played from the portal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_sessions_recorded_by_the_relay_play_back_in_a_real_browser() {
+    require_browser();
+    let art = artifacts("kubectl-playback");
+    // Record: kubectl through the dev environment, whose cluster alpha requires recording.
+    let dev = crate::support::dev_env().await;
+    let mut recorded = Vec::new();
+    for version in ["1.27", "1.33"] {
+        let text = format!("kubectl-{version}-was-here");
+        let out = dev
+            .kubectl(version, "alpha")
+            .args(["exec", "-n", "default", "web-0", "--", "echo", &text])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kubectl {version}");
+        recorded.push(text);
+    }
+    let records = crate::support::eventually("two session records", DRIVE_TIMEOUT, || async {
+        let names: Vec<String> = std::fs::read_to_string(dev.dev.dir.join("audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["stage"] == "ResponseComplete")
+            .filter_map(|r| {
+                r["annotations"]["kube-relay.io/recording"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        if names.len() >= 2 {
+            Ok(names)
+        } else {
+            Err(names)
+        }
+    })
+    .await;
+    // Play: the recordings, as the relay wrote them, in a portal with an auditor.
+    let env = LoginEnv::start(&[]).await;
+    let store = env.dir.path().join("relay/recordings");
+    std::fs::create_dir_all(&store).unwrap();
+    for name in &records {
+        std::fs::copy(dev.dev.dir.join("recordings").join(name), store.join(name)).unwrap();
+    }
+    for (name, text) in records.iter().zip(&recorded) {
+        let played = drive_async(
+            &art,
+            &[
+                "playback",
+                "--relay",
+                &env.relay.url,
+                "--user",
+                "alice",
+                "--recording",
+                name,
+                "--expect",
+                text,
+                "--label",
+                text,
+            ],
+        )
+        .await;
+        assert!(
+            played["terminal"]
+                .as_str()
+                .is_some_and(|t| t.contains(text.as_str())),
+            "{name} did not play {text}: {played}"
+        );
+        assert_eq!(played["page_errors"], serde_json::json!([]), "{played}");
+    }
+    dev.dev.stop().await;
 }
