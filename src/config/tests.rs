@@ -693,3 +693,102 @@ fn audit_mode_defaults_to_best_effort_and_blocking_needs_a_sink() {
     );
     assert!(errs.join("\n").contains("audit"), "{errs:?}");
 }
+
+/// GOOD with prod-eus recording sessions `mode`, and `recording` (top-level text) appended.
+fn with_recording(f: &Fixture, mode: &str, recording: &str) -> Result<Config, ConfigErrors> {
+    let yaml = GOOD.replace(
+        "    upstream_auth: {mode: impersonate, token_file: token}\n    access:\n",
+        &format!("    upstream_auth: {{mode: impersonate, token_file: token}}\n    recording: {mode}\n    access:\n"),
+    );
+    f.parse(&format!("{yaml}{recording}"))
+}
+
+#[test]
+fn recording_loads_for_a_directory_and_for_azure_blob() {
+    let f = Fixture::new();
+    let cfg = with_recording(
+        &f,
+        "required",
+        "recording:\n  store: {kind: file, dir: recordings}\n  auditors: {groups: [g1], users: [contoso/u1]}\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.clusters[1].recording, RecordingMode::Required);
+    assert_eq!(cfg.clusters[0].recording, RecordingMode::Off);
+    let r = cfg.recording.as_ref().unwrap();
+    assert!(matches!(&r.store, RecordingStoreConfig::Dir(d) if d.ends_with("recordings")));
+    assert!(r.is_auditor("contoso/u1", &[]) && r.is_auditor("x/y", &["g1".to_owned()]));
+    assert!(!r.is_auditor("contoso/u2", &["g2".to_owned()]));
+
+    let cfg = with_recording(
+        &f,
+        "optional",
+        "recording:\n  store:\n    kind: azure_blob\n    account_url: https://contoso.blob.core.windows.net\n    container: kube-relay-recordings\n    credential: {azure: {credential: managed_identity}}\n",
+    )
+    .unwrap();
+    match &cfg.recording.unwrap().store {
+        RecordingStoreConfig::AzureBlob(b) => {
+            assert_eq!(b.container, "kube-relay-recordings");
+            assert_eq!(b.credential.endpoint.scope, STORAGE_SCOPE);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn recording_mistakes_name_their_key() {
+    let f = Fixture::new();
+    let cases = [
+        ("required", "", "recording: cluster `prod-eus` records sessions but no recording store is configured"),
+        ("sometimes", "recording:\n  store: {kind: file, dir: r}\n", "clusters[1]"),
+        ("optional", "recording:\n  store: {kind: file}\n", "recording.store.dir: is required"),
+        ("optional", "recording:\n  store: {kind: file, dir: r, container: c}\n", "recording.store.container: not used with kind: file"),
+        ("optional", "recording:\n  store: {kind: azure_blob, container: c}\n", "recording.store.account_url: is required"),
+        ("optional", "recording:\n  store: {kind: azure_blob, account_url: https://a.blob.core.windows.net, container: Bad_Name, credential: {azure: {credential: managed_identity}}}\n", "recording.store.container: `Bad_Name` is not a container name"),
+        ("optional", "recording:\n  store: {kind: azure_blob, account_url: https://a.blob.core.windows.net, container: recs}\n", "recording.store.credential: kind: azure_blob needs"),
+        ("optional", "recording:\n  store: {kind: azure_blob, account_url: http://a.blob.core.windows.net, container: recs, credential: {azure: {credential: managed_identity}}}\n", "recording.store.account_url"),
+        ("optional", "recording:\n  store: {kind: file, dir: r}\n  auditors: {users: [nobody/x]}\n", "recording.auditors.users[0]: `nobody/x`"),
+        ("optional", "recording:\n  store: {kind: file, dir: r}\n  colour: blue\n", "recording"),
+    ];
+    for (mode, recording, expected) in cases {
+        let errs = messages(with_recording(&f, mode, recording).unwrap_err()).join("\n");
+        assert!(
+            errs.contains(expected),
+            "{mode} / {recording:?}: missing {expected:?} in:\n{errs}"
+        );
+    }
+}
+
+#[test]
+fn the_web_terminal_is_off_unless_asked_for() {
+    let f = Fixture::new();
+    let base = "  portal:\n    client_id: kube-relay-portal\n    client_secret_file: portal-secret\n    cookie_key_file: cookie.key\n";
+    let cfg = with_login(&f, base).unwrap();
+    let p = cfg.login.unwrap().portal.unwrap();
+    assert!(!p.terminal);
+    let cfg = with_login(
+        &f,
+        &format!("{base}    terminal: true\n    terminal_idle: 5m\n"),
+    )
+    .unwrap();
+    let p = cfg.login.unwrap().portal.unwrap();
+    assert!(p.terminal);
+    assert_eq!(p.terminal_idle, Duration::from_secs(300));
+    let errs =
+        messages(with_login(&f, &format!("{base}    terminal_idle: 5m\n")).unwrap_err()).join("\n");
+    assert!(
+        errs.contains("login.portal.terminal_idle: only used with terminal: true"),
+        "{errs}"
+    );
+    let errs = messages(
+        with_login(
+            &f,
+            &format!("{base}    terminal: true\n    terminal_idle: 9h\n"),
+        )
+        .unwrap_err(),
+    )
+    .join("\n");
+    assert!(
+        errs.contains("login.portal.terminal_idle: must be between 1s and 8h"),
+        "{errs}"
+    );
+}
