@@ -84,11 +84,14 @@ impl RequestInfo {
             "create".to_owned()
         } else {
             match method.as_str() {
+                // As kube-apiserver: `watch` is read only for collections; a named GET is a get.
                 "GET" | "HEAD" => {
-                    if legacy_watch || watch_param {
+                    if legacy_watch {
                         "watch".to_owned()
                     } else if name.is_some() {
                         "get".to_owned()
+                    } else if watch_param {
+                        "watch".to_owned()
                     } else {
                         "list".to_owned()
                     }
@@ -138,14 +141,60 @@ impl RequestInfo {
     }
 }
 
-/// A boolean query parameter read as kube-apiserver reads it (its query decoding, then the
-/// first value of `key`; absent, `0` or `false` in any case is false, anything else is true,
-/// an empty value included), so the relay never takes for a plain read what the API server
-/// runs as a watch or a followed log.
+/// A boolean query parameter read as kube-apiserver reads it: the first value of `key` (see
+/// [`query_values`]); absent, `0` or `false` (any case, Unicode folding included) is false,
+/// anything else is true, an empty value included. So the relay never takes for a plain read
+/// what the API server runs as a watch or a followed log, nor the other way round.
 pub fn query_flag(query: &str, key: &str) -> bool {
-    url::form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == key)
-        .is_some_and(|(_, v)| !(v == "0" || v.eq_ignore_ascii_case("false")))
+    query_values(query, key)
+        .next()
+        .is_some_and(|v| !(v == "0" || folds_to_false(&v)))
+}
+
+/// `v` equals `false` under Unicode simple case folding, as Go's `strings.EqualFold` has it
+/// (the long s, U+017F, folds to `s`).
+fn folds_to_false(v: &str) -> bool {
+    v.chars().count() == 5
+        && v.chars()
+            .zip("false".chars())
+            .all(|(c, want)| c.to_ascii_lowercase() == want || (want == 's' && c == '\u{17f}'))
+}
+
+/// The values of `key` in a query, in order, parsed as Go's `url.ParseQuery` parses it (which
+/// is what kube-apiserver reads): pairs split on `&`, a pair holding `;` or an invalid `%`
+/// escape dropped, `+` a space. The relay forwards the query unchanged, so it must read the
+/// same values the API server will.
+pub fn query_values<'a>(query: &'a str, key: &'a str) -> impl Iterator<Item = String> + 'a {
+    query.split('&').filter_map(move |pair| {
+        if pair.is_empty() || pair.contains(';') {
+            return None;
+        }
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (go_unescape(k)? == key).then(|| go_unescape(v)).flatten()
+    })
+}
+
+/// Go's query unescaping: `+` is a space, `%XX` a byte; any other `%` makes the pair invalid.
+fn go_unescape(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                let hi = hex(*b.get(i + 1)?)?;
+                let lo = hex(*b.get(i + 2)?)?;
+                out.push((hi * 16 + lo) as u8);
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    // Go keeps invalid UTF-8 as bytes; such a value never equals a flag word or a key here.
+    Some(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Why the rules refused a request.
@@ -442,6 +491,8 @@ mod tests {
             "watch",
             "watch=%74rue",
             "watch=TRUE&watch=false",
+            "watch=1;&watch=1",
+            "watch=%&watch=1",
         ] {
             let i = info(Method::GET, &format!("/api/v1/pods?{q}"));
             assert_eq!(i.verb, "watch", "{q}");
@@ -454,6 +505,10 @@ mod tests {
             "watch=false&watch=true",
             "watcher=true",
             "",
+            "watch=1;",
+            "watch=%",
+            "watch=fal%C5%BFe",
+            "watch=%zz",
         ] {
             assert_eq!(
                 info(Method::GET, &format!("/api/v1/pods?{q}")).verb,
@@ -461,6 +516,15 @@ mod tests {
                 "{q}"
             );
         }
+        // A named GET is a get whatever `watch` says; the legacy /watch/ path is a watch.
+        assert_eq!(
+            info(Method::GET, "/api/v1/namespaces/d/pods/p?watch=1").verb,
+            "get"
+        );
+        assert_eq!(
+            info(Method::GET, "/api/v1/watch/namespaces/d/pods/p").verb,
+            "watch"
+        );
         let log = info(Method::GET, "/api/v1/namespaces/d/pods/p/log?follow=yes");
         assert!(log.is_long_running_read("follow=yes"));
         assert!(!log.is_long_running_read("follow=false&follow=true"));

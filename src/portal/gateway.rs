@@ -143,15 +143,17 @@ pub async fn admit(
     }
     let cluster = segs[0].to_owned();
     let mut kept: Vec<(&str, &str)> = Vec::new();
+    let mut seen: Vec<&str> = Vec::new();
     for (k, v) in &query {
         if !keys.contains(&k.as_str()) {
             continue;
         }
         // One value per parameter (the API server reads the first, the relay must not read
         // another), except the command's words.
-        if k != "command" && kept.iter().any(|(seen, _)| *seen == k.as_str()) {
+        if k != "command" && seen.contains(&k.as_str()) {
             return Err(ProxyError::BadRequest(format!("`{k}` given twice")));
         }
+        seen.push(k.as_str());
         // `follow` is passed on as exactly what the relay understood it to be.
         if k == "follow" {
             if crate::authz::query_flag(&format!("follow={}", urlencode(v)), "follow") {

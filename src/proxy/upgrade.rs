@@ -431,17 +431,10 @@ async fn open_recording(
     if mode == RecordingMode::Off {
         return Ok((None, Vec::new()));
     }
+    // Read as the API server reads them (its first `container`; every `command` word).
     let query = target.split_once('?').map_or("", |(_, q)| q);
-    let mut command = Vec::new();
-    let mut container = None;
-    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        match &*k {
-            "command" => command.push(v.into_owned()),
-            // The API server reads the first value.
-            "container" if container.is_none() => container = Some(v.into_owned()),
-            _ => {}
-        }
-    }
+    let command: Vec<String> = crate::authz::query_values(query, "command").collect();
+    let container = crate::authz::query_values(query, "container").next();
     let session = SessionInfo {
         id: uuid::Uuid::new_v4().to_string(),
         cluster: upstream.cluster.name.to_string(),

@@ -264,12 +264,18 @@ impl Recording {
         }
         let mut s = self.spool.inner.lock();
         // After a failure nobody empties the spool: lines are dropped, not kept.
+        let before = s.lines.len();
         if s.failed.is_none() {
             s.lines.push_str(&self.staged);
         }
+        // The writer wants to hear of the first lines of a batch and of a half-full spool,
+        // not of every chunk in between.
+        let wake = before == 0 || (before < SPOOL_BUDGET / 2 && s.lines.len() >= SPOOL_BUDGET / 2);
         drop(s);
         self.staged.clear();
-        self.spool.ready.notify_one();
+        if wake {
+            self.spool.ready.notify_one();
+        }
     }
 }
 

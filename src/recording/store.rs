@@ -112,7 +112,10 @@ impl RecordingStore {
     pub async fn probe(&self) -> Result<String, StoreError> {
         match self {
             Self::Dir(dir) => {
-                tokio::fs::create_dir_all(dir)
+                tokio::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
                     .await
                     .map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
                 let probe = dir.join(".kube-relay-doctor");
@@ -255,10 +258,12 @@ impl RecordingStore {
                         let mut body = r.body;
                         tokio::spawn(async move {
                             while let Some(piece) = body.try_next().await.transpose() {
+                                let failed = piece.is_err();
                                 let piece = piece
                                     .map(hyper::body::Frame::data)
                                     .map_err(|e| Box::new(e) as crate::body::BoxError);
-                                if tx.send(piece).await.is_err() {
+                                // An error ends the body; so does a client that went away.
+                                if tx.send(piece).await.is_err() || failed {
                                     return;
                                 }
                             }
