@@ -199,9 +199,8 @@ fn kubectl_matrix(version: &str) {
             "{} --kubeconfig {kubeconfig} --context {ctx} exec -it web-0 -- echo tty-{tag}",
             kubectl(version).display()
         );
-        let mut s = std::process::Command::new("script");
-        s.args(["-qec", &cmdline, "/dev/null"])
-            .env("HOME", &env.home);
+        let mut s = crate::support::under_pty(&cmdline);
+        s.env("HOME", &env.home);
         let out = ok(&run(s, None, T), "exec -it");
         assert!(out.contains(&format!("tty-{tag}")), "{out}");
 

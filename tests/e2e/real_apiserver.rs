@@ -241,9 +241,8 @@ fn matrix(version: &str) {
             kubectl(version).display(),
             bed.front.kubeconfig.display()
         );
-        let mut s = std::process::Command::new("script");
-        s.args(["-qec", &cmdline, "/dev/null"])
-            .env("HOME", &bed.front.home);
+        let mut s = crate::support::under_pty(&cmdline);
+        s.env("HOME", &bed.front.home);
         let out = ok(&run(s, None, T), "exec -it");
         assert!(out.contains(&format!("tty-{tag}")), "{out}");
 

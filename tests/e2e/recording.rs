@@ -440,9 +440,8 @@ fn exec_through_the_real_api_server_is_recorded() {
         kubectl("1.33").display(),
         front.kubeconfig.display()
     );
-    let mut s = std::process::Command::new("script");
-    s.args(["-qec", &cmdline, "/dev/null"])
-        .env("HOME", &front.home);
+    let mut s = crate::support::under_pty(&cmdline);
+    s.env("HOME", &front.home);
     let out = ok(&run(s, None, t), "exec -it");
     assert!(out.contains("tty-recorded"), "{out}");
 

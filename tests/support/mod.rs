@@ -655,3 +655,16 @@ pub fn portal_session_cookie(
         .join("; ");
     (line, s)
 }
+
+/// `sh -c cmdline` under a pseudo-terminal, for `kubectl exec -it`. Python's pty module copies
+/// everything the command printed until the terminal closes before it returns (`script` could
+/// exit with a short command's output still unread when its own stdin was at EOF).
+pub fn under_pty(cmdline: &str) -> Command {
+    let mut c = Command::new("python3");
+    c.args([
+        "-c",
+        "import os, pty, sys; sys.exit(os.waitstatus_to_exitcode(pty.spawn(['sh', '-c', sys.argv[1]])))",
+        cmdline,
+    ]);
+    c
+}
