@@ -164,7 +164,10 @@ fn folds_to_false(v: &str) -> bool {
 /// is what kube-apiserver reads): pairs split on `&`, a pair holding `;` or an invalid `%`
 /// escape dropped, `+` a space. The relay forwards the query unchanged, so it must read the
 /// same values the API server will.
-pub fn query_values<'a>(query: &'a str, key: &'a str) -> impl Iterator<Item = String> + 'a {
+pub fn query_values<'a>(
+    query: &'a str,
+    key: &'a str,
+) -> impl Iterator<Item = std::borrow::Cow<'a, str>> + 'a {
     query.split('&').filter_map(move |pair| {
         if pair.is_empty() || pair.contains(';') {
             return None;
@@ -175,7 +178,11 @@ pub fn query_values<'a>(query: &'a str, key: &'a str) -> impl Iterator<Item = St
 }
 
 /// Go's query unescaping: `+` is a space, `%XX` a byte; any other `%` makes the pair invalid.
-fn go_unescape(s: &str) -> Option<String> {
+/// Borrowed when there is nothing to unescape, so reading a request's query allocates nothing.
+fn go_unescape(s: &str) -> Option<std::borrow::Cow<'_, str>> {
+    if !s.contains(['%', '+']) {
+        return Some(std::borrow::Cow::Borrowed(s));
+    }
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -194,7 +201,9 @@ fn go_unescape(s: &str) -> Option<String> {
         i += 1;
     }
     // Go keeps invalid UTF-8 as bytes; such a value never equals a flag word or a key here.
-    Some(String::from_utf8_lossy(&out).into_owned())
+    Some(std::borrow::Cow::Owned(
+        String::from_utf8_lossy(&out).into_owned(),
+    ))
 }
 
 /// Why the rules refused a request.

@@ -433,8 +433,12 @@ async fn open_recording(
     }
     // Read as the API server reads them (its first `container`; every `command` word).
     let query = target.split_once('?').map_or("", |(_, q)| q);
-    let command: Vec<String> = crate::authz::query_values(query, "command").collect();
-    let container = crate::authz::query_values(query, "container").next();
+    let command: Vec<String> = crate::authz::query_values(query, "command")
+        .map(|c| c.into_owned())
+        .collect();
+    let container = crate::authz::query_values(query, "container")
+        .next()
+        .map(|c| c.into_owned());
     let session = SessionInfo {
         id: uuid::Uuid::new_v4().to_string(),
         cluster: upstream.cluster.name.to_string(),
@@ -452,7 +456,7 @@ async fn open_recording(
             entry.close(CloseReason::RecordingFailed);
         }
     };
-    match Recording::open(store.clone(), mode, session, on_failure).await {
+    match Recording::open(store.clone(), session, on_failure).await {
         Ok((rec, finished)) => {
             let notes = vec![("kube-relay.io/recording", rec.name.clone())];
             Ok((Some((rec, finished)), notes))

@@ -69,7 +69,6 @@ struct SpoolInner {
 /// A session being recorded: the tunnel's end of it.
 pub struct Recording {
     pub name: String,
-    pub mode: RecordingMode,
     spool: Arc<Spool>,
     /// Set once the cluster accepted the upgrade and its framing is known.
     decoder: Option<decode::Decoder>,
@@ -111,7 +110,6 @@ impl Recording {
     /// fails mid-session (the store, or a tunnel the decoder cannot follow).
     pub async fn open(
         store: Arc<RecordingStore>,
-        mode: RecordingMode,
         info: SessionInfo,
         on_failure: impl Fn(&str) + Send + Sync + 'static,
     ) -> Result<(Self, Finished), StoreError> {
@@ -154,7 +152,6 @@ impl Recording {
         Ok((
             Self {
                 name,
-                mode,
                 spool,
                 decoder: None,
                 started: Instant::now(),
@@ -403,9 +400,7 @@ mod tests {
             command: "sh".into(),
             stdin: false,
         };
-        let (mut rec, finished) = Recording::open(store, RecordingMode::Required, info, |_| {})
-            .await
-            .unwrap();
+        let (mut rec, finished) = Recording::open(store, info, |_| {}).await.unwrap();
         let name = rec.name.clone();
         rec.framing(Some("v5.channel.k8s.io"));
         let k = Some([9, 8, 7, 6]);

@@ -112,12 +112,7 @@ impl RecordingStore {
     pub async fn probe(&self) -> Result<String, StoreError> {
         match self {
             Self::Dir(dir) => {
-                tokio::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .await
-                    .map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+                private_dir(dir).await?;
                 let probe = dir.join(".kube-relay-doctor");
                 tokio::fs::write(&probe, b"")
                     .await
@@ -153,13 +148,7 @@ impl RecordingStore {
         }
         match self {
             Self::Dir(dir) => {
-                // Terminal output holds secrets as often as not: only the relay's user reads it.
-                tokio::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .await
-                    .map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+                private_dir(dir).await?;
                 let path = dir.join(name);
                 let f = tokio::fs::OpenOptions::new()
                     .create_new(true)
@@ -280,34 +269,29 @@ impl RecordingStore {
         }
     }
 
-    /// One recording's bytes.
+    /// One recording's bytes, whole (tests and small recordings; playback streams).
     pub async fn read(&self, name: &str) -> Result<Option<Bytes>, StoreError> {
-        if !valid_name(name) {
-            return Ok(None);
-        }
-        match self {
-            Self::Dir(dir) => match tokio::fs::read(dir.join(name)).await {
-                Ok(b) => Ok(Some(b.into())),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(StoreError(format!("{}: {e}", dir.display()))),
-            },
-            Self::Blob(b) => {
-                let blob = b.container.blob_client(name);
-                match blob.download(None).await {
-                    Ok(r) => Ok(Some(
-                        r.body
-                            .collect()
-                            .await
-                            .map_err(|e| b.error("reading the recording", &e))?,
-                    )),
-                    Err(e) if e.http_status() == Some(azure_core::http::StatusCode::NotFound) => {
-                        Ok(None)
-                    }
-                    Err(e) => Err(b.error("reading the recording", &e)),
-                }
-            }
+        use http_body_util::BodyExt as _;
+        match self.open_read(name).await? {
+            None => Ok(None),
+            Some(body) => body
+                .collect()
+                .await
+                .map(|b| Some(b.to_bytes()))
+                .map_err(|e| StoreError(format!("reading the recording: {e}"))),
         }
     }
+}
+
+/// Creates `dir` if needed, readable by the relay's user only: terminal output holds secrets as
+/// often as not.
+async fn private_dir(dir: &std::path::Path) -> Result<(), StoreError> {
+    tokio::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .await
+        .map_err(|e| StoreError(format!("{}: {e}", dir.display())))
 }
 
 impl BlobStore {

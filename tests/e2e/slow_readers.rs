@@ -108,6 +108,19 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
+/// The cluster got only what the buffers and windows hold out, and the relay kept none of it.
+fn pushed_back(what: &str, written: u64, grown: u64) {
+    eprintln!("F4 {what}: the cluster wrote {written} bytes of {ENDLESS}; RSS grew {grown} bytes");
+    assert!(
+        written < 64 << 20,
+        "{what}: the cluster kept sending: {written} bytes"
+    );
+    assert!(
+        grown < 64 << 20,
+        "{what}: the relay buffered the stream: RSS grew {grown} bytes"
+    );
+}
+
 const WATCH: &str = "/clusters/alpha/api/v1/namespaces/default/pods?watch=true";
 
 /// A write-stall limit short enough for a test, long enough that nothing else trips it.
@@ -152,17 +165,7 @@ async fn a_stalled_http1_watch_reader_pushes_back_to_the_cluster_then_is_cut_off
     assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
     let written = cluster.settled().await;
     let grown = rss_bytes().saturating_sub(rss_before);
-    eprintln!(
-        "F4 HTTP/1.1: the cluster wrote {written} bytes of {ENDLESS}; RSS grew {grown} bytes"
-    );
-    assert!(
-        written < 64 << 20,
-        "the cluster kept sending: {written} bytes"
-    );
-    assert!(
-        grown < 64 << 20,
-        "the relay buffered the stream: RSS grew {grown} bytes"
-    );
+    pushed_back("HTTP/1.1", written, grown);
     // Nothing taken for the limit: the relay ends the stream, audited, and closes the
     // connection: reading on finds its end after what the buffers held.
     let record = stall_record(&relay.audit_path()).await;
@@ -206,15 +209,7 @@ async fn a_stalled_http2_watch_reader_pushes_back_to_the_cluster_then_is_cut_off
     let _unread = resp.into_body();
     let written = cluster.settled().await;
     let grown = rss_bytes().saturating_sub(rss_before);
-    eprintln!("F4 HTTP/2: the cluster wrote {written} bytes of {ENDLESS}; RSS grew {grown} bytes");
-    assert!(
-        written < 64 << 20,
-        "the cluster kept sending: {written} bytes"
-    );
-    assert!(
-        grown < 64 << 20,
-        "the relay buffered the stream: RSS grew {grown} bytes"
-    );
+    pushed_back("HTTP/2", written, grown);
     // The stalled stream cannot be reset on its own (src/streams.rs): its connection ends.
     let record = stall_record(&relay.audit_path()).await;
     assert_eq!(record["annotations"]["kube-relay.io/protocol"], "watch");

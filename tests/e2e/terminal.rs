@@ -145,6 +145,41 @@ async fn a_page_on_another_origin_cannot_use_the_portal_session() {
     env.dev.stop().await;
 }
 
+/// docs/security.md G7: the terminal and player pages run the relay's own scripts only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_terminal_and_player_pages_allow_only_the_relay_s_scripts() {
+    let env = dev_env().await;
+    let (cookie, _) = session_for(&env, "alice", Duration::from_secs(600));
+    for page in [
+        "/-/terminal".to_owned(),
+        "/-/recordings/play/alpha_20261207T023000Z_x.cast".to_owned(),
+    ] {
+        let got = send(&env, &page, &[("Cookie", cookie.clone())]).await;
+        assert!(got.starts_with("HTTP/1.1 200"), "{page}: {got}");
+        let csp = got
+            .lines()
+            .find_map(|l| l.strip_prefix("content-security-policy: "))
+            .unwrap_or_else(|| panic!("{page}: no CSP: {got}"));
+        let script = csp
+            .split(';')
+            .map(str::trim)
+            .find(|d| d.starts_with("script-src"))
+            .unwrap_or_else(|| panic!("{page}: no script-src in {csp}"));
+        assert!(script.starts_with("script-src 'self'"), "{page}: {csp}");
+        assert!(
+            !script.contains("unsafe-inline") && !script.contains("http"),
+            "{page}: {csp}"
+        );
+        assert!(
+            csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+            "{page}: {csp}"
+        );
+        let body = got.split("\r\n\r\n").nth(1).unwrap_or_default();
+        assert!(!body.contains("<script>"), "{page}: an inline script");
+    }
+    env.dev.stop().await;
+}
+
 /// docs/security.md G2 and G5: only what the terminal needs passes, and the cluster's rules
 /// decide exactly as for kubectl (carol may read alpha; exec needs step-up context c1).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
