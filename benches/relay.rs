@@ -15,7 +15,6 @@
 #![allow(clippy::disallowed_types)]
 
 use std::hint::black_box;
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -27,7 +26,7 @@ use kube_relay::auth::Authenticator;
 use kube_relay::config::Config;
 use kube_relay::error::ProxyError;
 use kube_relay::metrics::Metrics;
-use kube_relay::proxy::headers::{self, Impersonation};
+use kube_relay::proxy::headers;
 use kube_relay::route::{self, RouteInput};
 use kube_sim::issuer::{DevIssuer, IssuerHandle, KeyAlg};
 use kube_sim::pki::TestCa;
@@ -322,14 +321,13 @@ fn benches(c: &mut Criterion) {
     let relay_credential = HeaderValue::from_static("Bearer relay-token-0123456789");
     let client = kubectl_headers(&token);
     let audit = HeaderValue::from_static("6f1c2d3e-4b5a-4c7d-8e9f-0a1b2c3d4e5f");
-    let peer = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3));
+    let peer = HeaderValue::from_static("10.1.2.3");
     c.bench_function("headers/prepare", |b| {
         b.iter(|| {
             let mut up = headers::sanitize_request(black_box(&client));
-            let id = Impersonation::of(&principal);
-            headers::add_identity(&mut up, Some(relay_credential.clone()), Some(&id))
-                .expect("identity");
-            headers::add_forwarding(&mut up, &client, peer, &audit);
+            let id = headers::own_identity_headers(&principal).expect("identity");
+            headers::add_identity(&mut up, Some(relay_credential.clone()), id);
+            headers::add_forwarding(&mut up, &client, &peer, &audit);
             up
         })
     });

@@ -20,9 +20,10 @@
 //!   other than that 503 has its record.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 use crate::config::AuditMode;
 use crate::lines::LineWriter;
@@ -158,8 +159,11 @@ impl AuditLog {
             stage,
             request_uri: &base.request_uri,
             verb: &base.verb,
-            user: base.user.as_ref().map_or_else(User::default, User::from),
-            impersonated_user: base.impersonated.as_ref().map(User::from),
+            user: base
+                .user
+                .as_deref()
+                .map_or_else(|| UserField::Fields(User::default()), UserField::of),
+            impersonated_user: base.impersonated.as_ref().map(UserField::of),
             source_ips: &base.source_ips,
             user_agent: base.user_agent.as_deref(),
             object_ref: base.object_ref.as_ref().map(|o| ObjectRef {
@@ -278,7 +282,7 @@ pub struct AuditBase {
     pub audit_id: String,
     pub request_uri: String,
     pub verb: String,
-    pub user: Option<AuditUser>,
+    pub user: Option<Arc<AuditUser>>,
     /// The identity a permitted `kubectl --as` asked for (the caller stays in `user`).
     pub impersonated: Option<AuditUser>,
     pub source_ips: Vec<String>,
@@ -294,6 +298,50 @@ pub struct AuditUser {
     pub uid: Option<String>,
     pub groups: Arc<[String]>,
     pub extra: BTreeMap<&'static str, Vec<String>>,
+    /// The record's `user` object as JSON, serialized by the first record that writes it: a
+    /// caller's records share one `AuditUser` (`auth::Memo`), and escaping dozens of group
+    /// names for every record was most of the cost of writing it.
+    json: OnceLock<Option<Box<RawValue>>>,
+}
+
+impl AuditUser {
+    pub fn new(
+        username: String,
+        uid: Option<String>,
+        groups: Arc<[String]>,
+        extra: BTreeMap<&'static str, Vec<String>>,
+    ) -> Self {
+        Self {
+            username,
+            uid,
+            groups,
+            extra,
+            json: OnceLock::new(),
+        }
+    }
+
+    fn json(&self) -> Option<&RawValue> {
+        self.json
+            .get_or_init(|| serde_json::value::to_raw_value(&User::from(self)).ok())
+            .as_deref()
+    }
+}
+
+/// The record's `user` (or `impersonatedUser`): the memoised JSON when there is one.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum UserField<'a> {
+    Json(&'a RawValue),
+    Fields(User<'a>),
+}
+
+impl<'a> UserField<'a> {
+    fn of(u: &'a AuditUser) -> Self {
+        match u.json() {
+            Some(j) => UserField::Json(j),
+            None => UserField::Fields(User::from(u)),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -318,9 +366,9 @@ struct Event<'a> {
     #[serde(rename = "requestURI")]
     request_uri: &'a str,
     verb: &'a str,
-    user: User<'a>,
+    user: UserField<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    impersonated_user: Option<User<'a>>,
+    impersonated_user: Option<UserField<'a>>,
     #[serde(rename = "sourceIPs")]
     source_ips: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -435,5 +483,33 @@ mod tests {
         })
         .unwrap();
         assert_eq!(text.matches("latency-ms").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn a_shared_user_is_written_the_same_in_every_record() {
+        let mut extra = BTreeMap::new();
+        extra.insert("oid", vec!["a1".to_owned()]);
+        let user = AuditUser::new(
+            "alice@example.com".into(),
+            Some("a1".into()),
+            Arc::from(["g\"1".to_owned(), "g2".to_owned()]),
+            extra,
+        );
+        let expected = serde_json::json!({
+            "username": "alice@example.com", "uid": "a1", "groups": ["g\"1", "g2"],
+            "extra": {"oid": ["a1"]}
+        });
+        // The first record serializes the user; later ones reuse that text.
+        for _ in 0..2 {
+            let v = serde_json::to_value(UserField::of(&user)).unwrap();
+            assert_eq!(v, expected);
+        }
+        assert!(user.json.get().is_some_and(Option::is_some));
+        // A clone made after the first record carries the same text.
+        let copy = user.clone();
+        assert_eq!(serde_json::to_value(UserField::of(&copy)).unwrap(), expected);
+        // No user: the record still has one, empty, as before.
+        let none = serde_json::to_value(UserField::Fields(User::default())).unwrap();
+        assert_eq!(none, serde_json::json!({"username": ""}));
     }
 }

@@ -528,12 +528,8 @@ async fn serve_connection(
         refused.inc();
         tracing::info!(peer = %peer, reason = why, "request refused: ambiguous HTTP/1.1 framing");
     });
-    let abort = CancellationToken::new();
-    let conn = Arc::new(ConnCtx {
-        peer,
-        sni,
-        abort: abort.clone(),
-    });
+    let conn = Arc::new(ConnCtx::new(peer, sni));
+    let abort = conn.abort.clone();
     // A connection accepted while draining (during `drain_delay`) is served, one request per
     // HTTP/1.1 connection; asking it to shut down at once would drop its first request unread.
     let late = relay.is_draining();

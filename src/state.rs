@@ -50,6 +50,23 @@ pub struct ConnCtx {
     pub sni: Option<String>,
     /// Cancelling it drops the connection at once (a stalled watch: src/streams.rs).
     pub abort: tokio_util::sync::CancellationToken,
+    /// The peer's IP as `X-Forwarded-For` carries it, formatted once per connection.
+    pub peer_header: http::HeaderValue,
+}
+
+impl ConnCtx {
+    pub fn new(peer: SocketAddr, sni: Option<String>) -> Self {
+        let peer_header = http::HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or(http::HeaderValue::from_static("unknown"));
+        // Shared from now on: each request's clone is a reference count.
+        drop(peer_header.clone());
+        Self {
+            peer,
+            sni,
+            abort: tokio_util::sync::CancellationToken::new(),
+            peer_header,
+        }
+    }
 }
 
 impl State {

@@ -9,7 +9,7 @@ pub const WS_BEARER_PREFIX: &str = "base64url.bearer.authorization.k8s.io.";
 
 /// The caller's bearer token: `Authorization: Bearer`, else the WebSocket subprotocol entry
 /// browsers use. No token at all is the empty string, which verification refuses as `missing`.
-pub fn bearer_token(headers: &http::HeaderMap) -> Result<String, AuthError> {
+pub fn bearer_token(headers: &http::HeaderMap) -> Result<std::borrow::Cow<'_, str>, AuthError> {
     match headers.get(http::header::AUTHORIZATION) {
         Some(v) => {
             let s = v
@@ -22,9 +22,12 @@ pub fn bearer_token(headers: &http::HeaderMap) -> Result<String, AuthError> {
                     "Authorization is not a bearer token",
                 ));
             }
-            Ok(rest.trim().to_owned())
+            // Borrowed: the token is several KB and only looked up in the cache, mostly.
+            Ok(std::borrow::Cow::Borrowed(rest.trim()))
         }
-        None => Ok(ws_bearer_token(headers).unwrap_or_default()),
+        None => Ok(std::borrow::Cow::Owned(
+            ws_bearer_token(headers).unwrap_or_default(),
+        )),
     }
 }
 

@@ -67,6 +67,7 @@ pub(super) fn principal_from(
                 expires_at,
                 claims,
                 token: Arc::from(token),
+                memo: Default::default(),
             })
         }
         IssuerKind::Entra {
@@ -134,6 +135,7 @@ pub(super) fn principal_from(
                 expires_at,
                 claims,
                 token: Arc::from(token),
+                memo: Default::default(),
             })
         }
     }

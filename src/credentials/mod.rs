@@ -219,7 +219,20 @@ impl UpstreamCredentials {
         p: &Principal,
     ) -> Result<Option<HeaderValue>, CredentialError> {
         match &self.mode {
-            Mode::Passthrough => bearer(p.bearer_token()).map(Some),
+            // Built once per principal: the header is the token's size (an Entra token is 2 to
+            // 4 KB), and the principal lives in the verified-token cache.
+            Mode::Passthrough => p
+                .memo
+                .bearer
+                .get_or_init(|| {
+                    let v = bearer(p.bearer_token()).map_err(|_| "token is not header-safe")?;
+                    // Shared from now on: each request's clone is a reference count.
+                    drop(v.clone());
+                    Ok(v)
+                })
+                .clone()
+                .map(Some)
+                .map_err(|why| CredentialError::Invalid(why.into())),
             Mode::ClientCert => Ok(None),
             Mode::TokenFile(f) => {
                 let token = f.current().await?;

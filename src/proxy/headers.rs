@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::auth::Principal;
 pub use crate::auth::{ws_bearer_token, ws_protocols, WS_BEARER_PREFIX};
+use crate::auth::{IdentityHeaders, Principal};
 use crate::error::ProxyError;
 
 const HOP_BY_HOP: &[&str] = &[
@@ -201,88 +201,131 @@ pub fn sanitize_request(headers: &HeaderMap) -> HeaderMap {
 
 /// A header value from identity data: CR, LF and other control characters are refused rather
 /// than stripped, so an identity is never silently changed into another (docs/security.md B3).
-fn identity_value(s: &str) -> Result<HeaderValue, ProxyError> {
+fn identity_value(s: &str) -> Result<HeaderValue, &'static str> {
     if s.bytes().any(|b| b.is_ascii_control()) {
-        return Err(ProxyError::Forbidden(
-            "the token's identity contains control characters and cannot be forwarded".into(),
+        return Err("the token's identity contains control characters and cannot be forwarded");
+    }
+    let v = HeaderValue::from_bytes(s.as_bytes())
+        .map_err(|_| "the token's identity cannot be sent in a header")?;
+    // Cloned once here so the value's buffer is shared from now on: every later clone (one per
+    // request when the headers are memoised) is a reference count, not an allocation.
+    drop(v.clone());
+    Ok(v)
+}
+
+/// The `Impersonate-*` headers that name `id`, in the order they are sent.
+pub fn identity_headers(id: &Impersonation) -> Result<IdentityHeaders, &'static str> {
+    let mut out = Vec::with_capacity(2 + id.groups.len() + id.extra.len());
+    out.push((
+        HeaderName::from_static("impersonate-user"),
+        identity_value(&id.user)?,
+    ));
+    if let Some(uid) = &id.uid {
+        out.push((
+            HeaderName::from_static("impersonate-uid"),
+            identity_value(uid)?,
         ));
     }
-    HeaderValue::from_bytes(s.as_bytes()).map_err(|_| {
-        ProxyError::Forbidden("the token's identity cannot be sent in a header".into())
-    })
+    for g in id.groups.iter() {
+        out.push((
+            HeaderName::from_static("impersonate-group"),
+            identity_value(g)?,
+        ));
+    }
+    for (k, v) in &id.extra {
+        let name = HeaderName::from_bytes(format!("impersonate-extra-{k}").as_bytes())
+            .map_err(|_| "an impersonation extra key cannot be sent in a header")?;
+        out.push((name, identity_value(v)?));
+    }
+    Ok(out.into())
+}
+
+/// The caller's own `Impersonate-*` headers (impersonate mode), built once per principal.
+pub fn own_identity_headers(p: &Principal) -> Result<&[(HeaderName, HeaderValue)], ProxyError> {
+    match p
+        .memo
+        .impersonation
+        .get_or_init(|| identity_headers(&Impersonation::of(p)))
+    {
+        Ok(h) => Ok(h),
+        Err(why) => Err(ProxyError::Forbidden((*why).to_owned())),
+    }
 }
 
 /// Adds the upstream credential (`authorization`, from the cluster's credential layer; `None`
 /// when the relay authenticates with a client certificate) and the `Impersonate-*` headers of
-/// `identity` (the caller in impersonate mode, or a permitted `kubectl --as`).
+/// the identity it speaks for (the caller in impersonate mode, or a permitted `kubectl --as`).
 pub fn add_identity(
     out: &mut HeaderMap,
     authorization: Option<HeaderValue>,
-    identity: Option<&Impersonation>,
-) -> Result<(), ProxyError> {
+    identity: &[(HeaderName, HeaderValue)],
+) {
     if let Some(mut v) = authorization {
         v.set_sensitive(true);
         out.insert(header::AUTHORIZATION, v);
     }
-    if let Some(id) = identity {
-        out.insert(
-            HeaderName::from_static("impersonate-user"),
-            identity_value(&id.user)?,
-        );
-        if let Some(uid) = &id.uid {
-            out.insert(
-                HeaderName::from_static("impersonate-uid"),
-                identity_value(uid)?,
-            );
-        }
-        for g in id.groups.iter() {
-            out.append(
-                HeaderName::from_static("impersonate-group"),
-                identity_value(g)?,
-            );
-        }
-        for (k, v) in &id.extra {
-            let name = HeaderName::from_bytes(format!("impersonate-extra-{k}").as_bytes())
-                .map_err(|_| ProxyError::BadRequest(format!("invalid extra key {k}")))?;
-            out.append(name, identity_value(v)?);
-        }
+    out.reserve(identity.len());
+    for (name, value) in identity {
+        out.append(name.clone(), value.clone());
     }
-    Ok(())
 }
 
 /// Appends the peer to `X-Forwarded-For` (after any value the client sent, which stays
 /// informational) and sets `Audit-ID`.
+/// `peer` is the peer's IP as a header value (`ConnCtx::peer_header`).
 pub fn add_forwarding(
     out: &mut HeaderMap,
     client: &HeaderMap,
-    peer: std::net::IpAddr,
+    peer: &HeaderValue,
     audit_id: &HeaderValue,
 ) {
+    let xff = HeaderName::from_static("x-forwarded-for");
     let prior: Vec<&str> = client
-        .get_all("x-forwarded-for")
+        .get_all(&xff)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .collect();
-    let xff = if prior.is_empty() {
-        peer.to_string()
+    if prior.is_empty() {
+        out.insert(xff, peer.clone());
     } else {
-        format!("{}, {peer}", prior.join(", "))
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        out.insert(HeaderName::from_static("x-forwarded-for"), v);
+        let joined = format!(
+            "{}, {}",
+            prior.join(", "),
+            peer.to_str().unwrap_or_default()
+        );
+        if let Ok(v) = HeaderValue::from_str(&joined) {
+            out.insert(xff, v);
+        }
     }
-    out.insert(HeaderName::from_static("audit-id"), audit_id.clone());
+    out.insert(HeaderName::from_static("audit-id"), wire_audit_id(audit_id));
+}
+
+/// The `Audit-ID` as sent on a connection: never indexed by HPACK. Every request has its own,
+/// so indexing one only evicts entries that repeat (the impersonation headers: with an Entra
+/// caller's 40 groups, one audit id more per request made every group miss the table and be
+/// Huffman-coded again on every request).
+pub fn wire_audit_id(audit_id: &HeaderValue) -> HeaderValue {
+    let mut v = audit_id.clone();
+    v.set_sensitive(true);
+    v
 }
 
 /// Strips hop-by-hop headers (and those named in `Connection`) from an upstream response.
 pub fn sanitize_response(headers: &mut HeaderMap) {
     let named = connection_tokens(headers);
-    for n in HOP_BY_HOP
-        .iter()
-        .copied()
-        .chain(named.iter().map(String::as_str))
+    // Each name is looked up in the map only when some header could match it: an API server's
+    // answer rarely has any, and a removal by `&str` parses the name first.
+    if headers
+        .keys()
+        .any(|k| HOP_BY_HOP.contains(&k.as_str()) || named.iter().any(|t| t == k.as_str()))
     {
-        headers.remove(n);
+        for n in HOP_BY_HOP
+            .iter()
+            .copied()
+            .chain(named.iter().map(String::as_str))
+        {
+            headers.remove(n);
+        }
     }
 }
 
@@ -355,7 +398,7 @@ mod tests {
         add_forwarding(
             &mut out,
             &h,
-            "10.0.0.1".parse().unwrap(),
+            &HeaderValue::from_static("10.0.0.1"),
             &HeaderValue::from_static("abc"),
         );
         assert_eq!(out["impersonate-group"], "team");
@@ -388,8 +431,20 @@ mod tests {
         let id = audit_id(&h);
         assert_eq!(id, "abc-123");
         let mut out = HeaderMap::new();
-        add_forwarding(&mut out, &h, "10.0.0.9".parse().unwrap(), &id);
+        add_forwarding(&mut out, &h, &HeaderValue::from_static("10.0.0.9"), &id);
         assert_eq!(out["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        assert!(
+            out["audit-id"].is_sensitive(),
+            "a per-request value is never indexed"
+        );
+        let mut alone = HeaderMap::new();
+        add_forwarding(
+            &mut alone,
+            &HeaderMap::new(),
+            &HeaderValue::from_static("10.0.0.9"),
+            &id,
+        );
+        assert_eq!(alone["x-forwarded-for"], "10.0.0.9");
         let bad = map(&[("Audit-ID", "has space\there")]);
         assert_ne!(audit_id(&bad), "has space\there");
         assert_eq!(audit_id(&HeaderMap::new()).len(), 36);
@@ -446,9 +501,8 @@ mod tests {
         add_identity(
             &mut out,
             Some(HeaderValue::from_static("Bearer relay")),
-            Some(&id),
-        )
-        .unwrap();
+            &identity_headers(&id).unwrap(),
+        );
         assert_eq!(
             out.get_all("impersonate-group").iter().collect::<Vec<_>>(),
             ["devs"]
@@ -456,6 +510,31 @@ mod tests {
         assert_eq!(out["authorization"], "Bearer relay");
         assert!(out["authorization"].is_sensitive());
         assert_eq!(out["impersonate-extra-oid"], "1234");
+    }
+
+    #[test]
+    fn the_callers_own_headers_are_built_once_and_refused_the_same_way() {
+        let mut p = Principal::for_tests("entra", "alice");
+        p.groups = vec!["devs".to_owned(), "ops".to_owned()].into();
+        p.oid = Some("1234".into());
+        let first = own_identity_headers(&p).unwrap().as_ptr();
+        let again = own_identity_headers(&p).unwrap();
+        assert_eq!(first, again.as_ptr(), "memoised on the principal");
+        let names: Vec<_> = again.iter().map(|(n, v)| (n.as_str(), v.clone())).collect();
+        assert_eq!(
+            names,
+            [
+                ("impersonate-user", HeaderValue::from_static("alice")),
+                ("impersonate-group", HeaderValue::from_static("devs")),
+                ("impersonate-group", HeaderValue::from_static("ops")),
+                ("impersonate-extra-oid", HeaderValue::from_static("1234")),
+            ]
+        );
+        let mut bad = Principal::for_tests("entra", "mallory");
+        bad.groups = vec!["ops\r\nImpersonate-Group: system:masters".to_owned()].into();
+        for _ in 0..2 {
+            assert!(matches!(own_identity_headers(&bad), Err(ProxyError::Forbidden(_))));
+        }
     }
 
     #[test]

@@ -66,7 +66,12 @@ impl Ctx {
             a.annotations.insert("kube-relay.io/cluster", c.clone());
         }
         if let Some(p) = &self.principal {
-            a.user = Some(audit_user(p));
+            a.user = Some(
+                p.memo
+                    .audit_user
+                    .get_or_init(|| Arc::new(audit_user(p)))
+                    .clone(),
+            );
             if let Some(uti) = p.claim("uti").or_else(|| p.claim("jti")) {
                 // The token's id, for correlation with the IdP's sign-in logs; never the token.
                 a.annotations
@@ -86,12 +91,12 @@ impl Ctx {
             }
         }
         if let Some(n) = &self.nested {
-            a.impersonated = Some(AuditUser {
-                username: n.user.clone(),
-                uid: n.uid.clone(),
-                groups: n.groups.clone(),
-                extra: std::collections::BTreeMap::new(),
-            });
+            a.impersonated = Some(AuditUser::new(
+                n.user.clone(),
+                n.uid.clone(),
+                n.groups.clone(),
+                std::collections::BTreeMap::new(),
+            ));
         }
         if self.admitted {
             a.annotations
@@ -194,7 +199,8 @@ pub async fn handle(
             err.into_response()
         }
     };
-    resp.headers_mut().insert("audit-id", audit_id.clone());
+    resp.headers_mut()
+        .insert("audit-id", headers::wire_audit_id(&audit_id));
     if is_upgrade && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // A refused upgrade closes the client connection: whatever the client pipelined after
         // it is never read as another request (docs/security.md A1, A2).
@@ -323,12 +329,7 @@ fn audit_user(p: &Principal) -> AuditUser {
     if let Some(app) = &p.app_id {
         extra.insert("kube-relay.io/app-id", vec![app.clone()]);
     }
-    AuditUser {
-        username: p.username.clone(),
-        uid: p.oid.clone(),
-        groups: p.groups.clone(),
-        extra,
-    }
+    AuditUser::new(p.username.clone(), p.oid.clone(), p.groups.clone(), extra)
 }
 
 /// The phases, in order. Returns early with the portal's answer for the relay's own pages.
@@ -559,16 +560,18 @@ async fn prepare_upstream(
     // In impersonate mode the relay speaks for the caller (or for whom a permitted `--as` names);
     // in the other modes a permitted `--as` travels with the caller's own credential, so the
     // cluster checks the caller's right to impersonate itself.
-    let own = upstream
-        .credentials
-        .impersonates()
-        .then(|| headers::Impersonation::of(principal));
-    headers::add_identity(
-        &mut up_headers,
-        authorization,
-        ctx.nested.as_ref().or(own.as_ref()),
-    )?;
-    headers::add_forwarding(&mut up_headers, req.headers(), conn.peer.ip(), audit_id);
+    let nested;
+    let identity = match &ctx.nested {
+        Some(n) => {
+            nested = headers::identity_headers(n)
+                .map_err(|why| ProxyError::Forbidden(why.to_owned()))?;
+            &nested[..]
+        }
+        None if upstream.credentials.impersonates() => headers::own_identity_headers(principal)?,
+        None => &[],
+    };
+    headers::add_identity(&mut up_headers, authorization, identity);
+    headers::add_forwarding(&mut up_headers, req.headers(), &conn.peer_header, audit_id);
     Ok(up_headers)
 }
 
