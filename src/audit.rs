@@ -507,7 +507,10 @@ mod tests {
         assert!(user.json.get().is_some_and(Option::is_some));
         // A clone made after the first record carries the same text.
         let copy = user.clone();
-        assert_eq!(serde_json::to_value(UserField::of(&copy)).unwrap(), expected);
+        assert_eq!(
+            serde_json::to_value(UserField::of(&copy)).unwrap(),
+            expected
+        );
         // No user: the record still has one, empty, as before.
         let none = serde_json::to_value(UserField::Fields(User::default())).unwrap();
         assert_eq!(none, serde_json::json!({"username": ""}));

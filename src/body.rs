@@ -82,6 +82,8 @@ pin_project_lite::pin_project! {
         deadline: Option<Pin<Box<Sleep>>>,
         stop: Option<(Pin<Box<WaitForCancellationFutureOwned>>, StreamGuard)>,
         close: Option<OnClose>,
+        // The upstream connection the body comes from, busy until the body is done.
+        held: Option<crate::upstream::Pick>,
     }
 
     impl<B> PinnedDrop for StreamBody<B> {
@@ -112,7 +114,15 @@ impl<B> StreamBody<B> {
             deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
             stop: None,
             close,
+            held: None,
         }
+    }
+
+    /// Keeps the upstream connection's slot (`upstream::Pick::Http1`) until the body is dropped:
+    /// the connection is busy until its response has been read.
+    pub fn holding(mut self, pick: crate::upstream::Pick) -> Self {
+        self.held = Some(pick);
+        self
     }
 
     /// Lets the relay end this stream from outside (revoked access, draining); the guard keeps

@@ -582,9 +582,10 @@ async fn version(
     let req = req
         .body(crate::net::empty_body())
         .map_err(|e| e.to_string())?;
+    let pick = upstream.client.pick(req.uri());
     let resp = upstream
         .client
-        .request(req)
+        .send(&pick, req)
         .await
         .map_err(|e| format!("GET /version: {}", error_chain(&e)))?;
     let status = resp.status();

@@ -16,6 +16,27 @@ pub(super) struct FileCluster {
     /// Session recording of exec and attach: off (default), optional or required.
     #[serde(default)]
     recording: RecordingMode,
+    /// How requests reach the API server: mixed (default), http2 or http1.
+    #[serde(default)]
+    upstream_protocol: UpstreamProtocol,
+}
+
+/// A cluster's `upstream_protocol`: which HTTP version its requests travel over.
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// Short requests over a pool of HTTP/1.1 keep-alive connections (at most
+    /// `upstream::HTTP1_CONNECTIONS` at once; more at the same moment share HTTP/2), watches and
+    /// `logs -f` over HTTP/2. HTTP/1.1 costs less per request and keeps one slow answer from
+    /// holding up the others on a shared connection; HTTP/2 keeps thousands of watches on a
+    /// few connections.
+    #[default]
+    Mixed,
+    /// Everything over HTTP/2 when the API server offers it: the fewest connections.
+    Http2,
+    /// Everything over HTTP/1.1, for a path to the API server without working HTTP/2. Every
+    /// open watch then holds a connection of its own.
+    Http1,
 }
 
 #[derive(Deserialize)]
@@ -129,6 +150,7 @@ pub struct ClusterConfig {
     pub access: Vec<AccessRule>,
     /// Whether exec and attach sessions are recorded (top-level `recording` says where).
     pub recording: RecordingMode,
+    pub upstream_protocol: UpstreamProtocol,
 }
 
 impl ClusterConfig {
@@ -359,6 +381,7 @@ pub(super) fn parse_clusters(
                 upstream_auth: auth,
                 access,
                 recording: f.recording,
+                upstream_protocol: f.upstream_protocol,
             }));
         }
     }

@@ -759,6 +759,34 @@ fn recording_mistakes_name_their_key() {
 }
 
 #[test]
+fn upstream_protocol_is_mixed_unless_chosen_and_a_wrong_value_names_its_cluster() {
+    let f = Fixture::new();
+    let cfg = f.parse(GOOD).unwrap();
+    assert!(cfg
+        .clusters
+        .iter()
+        .all(|c| c.upstream_protocol == UpstreamProtocol::Mixed));
+    let with = |value: &str| {
+        f.parse(&GOOD.replace(
+            "    upstream_auth: {mode: impersonate, token_file: token}\n    access:\n",
+            &format!("    upstream_auth: {{mode: impersonate, token_file: token}}\n    upstream_protocol: {value}\n    access:\n"),
+        ))
+    };
+    for (value, want) in [
+        ("http2", UpstreamProtocol::Http2),
+        ("http1", UpstreamProtocol::Http1),
+        ("mixed", UpstreamProtocol::Mixed),
+    ] {
+        assert_eq!(with(value).unwrap().clusters[1].upstream_protocol, want);
+    }
+    let errs = messages(with("h3").unwrap_err()).join("\n");
+    assert!(
+        errs.contains("clusters[1]") && errs.contains("upstream_protocol"),
+        "{errs}"
+    );
+}
+
+#[test]
 fn the_web_terminal_is_off_unless_asked_for() {
     let f = Fixture::new();
     let base = "  portal:\n    client_id: kube-relay-portal\n    client_secret_file: portal-secret\n    cookie_key_file: cookie.key\n";

@@ -123,7 +123,8 @@ pub struct DialError {
 pub struct TlsDialer {
     tls: TlsConnector,
     dial: Option<Arc<str>>,
-    server_name: Option<ServerName<'static>>,
+    /// Shared: the pooled client clones its dialer for every request, and a name is a String.
+    server_name: Option<Arc<ServerName<'static>>>,
     connect_timeout: Duration,
 }
 
@@ -137,7 +138,7 @@ impl TlsDialer {
         Self {
             tls: TlsConnector::from(tls),
             dial: dial.map(Arc::from),
-            server_name,
+            server_name: server_name.map(Arc::new),
             connect_timeout,
         }
     }
@@ -145,7 +146,7 @@ impl TlsDialer {
     /// Dials and completes the TLS handshake under one deadline.
     pub async fn dial(&self, uri: &Uri) -> Result<UpstreamConn, DialError> {
         let (addr, name) = match (&self.dial, &self.server_name) {
-            (Some(d), Some(n)) => (d.to_string(), n.clone()),
+            (Some(d), Some(n)) => (d.to_string(), ServerName::clone(n)),
             _ => {
                 let host = uri.host().ok_or_else(|| DialError {
                     failure: UpstreamFailure::Protocol,

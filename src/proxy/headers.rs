@@ -533,7 +533,10 @@ mod tests {
         let mut bad = Principal::for_tests("entra", "mallory");
         bad.groups = vec!["ops\r\nImpersonate-Group: system:masters".to_owned()].into();
         for _ in 0..2 {
-            assert!(matches!(own_identity_headers(&bad), Err(ProxyError::Forbidden(_))));
+            assert!(matches!(
+                own_identity_headers(&bad),
+                Err(ProxyError::Forbidden(_))
+            ));
         }
     }
 

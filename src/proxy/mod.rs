@@ -723,9 +723,10 @@ async fn forward(
     // it so the failed exchange is reported as 400, not blamed on the cluster.
     let client_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = client_body_failed.clone();
-    // A request without a body can be sent again as it was: kept for a stream the API server
-    // refused unprocessed (see `upstream::refused_unprocessed`).
-    let replay = hyper::body::Body::is_end_stream(&body)
+    let pick = upstream.client.pick(&uri);
+    // A request without a body that may go over HTTP/2 can be sent again as it was: kept for a
+    // stream the API server refused unprocessed (see `net::refused_unprocessed`).
+    let replay = (pick.may_be_refused() && hyper::body::Body::is_end_stream(&body))
         .then(|| (parts.method.clone(), uri.clone(), headers.clone()));
     let body = body
         .map_err(move |e| {
@@ -743,7 +744,7 @@ async fn forward(
     let send = |req| {
         tokio::time::timeout(
             state.cfg.timeouts.response_header,
-            upstream.client.request(req),
+            upstream.client.send(&pick, req),
         )
     };
     let resp = match send(up_req).await {
@@ -815,7 +816,9 @@ async fn forward(
                 .stoppable(guard)
                 .boxed()
         }
-        _ => StreamBody::new(body, None, None, None).boxed(),
+        _ => StreamBody::new(body, None, None, None)
+            .holding(pick)
+            .boxed(),
     };
     Ok(Response::from_parts(parts, body))
 }

@@ -4,8 +4,9 @@
 //!   "insecure") against the host of its `server` URL, also when `connect` makes us dial an IP:
 //!   the dial address and the verified name are separate inputs on purpose (docs/architecture.md
 //!   "Configuration").
-//! - The pooled client offers ALPN `h2` and `http/1.1` and speaks HTTP/2 when the server picks it,
-//!   so many watches share few connections.
+//! - Short requests go over a pool of HTTP/1.1 keep-alive connections, long-running ones over
+//!   HTTP/2 lanes (ALPN `h2` and `http/1.1`), so many watches share few connections
+//!   (`clusters[].upstream_protocol`, [`UpstreamPool`]).
 //! - Upgrades (exec/attach/port-forward) each get their own HTTP/1.1 connection that is dropped
 //!   when the tunnel ends and is never returned to a pool (docs/security.md A1, C5).
 //! - hyper's client never follows redirects; a response it cannot parse fails that connection,
@@ -20,8 +21,9 @@ use std::time::Duration;
 use http::Uri;
 use hyper_util::client::legacy::ResponseFuture;
 use rustls::ClientConfig;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::{ClusterConfig, RelayCredential, UpstreamAuth};
+use crate::config::{ClusterConfig, RelayCredential, UpstreamAuth, UpstreamProtocol};
 use crate::net::{client_tls, Trust, H2_OR_HTTP1, HTTP1};
 pub use crate::net::{pooled_client, PooledClient, TlsDialer, UpstreamBody};
 
@@ -43,33 +45,95 @@ pub fn cluster_tls(cluster: &ClusterConfig, alpn: &[&[u8]]) -> anyhow::Result<Ar
 /// the 201st watch until its response-header timeout. Lanes connect lazily and close when idle.
 pub const LONG_RUNNING_LANES: usize = 64;
 
-/// A cluster's pooled clients: lane 0 carries the short requests (one multiplexed connection
-/// under light load), lanes `1..` carry long-running ones, round robin, so N watches need about
-/// N / `LONG_RUNNING_LANES` streams per connection.
+/// HTTP/1.1 connections one cluster's short requests use at once (`upstream_protocol: mixed`).
+/// A request that finds them all busy goes over the cluster's HTTP/2 connection instead of
+/// waiting or dialling more, so a burst of any size opens at most this many connections to
+/// the API server for short requests.
+pub const HTTP1_CONNECTIONS: usize = 128;
+
+/// A cluster's pooled clients.
+///
+/// - Short requests: an HTTP/1.1 keep-alive pool while one of its [`HTTP1_CONNECTIONS`] slots
+///   is free (`mixed`), else lane 0, one multiplexed connection under light load.
+/// - Long-running requests: lanes `1..`, round robin, so N watches need about
+///   N / [`LONG_RUNNING_LANES`] streams per connection.
+///
+/// Why HTTP/1.1 for short requests (docs/perf): on HTTP/2 every request's headers are
+/// Huffman-coded again (an Entra token of 3 KB, one `Impersonate-Group` per group, none of
+/// which the HPACK table can keep), and all requests queue on one connection's task; on
+/// HTTP/1.1 the headers are copied as they are and requests spread over connections.
 pub struct UpstreamPool {
+    http1: Option<(PooledClient, Arc<Semaphore>)>,
     lanes: Vec<PooledClient>,
     next: AtomicUsize,
 }
 
+/// Where one request goes: chosen before it is built, because only a request that may go
+/// over HTTP/2 needs a copy kept for a retry (see `net::refused_unprocessed`).
+pub enum Pick {
+    /// The HTTP/1.1 pool; the slot is held until the response body is done.
+    Http1(OwnedSemaphorePermit),
+    Lane(usize),
+}
+
+impl Pick {
+    /// The request may travel over HTTP/2, where a GOAWAY can refuse it unprocessed.
+    pub fn may_be_refused(&self) -> bool {
+        matches!(self, Pick::Lane(_))
+    }
+}
+
 impl UpstreamPool {
-    pub fn new(dialer: TlsDialer, long_running_lanes: usize) -> Self {
-        let lanes = (0..=long_running_lanes)
-            .map(|_| pooled_client(dialer.clone()))
-            .collect();
+    /// `lanes` dial with the cluster's ALPN choice; `http1`, when set, dials HTTP/1.1 only and
+    /// serves short requests first.
+    pub fn new(lanes: TlsDialer, http1: Option<TlsDialer>, long_running_lanes: usize) -> Self {
         Self {
-            lanes,
+            http1: http1.map(|d| {
+                (
+                    pooled_client(d),
+                    Arc::new(Semaphore::new(HTTP1_CONNECTIONS)),
+                )
+            }),
+            lanes: (0..=long_running_lanes)
+                .map(|_| pooled_client(lanes.clone()))
+                .collect(),
             next: AtomicUsize::new(0),
         }
     }
 
-    /// Sends a request on the lane its kind calls for.
-    pub fn request(&self, req: http::Request<UpstreamBody>) -> ResponseFuture {
-        let lane = if self.lanes.len() > 1 && is_long_running(req.uri()) {
-            1 + self.next.fetch_add(1, Ordering::Relaxed) % (self.lanes.len() - 1)
-        } else {
-            0
-        };
-        self.lanes[lane].request(req)
+    /// Chooses the connection kind a request to `uri` goes over.
+    pub fn pick(&self, uri: &Uri) -> Pick {
+        if is_long_running(uri) {
+            if self.lanes.len() > 1 {
+                let n = self.next.fetch_add(1, Ordering::Relaxed) % (self.lanes.len() - 1);
+                return Pick::Lane(1 + n);
+            }
+            return Pick::Lane(0);
+        }
+        match &self.http1 {
+            Some((_, slots)) => match slots.clone().try_acquire_owned() {
+                Ok(slot) => Pick::Http1(slot),
+                Err(_) => Pick::Lane(0),
+            },
+            None => Pick::Lane(0),
+        }
+    }
+
+    /// Sends a request where `pick` says.
+    pub fn send(&self, pick: &Pick, req: http::Request<UpstreamBody>) -> ResponseFuture {
+        match (pick, &self.http1) {
+            (Pick::Http1(_), Some((client, _))) => client.request(req),
+            (Pick::Lane(i), _) => self.lanes[(*i).min(self.lanes.len() - 1)].request(req),
+            // A slot is only handed out by a pool that has the HTTP/1.1 client.
+            (Pick::Http1(_), None) => self.lanes[0].request(req),
+        }
+    }
+
+    /// Short requests under way over HTTP/1.1 (for tests and metrics).
+    pub fn http1_busy(&self) -> usize {
+        self.http1
+            .as_ref()
+            .map_or(0, |(_, s)| HTTP1_CONNECTIONS - s.available_permits())
     }
 }
 
@@ -100,15 +164,23 @@ pub struct Upstream {
 impl Upstream {
     pub fn new(cluster: Arc<ClusterConfig>, connect_timeout: Duration) -> anyhow::Result<Self> {
         let cluster_for_creds = cluster.clone();
-        let pooled_tls = cluster_tls(&cluster, H2_OR_HTTP1)?;
+        let lanes_alpn = match cluster.upstream_protocol {
+            UpstreamProtocol::Mixed | UpstreamProtocol::Http2 => H2_OR_HTTP1,
+            UpstreamProtocol::Http1 => HTTP1,
+        };
+        let pooled_tls = cluster_tls(&cluster, lanes_alpn)?;
         let upgrade_tls = cluster_tls(&cluster, HTTP1)?;
         let name = cluster.server_name.clone();
         let dial = cluster.dial.as_str();
+        let upgrade_dialer =
+            TlsDialer::new(upgrade_tls, Some(dial), Some(name.clone()), connect_timeout);
+        let http1 =
+            (cluster.upstream_protocol == UpstreamProtocol::Mixed).then(|| upgrade_dialer.clone());
         let client = UpstreamPool::new(
-            TlsDialer::new(pooled_tls, Some(dial), Some(name.clone()), connect_timeout),
+            TlsDialer::new(pooled_tls, Some(dial), Some(name), connect_timeout),
+            http1,
             LONG_RUNNING_LANES,
         );
-        let upgrade_dialer = TlsDialer::new(upgrade_tls, Some(dial), Some(name), connect_timeout);
         let host = cluster.server.host_str().unwrap_or_default();
         let authority = match cluster.server.port() {
             Some(p) => format!("{host}:{p}"),
@@ -141,6 +213,52 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pool(http1: bool) -> UpstreamPool {
+        crate::install_crypto_provider();
+        let tls = client_tls(Trust::Only(&[]), None, H2_OR_HTTP1).unwrap();
+        let dialer = TlsDialer::new(tls, Some("127.0.0.1:1"), None, Duration::from_secs(1));
+        UpstreamPool::new(dialer.clone(), http1.then_some(dialer), 4)
+    }
+
+    #[tokio::test]
+    async fn short_requests_take_http1_slots_then_share_http2_and_watches_take_lanes() {
+        let p = pool(true);
+        let get: Uri = "https://c/api/v1/pods".parse().unwrap();
+        let watch: Uri = "https://c/api/v1/pods?watch=1".parse().unwrap();
+        let mut held = Vec::new();
+        for _ in 0..HTTP1_CONNECTIONS {
+            let pick = p.pick(&get);
+            assert!(matches!(pick, Pick::Http1(_)));
+            assert!(!pick.may_be_refused());
+            held.push(pick);
+        }
+        assert_eq!(p.http1_busy(), HTTP1_CONNECTIONS);
+        // All slots busy: the next short request goes over HTTP/2 instead of waiting.
+        let spill = p.pick(&get);
+        assert!(matches!(spill, Pick::Lane(0)) && spill.may_be_refused());
+        // A slot comes back when its response is done (the pick is dropped with the body).
+        held.pop();
+        assert!(matches!(p.pick(&get), Pick::Http1(_)));
+        // Watches never use the HTTP/1.1 slots: they spread over lanes 1..=4.
+        let lanes: Vec<usize> = (0..8)
+            .map(|_| match p.pick(&watch) {
+                Pick::Lane(i) => i,
+                Pick::Http1(_) => panic!("a watch took an HTTP/1.1 slot"),
+            })
+            .collect();
+        assert_eq!(lanes, [1, 2, 3, 4, 1, 2, 3, 4]);
+        drop(held);
+        assert_eq!(p.http1_busy(), 0);
+    }
+
+    #[tokio::test]
+    async fn without_the_http1_pool_everything_short_goes_to_lane_zero() {
+        let p = pool(false);
+        let get: Uri = "https://c/version".parse().unwrap();
+        assert!(matches!(p.pick(&get), Pick::Lane(0)));
+        assert_eq!(p.http1_busy(), 0);
+    }
 
     #[test]
     fn long_running_requests_are_told_by_watch_and_follow() {

@@ -185,6 +185,9 @@ fn watches_the_api_server_ends_at_min_request_timeout_are_resumed_not_relisted()
 fn goaway_from_the_api_server_fails_no_client_request() {
     let mut opts = Options::new("goaway");
     opts.goaway_chance = Some(0.02);
+    // kube-apiserver sends GOAWAY on HTTP/2 only: by default the relay's short requests travel
+    // over HTTP/1.1 and never meet one, so this test puts them on HTTP/2.
+    opts.upstream_protocol = Some("http2");
     let (b, conns) = bed_via_counter(opts);
     const CONNS: usize = 4;
     const PER_CONN: usize = 750;
@@ -339,10 +342,13 @@ fn priority_and_fairness_429_passes_through_unchanged() {
         std::thread::sleep(Duration::from_millis(200));
     };
     for (retry, ct, body) in rejected {
-        assert_eq!(
-            retry.as_deref(),
-            Some("1"),
-            "Retry-After from the API server"
+        // The API server's own value (it grows with its queues' wait), never one of the relay's.
+        assert!(
+            retry
+                .as_deref()
+                .and_then(|r| r.parse::<u32>().ok())
+                .is_some_and(|s| s >= 1),
+            "Retry-After from the API server: {retry:?}"
         );
         // kube-apiserver answers APF rejections in plain text, not as a Status; the relay
         // passes that through byte for byte rather than rewriting it.

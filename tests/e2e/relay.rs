@@ -861,20 +861,7 @@ async fn long_running_gauge_follows_a_live_watch() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let env = dev_env().await;
     let tok = bearer(&env.dev.token("alice"));
-    let mut s = tls_connect(env.dev.relay_addr, &env.relay_ca(), PUBLIC, &[b"http/1.1"]).await;
-    let req = format!("GET /clusters/alpha/api/v1/namespaces/default/pods?watch=true HTTP/1.1\r\nHost: localhost\r\nAuthorization: {tok}\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    // The initial ADDED events arrive as chunks, flushed at once.
-    let mut buf = vec![0u8; 65536];
-    let mut got = String::new();
-    while !got.contains("\"ADDED\"") {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
-            .await
-            .expect("watch events arrive")
-            .unwrap();
-        assert!(n > 0, "watch closed early: {got}");
-        got.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let (s, got) = open_watch(&env, &tok).await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     assert!(
         got.to_ascii_lowercase()
@@ -982,4 +969,102 @@ async fn websocket_bearer_subprotocol_is_validated_and_stripped() {
     assert_eq!(c, 401);
     assert!(env.dev.beta.record.traffic().is_empty());
     env.dev.stop().await;
+}
+
+/// `clusters[].upstream_protocol` (docs/perf "Upstream protocol"): by default (`mixed`) short
+/// requests reach the cluster over HTTP/1.1 keep-alive connections and watches over HTTP/2;
+/// `http2` puts every request on HTTP/2, `http1` every request on HTTP/1.1. More requests in a
+/// row than the HTTP/1.1 slots (128) all still go over HTTP/1.1: a slot comes back when its
+/// answer is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_protocol_sends_short_requests_over_http1_and_watches_over_http2() {
+    let env = dev_env().await;
+    let tok = bearer(&env.dev.token("alice"));
+    let pod = "/api/v1/namespaces/default/pods/web-0";
+    let watch = "/api/v1/namespaces/default/pods?watch=true";
+    let versions = |prefix: &str| -> Vec<http::Version> {
+        env.dev
+            .alpha
+            .record
+            .matching(prefix)
+            .iter()
+            .map(|r| r.version)
+            .collect()
+    };
+    let get = || async {
+        let target = format!("/clusters/alpha{pod}");
+        let (code, head, _) =
+            request(&env, PUBLIC, "GET", &target, &[("Authorization", &tok)]).await;
+        assert_eq!(code, 200, "{head}");
+    };
+    // Opens a watch, reads its first event, and closes it.
+    let watch_once = || async {
+        drop(open_watch(&env, &tok).await);
+    };
+    let set = |value: &str| {
+        let config = env.dev.dir.join("relay.yaml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        let text: String = text
+            .lines()
+            .filter(|l| !l.contains("upstream_protocol"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(
+            &config,
+            text.replacen(
+                "    recording: required\n",
+                &format!("    recording: required\n    upstream_protocol: {value}\n"),
+                1,
+            ),
+        )
+        .unwrap();
+    };
+
+    // mixed, the default.
+    for _ in 0..150 {
+        get().await;
+    }
+    let v = versions(pod);
+    assert_eq!(v.len(), 150);
+    assert!(v.iter().all(|v| *v == http::Version::HTTP_11), "{v:?}");
+    watch_once().await;
+    assert_eq!(versions(watch), [http::Version::HTTP_2]);
+
+    // http2: the short request too.
+    set("http2");
+    env.dev.relay_handle.reload().await.expect("http2 loads");
+    get().await;
+    assert_eq!(versions(pod).last(), Some(&http::Version::HTTP_2));
+
+    // http1: the watch too.
+    set("http1");
+    env.dev.relay_handle.reload().await.expect("http1 loads");
+    get().await;
+    assert_eq!(versions(pod).last(), Some(&http::Version::HTTP_11));
+    watch_once().await;
+    assert_eq!(versions(watch).last(), Some(&http::Version::HTTP_11));
+    env.dev.stop().await;
+}
+
+/// Opens a watch of alpha's pods over HTTP/1.1 and reads until its first `ADDED` event (the
+/// initial events arrive as chunks, flushed at once); returns the connection and what it read.
+async fn open_watch(
+    env: &crate::support::Env,
+    tok: &str,
+) -> (impl tokio::io::AsyncRead + tokio::io::AsyncWrite, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tls_connect(env.dev.relay_addr, &env.relay_ca(), PUBLIC, &[b"http/1.1"]).await;
+    let req = format!("GET /clusters/alpha/api/v1/namespaces/default/pods?watch=true HTTP/1.1\r\nHost: localhost\r\nAuthorization: {tok}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 65536];
+    let mut got = String::new();
+    while !got.contains("\"ADDED\"") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("watch events arrive")
+            .unwrap();
+        assert!(n > 0, "watch closed early: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    (s, got)
 }

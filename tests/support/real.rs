@@ -286,6 +286,8 @@ pub struct Options {
     pub max_inflight: Option<(u32, u32)>,
     /// `--http2-max-streams-per-connection`.
     pub http2_max_streams: Option<u32>,
+    /// The relay's `upstream_protocol` for this cluster (default: the relay's own).
+    pub upstream_protocol: Option<&'static str>,
 }
 
 impl Options {
@@ -297,6 +299,7 @@ impl Options {
             min_request_timeout: None,
             max_inflight: None,
             http2_max_streams: None,
+            upstream_protocol: None,
         }
     }
 
@@ -321,6 +324,8 @@ pub struct RealCluster {
     /// A client certificate for user `kube-relay`, which may impersonate.
     pub relay_client: LeafCert,
     pub kubelet: SimHandle,
+    /// The relay's `upstream_protocol` for this cluster, if the test chose one.
+    pub upstream_protocol: Option<&'static str>,
     pub dir: tempfile::TempDir,
     args: Vec<String>,
     apiserver: Option<Supervised>,
@@ -470,6 +475,7 @@ impl RealCluster {
             admin_kubeconfig: d.join("admin.kubeconfig"),
             relay_client,
             kubelet,
+            upstream_protocol: opts.upstream_protocol,
             args,
             apiserver: None,
             _etcd: etcd,
@@ -911,8 +917,12 @@ impl Front {
                 &c.relay_client.key_pem,
             )
             .unwrap();
+            let protocol = c
+                .upstream_protocol
+                .map(|p| format!("\nupstream_protocol: {p}"))
+                .unwrap_or_default();
             yaml = yaml.cluster(format!(
-                "name: {alias}\nserver: https://{sn}:{port}\nconnect: 127.0.0.1:{port}\nca_file: {name}-ca.crt\nupstream_auth: {auth}\naccess: {access}",
+                "name: {alias}\nserver: https://{sn}:{port}\nconnect: 127.0.0.1:{port}\nca_file: {name}-ca.crt\nupstream_auth: {auth}\naccess: {access}{protocol}",
                 alias = u.name(),
                 name = c.name,
                 sn = c.server_name,
