@@ -582,7 +582,7 @@ async fn version(
     let req = req
         .body(crate::net::empty_body())
         .map_err(|e| e.to_string())?;
-    let pick = upstream.client.pick(req.uri());
+    let pick = upstream.client.pick(false);
     let resp = upstream
         .client
         .send(&pick, req)

@@ -723,7 +723,7 @@ async fn forward(
     // it so the failed exchange is reported as 400, not blamed on the cluster.
     let client_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = client_body_failed.clone();
-    let pick = upstream.client.pick(&uri);
+    let pick = upstream.client.pick(stream.is_some());
     // A request without a body that may go over HTTP/2 can be sent again as it was: kept for a
     // stream the API server refused unprocessed (see `net::refused_unprocessed`).
     let replay = (pick.may_be_refused() && hyper::body::Body::is_end_stream(&body))

@@ -101,9 +101,10 @@ impl UpstreamPool {
         }
     }
 
-    /// Chooses the connection kind a request to `uri` goes over.
-    pub fn pick(&self, uri: &Uri) -> Pick {
-        if is_long_running(uri) {
+    /// Chooses the connection kind a request goes over; `long_running` as the authorize phase
+    /// read the query (`watch` or `follow` true, the way kube-apiserver parses it).
+    pub fn pick(&self, long_running: bool) -> Pick {
+        if long_running {
             if self.lanes.len() > 1 {
                 let n = self.next.fetch_add(1, Ordering::Relaxed) % (self.lanes.len() - 1);
                 return Pick::Lane(1 + n);
@@ -135,16 +136,6 @@ impl UpstreamPool {
             .as_ref()
             .map_or(0, |(_, s)| HTTP1_CONNECTIONS - s.available_permits())
     }
-}
-
-/// `watch=` or `follow=` set to true (`true`, `1`): a request whose response stays open.
-fn is_long_running(uri: &Uri) -> bool {
-    uri.query().is_some_and(|q| {
-        q.split('&').any(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (k == "watch" || k == "follow") && (v == "true" || v == "1")
-        })
-    })
 }
 
 /// Everything the relay needs to talk to one cluster.
@@ -224,25 +215,24 @@ mod tests {
     #[tokio::test]
     async fn short_requests_take_http1_slots_then_share_http2_and_watches_take_lanes() {
         let p = pool(true);
-        let get: Uri = "https://c/api/v1/pods".parse().unwrap();
-        let watch: Uri = "https://c/api/v1/pods?watch=1".parse().unwrap();
+        let (get, watch) = (false, true);
         let mut held = Vec::new();
         for _ in 0..HTTP1_CONNECTIONS {
-            let pick = p.pick(&get);
+            let pick = p.pick(get);
             assert!(matches!(pick, Pick::Http1(_)));
             assert!(!pick.may_be_refused());
             held.push(pick);
         }
         assert_eq!(p.http1_busy(), HTTP1_CONNECTIONS);
         // All slots busy: the next short request goes over HTTP/2 instead of waiting.
-        let spill = p.pick(&get);
+        let spill = p.pick(get);
         assert!(matches!(spill, Pick::Lane(0)) && spill.may_be_refused());
         // A slot comes back when its response is done (the pick is dropped with the body).
         held.pop();
-        assert!(matches!(p.pick(&get), Pick::Http1(_)));
+        assert!(matches!(p.pick(get), Pick::Http1(_)));
         // Watches never use the HTTP/1.1 slots: they spread over lanes 1..=4.
         let lanes: Vec<usize> = (0..8)
-            .map(|_| match p.pick(&watch) {
+            .map(|_| match p.pick(watch) {
                 Pick::Lane(i) => i,
                 Pick::Http1(_) => panic!("a watch took an HTTP/1.1 slot"),
             })
@@ -255,20 +245,7 @@ mod tests {
     #[tokio::test]
     async fn without_the_http1_pool_everything_short_goes_to_lane_zero() {
         let p = pool(false);
-        let get: Uri = "https://c/version".parse().unwrap();
-        assert!(matches!(p.pick(&get), Pick::Lane(0)));
+        assert!(matches!(p.pick(false), Pick::Lane(0)));
         assert_eq!(p.http1_busy(), 0);
-    }
-
-    #[test]
-    fn long_running_requests_are_told_by_watch_and_follow() {
-        let lr = |u: &str| is_long_running(&u.parse::<Uri>().unwrap());
-        assert!(lr("https://c/api/v1/pods?watch=1"));
-        assert!(lr("https://c/api/v1/pods?resourceVersion=5&watch=true"));
-        assert!(lr("https://c/api/v1/namespaces/d/pods/p/log?follow=true"));
-        assert!(!lr("https://c/api/v1/pods?watch=false"));
-        assert!(!lr("https://c/api/v1/pods?watchx=1"));
-        assert!(!lr("https://c/api/v1/pods"));
-        assert!(!lr("https://c/api/v1/pods?labelSelector=watch%3D1"));
     }
 }

@@ -111,6 +111,12 @@ impl Supervised {
         }
     }
 
+    /// The process group the program runs in (the watchdog leads it).
+    #[allow(dead_code)] // benches/real_apiserver.rs
+    pub fn group(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether the process has ended (and how).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
@@ -560,6 +566,14 @@ impl RealCluster {
         Ok(())
     }
 
+    /// The process groups of kube-apiserver and etcd (for CPU accounting in benchmarks).
+    #[allow(dead_code)] // benches/real_apiserver.rs
+    pub fn control_plane_groups(&self) -> Vec<u32> {
+        let mut out = vec![self._etcd.group()];
+        out.extend(self.apiserver.as_ref().map(Supervised::group));
+        out
+    }
+
     /// Stops kube-apiserver (etcd and the kubelet keep running), as `az aks stop` would.
     pub fn stop_apiserver(&mut self) {
         if let Some(mut p) = self.apiserver.take() {
@@ -982,6 +996,12 @@ impl Front {
             .env_remove("KUBECONFIG")
             .stdin(Stdio::null());
         c
+    }
+
+    /// The directory holding the relay's configuration (`relay.yaml`) and certificates.
+    #[allow(dead_code)] // benches/real_apiserver.rs
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
     }
 
     /// The relay's audit records, in order.
