@@ -503,6 +503,7 @@ async fn serve_connection(
     // generation current when it arrives.
     let state = relay.state();
     let handshake = state.cfg.timeouts.handshake;
+    let tcp = crate::net::ReadAhead::new(tcp);
     let stream = match tokio::time::timeout(handshake, state.tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

@@ -19,6 +19,8 @@ use http_body_util::BodyExt as _;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::ReadAhead;
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use tokio::net::TcpStream;
@@ -61,12 +63,12 @@ pub type PooledClient = Client<TlsDialer, UpstreamBody>;
 /// The connection a [`TlsDialer`] yields: TLS over TCP, reporting whether h2 was negotiated so
 /// the pooled client picks the right protocol.
 pub struct UpstreamConn {
-    io: TokioIo<TlsStream<TcpStream>>,
+    io: TokioIo<TlsStream<ReadAhead<TcpStream>>>,
     h2: bool,
 }
 
 impl UpstreamConn {
-    pub fn into_io(self) -> TokioIo<TlsStream<TcpStream>> {
+    pub fn into_io(self) -> TokioIo<TlsStream<ReadAhead<TcpStream>>> {
         self.io
     }
 }
@@ -167,10 +169,14 @@ impl TlsDialer {
                 detail: format!("connect {addr}: {e}"),
             })?;
             let _ = tcp.set_nodelay(true);
-            let tls = self.tls.connect(name, tcp).await.map_err(|e| DialError {
-                failure: UpstreamFailure::Tls,
-                detail: format!("TLS with {addr}: {e}"),
-            })?;
+            let tls = self
+                .tls
+                .connect(name, ReadAhead::new(tcp))
+                .await
+                .map_err(|e| DialError {
+                    failure: UpstreamFailure::Tls,
+                    detail: format!("TLS with {addr}: {e}"),
+                })?;
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
             Ok(UpstreamConn {
                 io: TokioIo::new(tls),

@@ -13,6 +13,7 @@
 pub mod azure;
 pub mod dial;
 pub mod idp;
+pub mod readahead;
 
 use std::sync::Arc;
 
@@ -23,6 +24,7 @@ pub use dial::{
     classify, empty_body, pooled_client, refused_unprocessed, DialError, PooledClient, TlsDialer,
     UpstreamBody, UpstreamConn, UpstreamFailure,
 };
+pub use readahead::ReadAhead;
 
 /// ALPN for clients that never need HTTP/2 (identity providers, upgrades).
 pub const HTTP1: &[&[u8]] = &[b"http/1.1"];
