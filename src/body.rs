@@ -82,8 +82,8 @@ pin_project_lite::pin_project! {
         deadline: Option<Pin<Box<Sleep>>>,
         stop: Option<(Pin<Box<WaitForCancellationFutureOwned>>, StreamGuard)>,
         close: Option<OnClose>,
-        // The upstream connection the body comes from, busy until the body is done.
-        held: Option<crate::upstream::Pick>,
+        // The slot of the upstream connection the body comes from, busy until the body is done.
+        held: Option<tokio::sync::OwnedSemaphorePermit>,
     }
 
     impl<B> PinnedDrop for StreamBody<B> {
@@ -118,10 +118,10 @@ impl<B> StreamBody<B> {
         }
     }
 
-    /// Keeps the upstream connection's slot (`upstream::Pick::Http1`) until the body is dropped:
-    /// the connection is busy until its response has been read.
-    pub fn holding(mut self, pick: crate::upstream::Pick) -> Self {
-        self.held = Some(pick);
+    /// Keeps the upstream connection's slot (`upstream::Pick::into_slot`) until the body is
+    /// dropped: the connection is busy until its response has been read.
+    pub fn holding(mut self, slot: Option<tokio::sync::OwnedSemaphorePermit>) -> Self {
+        self.held = slot;
         self
     }
 

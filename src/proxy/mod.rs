@@ -817,7 +817,7 @@ async fn forward(
                 .boxed()
         }
         _ => StreamBody::new(body, None, None, None)
-            .holding(pick)
+            .holding(pick.into_slot())
             .boxed(),
     };
     Ok(Response::from_parts(parts, body))

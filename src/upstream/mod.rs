@@ -77,6 +77,14 @@ pub enum Pick {
 }
 
 impl Pick {
+    /// The HTTP/1.1 slot, to be held until the response body is done.
+    pub fn into_slot(self) -> Option<OwnedSemaphorePermit> {
+        match self {
+            Pick::Http1(slot) => Some(slot),
+            Pick::Lane(_) => None,
+        }
+    }
+
     /// The request may travel over HTTP/2, where a GOAWAY can refuse it unprocessed.
     pub fn may_be_refused(&self) -> bool {
         matches!(self, Pick::Lane(_))
