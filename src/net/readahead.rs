@@ -1,9 +1,10 @@
 //! A socket read in large chunks under TLS.
 //!
 //! rustls asks its transport for at most 4 KiB per read, so a 16 KiB TLS record costs four
-//! `read` system calls or more; a tunnel moving hundreds of MiB (exec output, port-forward)
-//! spent a third of the relay's CPU in them (docs/perf). [`ReadAhead`] answers those small
-//! reads from one read of up to [`CHUNK`] bytes.
+//! `read` system calls or more on a tunnel moving hundreds of MiB (exec output, port-forward).
+//! [`ReadAhead`] answers those small reads from one read of up to [`CHUNK`] bytes: the relay's
+//! CPU for 512 MiB of exec output fell from 0.36 to 0.33 s, and for 256 MiB of port-forward
+//! echo from 0.34 to 0.31 s (docs/perf).
 //!
 //! Memory stays where the data is: the buffer exists only while it holds unread bytes or the
 //! last read filled much of it (a busy stream). An idle connection (a watch waiting for events,
