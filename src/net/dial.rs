@@ -213,15 +213,30 @@ impl tower_service::Service<Uri> for TlsDialer {
 
 /// Builds a pooled client over a dialer.
 pub fn pooled_client(dialer: TlsDialer) -> PooledClient {
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
+    pooled_builder().build(dialer)
+}
+
+/// A pool of HTTP/1.1 keep-alive connections for a cluster's short requests: at most
+/// `max_idle` idle ones are kept, each for 30 s. kube-apiserver closes a keep-alive connection
+/// after 90 s idle; letting ours go well before that keeps a request from being written on a
+/// connection the server is closing at that moment (which would fail, and not be retried).
+pub fn http1_pool(dialer: TlsDialer, max_idle: usize) -> PooledClient {
+    pooled_builder()
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(max_idle)
+        .build(dialer)
+}
+
+fn pooled_builder() -> hyper_util::client::legacy::Builder {
+    let mut b = Client::builder(TokioExecutor::new());
+    b.timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90))
         // Keep h2 connections alive well under the ~4 min idle cut of Azure load balancers.
         .http2_keep_alive_interval(Duration::from_secs(30))
         .http2_keep_alive_timeout(Duration::from_secs(20))
-        .http2_keep_alive_while_idle(true)
-        .build(dialer)
+        .http2_keep_alive_while_idle(true);
+    b
 }
 
 /// Classifies a pooled-client error by walking its source chain for our typed dial error.

@@ -9,8 +9,8 @@
 //! Only a busy stream goes through the buffer: reads go straight to the caller until one
 //! fills the caller's whole request (more is waiting), and back once a chunk read brings less
 //! than [`BUSY`]. Requests and answers of a few KiB (REST, watch events) therefore never touch
-//! it, and an idle connection (a watch waiting for events, a keep-alive) holds none, so ten
-//! thousand of them cost nothing here.
+//! it, and a connection waiting for bytes (a watch waiting for events, a keep-alive, a quiet
+//! tunnel) holds none, so ten thousand of them cost nothing here.
 
 use std::io;
 use std::pin::Pin;
@@ -67,15 +67,19 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
                 // Straight into the caller's buffer; a read that fills it says more is waiting.
                 let before = out.filled().len();
                 std::task::ready!(Pin::new(&mut this.io).poll_read(cx, out))?;
-                this.bulk = wanted < CHUNK && out.filled().len() - before == wanted;
+                this.bulk = wanted > 0 && wanted < CHUNK && out.filled().len() - before == wanted;
                 return Poll::Ready(Ok(()));
             }
             this.buf.reserve(CHUNK);
-            let n = std::task::ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut this.io),
-                cx,
-                &mut this.buf
-            ))?;
+            let n = match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
+                Poll::Ready(r) => r?,
+                Poll::Pending => {
+                    // Nothing to read: a connection that goes quiet holds no buffer while it
+                    // waits (the next burst allocates one again).
+                    this.buf = BytesMut::new();
+                    return Poll::Pending;
+                }
+            };
             if n < BUSY {
                 // Not busy (or the end of the stream): after this, read directly again.
                 this.bulk = false;
@@ -202,6 +206,21 @@ mod tests {
             !r.holds_buffer() && !r.bulk,
             "drained, and the read was small"
         );
+        // A busy stream that goes quiet lets its buffer go while it waits.
+        a.write_all(&[2u8; 40 * 1024]).await.unwrap();
+        let mut piece = [0u8; 4096];
+        assert_eq!(r.read(&mut piece).await.unwrap(), 4096);
+        assert!(r.bulk);
+        let mut rest = 36 * 1024;
+        while rest > 0 {
+            rest -= r.read(&mut piece).await.unwrap();
+        }
+        assert!(r.bulk, "the burst came as one large read");
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut rb = ReadBuf::new(&mut piece);
+        assert!(Pin::new(&mut r).poll_read(&mut cx, &mut rb).is_pending());
+        assert!(!r.holds_buffer(), "nothing is held while the stream waits");
         a.write_all(&[7u8; 1000]).await.unwrap();
         let mut large = vec![0u8; CHUNK];
         let n = r.read(&mut large).await.unwrap();

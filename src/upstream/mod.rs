@@ -47,8 +47,10 @@ pub const LONG_RUNNING_LANES: usize = 64;
 
 /// HTTP/1.1 connections one cluster's short requests use at once (`upstream_protocol: mixed`).
 /// A request that finds them all busy goes over the cluster's HTTP/2 connection instead of
-/// waiting or dialling more, so a burst of any size opens at most this many connections to
-/// the API server for short requests.
+/// waiting or dialling more, so a burst of any size keeps about this many connections to the
+/// API server for short requests. About: a slot is free again when its answer has been
+/// relayed, a moment before the pool has the connection back, and a request in that moment
+/// dials; at most this many idle connections are kept.
 pub const HTTP1_CONNECTIONS: usize = 128;
 
 /// A cluster's pooled clients.
@@ -98,7 +100,7 @@ impl UpstreamPool {
         Self {
             http1: http1.map(|d| {
                 (
-                    pooled_client(d),
+                    crate::net::dial::http1_pool(d, HTTP1_CONNECTIONS),
                     Arc::new(Semaphore::new(HTTP1_CONNECTIONS)),
                 )
             }),
