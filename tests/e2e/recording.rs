@@ -434,16 +434,53 @@ fn exec_through_the_real_api_server_is_recorded() {
         let out = ok(&run(c, Some(payload.as_bytes()), t), "exec -i");
         assert!(out.contains(&payload), "{out}");
     }
-    // A TTY session under a real pseudo-terminal of 100x30.
+    // A TTY session under a real pseudo-terminal of 100x30. kubectl sends the terminal's size
+    // beside the command's start, so a command that ended at once could close the session
+    // before that message reached the relay: this one prints, then waits on its input, and the
+    // test ends the session only once the recording holds both the output and the size.
     let cmdline = format!(
-        "stty cols 100 rows 30; {} --kubeconfig {} --context rec exec -it web-0 -- echo tty-recorded",
+        "stty cols 100 rows 30; {} --kubeconfig {} --context rec exec -it web-0 -- sh -c 'echo tty-recorded; cat'",
         kubectl("1.33").display(),
         front.kubeconfig.display()
     );
     let mut s = crate::support::under_pty(&cmdline);
-    s.env("HOME", &front.home);
-    let out = ok(&run(s, None, t), "exec -it");
-    assert!(out.contains("tty-recorded"), "{out}");
+    s.env("HOME", &front.home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut tty_session = s.spawn().expect("kubectl exec -it under a pty");
+    let dir = front.audit.parent().unwrap().join("recordings");
+    let casts = || -> Vec<String> {
+        std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // The terminal's size: the header's when it came before any output, else a resize event.
+    let sized = |tty: &str| {
+        let header: serde_json::Value =
+            serde_json::from_str(tty.lines().next().unwrap_or("{}")).unwrap_or_default();
+        (header["width"].as_u64(), header["height"].as_u64()) == (Some(100), Some(30))
+            || tty.contains("\"r\",\"100x30\"")
+    };
+    rt.block_on(eventually(
+        "the TTY session's output and size recorded",
+        t,
+        || async {
+            let all = casts();
+            match all.iter().find(|c| c.contains("tty-recorded")) {
+                Some(tty) if sized(tty) => Ok(()),
+                other => Err(other.cloned()),
+            }
+        },
+    ));
+    // Closing the session's input ends `cat`, and the session with it.
+    drop(tty_session.stdin.take());
+    let _ = tty_session.kill();
+    let _ = tty_session.wait();
 
     // A session's record is written once its recording is complete.
     let sessions = || {
@@ -461,11 +498,7 @@ fn exec_through_the_real_api_server_is_recorded() {
             Err(n)
         }
     }));
-    let dir = front.audit.parent().unwrap().join("recordings");
-    let casts: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-        .collect();
+    let casts = casts();
     assert_eq!(casts.len(), 3, "one recording per session");
     for version in ["1.27", "1.33"] {
         let want = format!("through the API server with {version}");
@@ -478,10 +511,7 @@ fn exec_through_the_real_api_server_is_recorded() {
         .iter()
         .find(|c| c.contains("tty-recorded"))
         .expect("the TTY session's recording");
-    // The terminal's size: the header's when it came before any output, else a resize event.
-    let header: serde_json::Value = serde_json::from_str(tty.lines().next().unwrap()).unwrap();
-    let in_header = (header["width"].as_u64(), header["height"].as_u64()) == (Some(100), Some(30));
-    assert!(in_header || tty.contains("\"r\",\"100x30\""), "{tty}");
+    assert!(sized(tty), "{tty}");
     // Every session's record names its recording.
     let named = sessions()
         .iter()
