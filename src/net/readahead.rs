@@ -44,10 +44,6 @@ impl<T> ReadAhead<T> {
         }
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.io
-    }
-
     /// Whether a buffer is held (for tests of the memory rule).
     pub fn holds_buffer(&self) -> bool {
         self.buf.capacity() > 0

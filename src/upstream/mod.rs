@@ -140,8 +140,9 @@ impl UpstreamPool {
         }
     }
 
-    /// Short requests under way over HTTP/1.1 (for tests and metrics).
-    pub fn http1_busy(&self) -> usize {
+    /// Short requests under way over HTTP/1.1.
+    #[cfg(test)]
+    fn http1_busy(&self) -> usize {
         self.http1
             .as_ref()
             .map_or(0, |(_, s)| HTTP1_CONNECTIONS - s.available_permits())
