@@ -7,9 +7,10 @@
 //!
 //! The test bed of `tests/support/real.rs` (etcd and kube-apiserver built by `testbed/build.sh`,
 //! trusting the tests' Entra-shaped issuer) and the relay built with this bench, as its own
-//! process, in front of it with two entries for the one cluster: `bench` (passthrough: the
-//! caller's token goes to the API server, as it does on the direct path) and `bench-imp`
-//! (impersonate, with the relay's client certificate). Every side gets the same request with
+//! process, in front of it with three entries for the one cluster: `bench` (passthrough: the
+//! caller's token goes to the API server, as it does on the direct path), `bench-imp`
+//! (impersonate, with the relay's client certificate: all 40 groups named upstream) and
+//! `bench-few` (the same with `forward_groups` listing the one group RBAC binds). Every side gets the same request with
 //! the same Entra-sized token (40 groups); h2load runs the sides in turn, `-c 16 -m 4` (64 at
 //! once: enough to keep both cores busy, and below what the API server's priority and fairness
 //! lets one user have in flight before it answers 429), and the median of the rounds is printed
@@ -72,6 +73,14 @@ fn main() {
                 alias: Some("bench-imp".into()),
                 connect_port: None,
                 upstream_auth: "{mode: impersonate, client_cert_file: bench-relay.crt, client_key_file: bench-relay.key}".into(),
+                access: access.clone(),
+            },
+            // Impersonation naming only the group RBAC binds (upstream_auth.forward_groups).
+            Upstream {
+                cluster: &cluster,
+                alias: Some("bench-few".into()),
+                connect_port: None,
+                upstream_auth: format!("{{mode: impersonate, client_cert_file: bench-relay.crt, client_key_file: bench-relay.key, forward_groups: [{GROUP_OPS}]}}"),
                 access,
             },
         ],
@@ -90,6 +99,10 @@ fn main() {
         (
             "relay impersonate",
             format!("https://127.0.0.1:{}/clusters/bench-imp{pod}", relay.port),
+        ),
+        (
+            "relay impersonate, forward_groups",
+            format!("https://127.0.0.1:{}/clusters/bench-few{pod}", relay.port),
         ),
     ];
     let header = format!("authorization: Bearer {token}");
@@ -111,7 +124,7 @@ fn main() {
             r.control_plane_us = per_req(cpu_ticks(&groups) - cp0);
             r.relay_us = per_req(cpu_ticks(&relay_group) - relay0);
             eprintln!(
-                "real apiserver round {} {name:18} {:8.0} req/s ({} done; {}); CPU per request: \
+                "real apiserver round {} {name:34} {:8.0} req/s ({} done; {}); CPU per request: \
                  API server and etcd {:.0} µs, relay {:.0} µs",
                 round + 1,
                 r.rps,

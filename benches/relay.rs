@@ -326,7 +326,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             let mut up = headers::sanitize_request(black_box(&client));
             let id = headers::own_identity_headers(&principal).expect("identity");
-            headers::add_identity(&mut up, Some(relay_credential.clone()), id);
+            headers::add_identity(&mut up, Some(relay_credential.clone()), id, None);
             headers::add_forwarding(&mut up, &client, &peer, &audit);
             up
         })

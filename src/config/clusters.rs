@@ -56,6 +56,8 @@ pub(super) struct FileUpstreamAuth {
     authority_host: Option<String>,
     scope: Option<String>,
     ca_file: Option<String>,
+    /// Impersonate mode: only these of the caller's groups go upstream.
+    forward_groups: Option<Vec<String>>,
 }
 
 /// `upstream_auth.azure`: the relay's own Azure identity, used with mode impersonate.
@@ -151,6 +153,30 @@ pub struct ClusterConfig {
     /// Whether exec and attach sessions are recorded (top-level `recording` says where).
     pub recording: RecordingMode,
     pub upstream_protocol: UpstreamProtocol,
+    /// Impersonate mode: the only groups of the caller's that go upstream (`None`: all).
+    pub forward_groups: Option<ForwardGroups>,
+}
+
+/// `upstream_auth.forward_groups`: the caller's groups the relay names in `Impersonate-Group`.
+///
+/// Why: kube-apiserver authorizes the impersonation of every group named, on every request.
+/// An Entra user in 40 groups doubles the API server's CPU per request, and users in hundreds
+/// of groups are common (docs/perf). Only groups the cluster's RBAC binds change a decision:
+/// RBAC only grants, so leaving a group out can take access away, never add it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardGroups(std::collections::BTreeSet<Box<[u8]>>);
+
+impl ForwardGroups {
+    /// Whether a group (an `Impersonate-Group` value) goes upstream.
+    pub fn admits(&self, group: &[u8]) -> bool {
+        self.0.contains(group)
+    }
+
+    /// A list as given, unchecked (tests).
+    #[cfg(test)]
+    pub(crate) fn of(names: &[&str]) -> Self {
+        ForwardGroups(names.iter().map(|n| n.as_bytes().into()).collect())
+    }
 }
 
 impl ClusterConfig {
@@ -366,6 +392,7 @@ pub(super) fn parse_clusters(
         };
         let ca = load_certs(base, &f.ca_file, &format!("{path}.ca_file"), errs);
         let upstream_auth = parse_upstream_auth(&f.upstream_auth, base, &path, errs);
+        let forward_groups = parse_forward_groups(&f.upstream_auth, &path, errs);
         let access = parse_access(&f.access, issuer_names, &path, errs);
         if let (Some(name), Some(server), Some(server_name), Some(dial), Some(ca), Some(auth)) =
             (name, server, server_name, dial, ca, upstream_auth)
@@ -382,6 +409,7 @@ pub(super) fn parse_clusters(
                 access,
                 recording: f.recording,
                 upstream_protocol: f.upstream_protocol,
+                forward_groups,
             }));
         }
     }
@@ -527,6 +555,42 @@ pub(super) fn parse_upstream_auth(
         }
         FileAuthMode::OnBehalfOf => parse_obo(f, base, &path, errs),
     }
+}
+
+/// `upstream_auth.forward_groups`: impersonate mode only (in the other modes the cluster reads
+/// the groups from the caller's token itself). Group object ids are compared in lower case, as
+/// Entra writes them in tokens; other names exactly, as RBAC compares them.
+fn parse_forward_groups(
+    f: &FileUpstreamAuth,
+    cluster_path: &str,
+    errs: &mut Errors,
+) -> Option<ForwardGroups> {
+    let list = f.forward_groups.as_ref()?;
+    let path = format!("{cluster_path}.upstream_auth.forward_groups");
+    if !matches!(f.mode, FileAuthMode::Impersonate) {
+        errs.add(
+            path,
+            "only mode impersonate names groups upstream (in passthrough and on_behalf_of the cluster reads them from the token)",
+        );
+        return None;
+    }
+    let mut set = std::collections::BTreeSet::new();
+    for (i, g) in list.iter().enumerate() {
+        if g.is_empty() || g.bytes().any(|b| b.is_ascii_control()) {
+            errs.add(
+                format!("{path}[{i}]"),
+                "must be a group name or object id without control characters",
+            );
+            continue;
+        }
+        let g = if is_guid(g) {
+            g.to_ascii_lowercase()
+        } else {
+            g.clone()
+        };
+        set.insert(g.into_bytes().into_boxed_slice());
+    }
+    Some(ForwardGroups(set))
 }
 
 pub(super) fn guid_key(

@@ -787,6 +787,52 @@ fn upstream_protocol_is_mixed_unless_chosen_and_a_wrong_value_names_its_cluster(
 }
 
 #[test]
+fn forward_groups_narrow_impersonate_mode_and_are_refused_elsewhere() {
+    let f = Fixture::new();
+    let cfg = f.parse(GOOD).unwrap();
+    assert!(cfg.clusters.iter().all(|c| c.forward_groups.is_none()));
+    let with = |auth: &str| {
+        f.parse(&GOOD.replace(
+            "    upstream_auth: {mode: impersonate, token_file: token}\n",
+            &format!("    upstream_auth: {auth}\n"),
+        ))
+    };
+    let cfg = with("{mode: impersonate, token_file: token, forward_groups: [AAAAAAAA-1111-2222-3333-444444444444, platform-admins]}").unwrap();
+    let g = cfg.clusters[1].forward_groups.as_ref().unwrap();
+    // Object ids as Entra writes them in tokens (lower case); other names exactly.
+    assert!(g.admits(b"aaaaaaaa-1111-2222-3333-444444444444"));
+    assert!(g.admits(b"platform-admins"));
+    assert!(!g.admits(b"Platform-Admins"));
+    assert!(!g.admits(b"other"));
+    let cfg = with("{mode: impersonate, token_file: token, forward_groups: []}").unwrap();
+    assert!(!cfg.clusters[1]
+        .forward_groups
+        .as_ref()
+        .unwrap()
+        .admits(b"ops"));
+    for (auth, expected) in [
+        (
+            "{mode: passthrough, forward_groups: [ops]}",
+            "clusters[1].upstream_auth.forward_groups: only mode impersonate",
+        ),
+        (
+            "{mode: impersonate, token_file: token, forward_groups: [ops, \"\"]}",
+            "clusters[1].upstream_auth.forward_groups[1]: must be a group name",
+        ),
+        (
+            "{mode: impersonate, token_file: token, forward_groups: ops}",
+            "clusters[1]",
+        ),
+    ] {
+        let errs = messages(with(auth).unwrap_err()).join("\n");
+        assert!(
+            errs.contains(expected),
+            "{auth}: missing {expected:?} in:\n{errs}"
+        );
+    }
+}
+
+#[test]
 fn the_web_terminal_is_off_unless_asked_for() {
     let f = Fixture::new();
     let base = "  portal:\n    client_id: kube-relay-portal\n    client_secret_file: portal-secret\n    cookie_key_file: cookie.key\n";

@@ -15,6 +15,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 pub use crate::auth::{ws_bearer_token, ws_protocols, WS_BEARER_PREFIX};
 use crate::auth::{IdentityHeaders, Principal};
+use crate::config::ForwardGroups;
 use crate::error::ProxyError;
 
 const HOP_BY_HOP: &[&str] = &[
@@ -255,10 +256,12 @@ pub fn own_identity_headers(p: &Principal) -> Result<&[(HeaderName, HeaderValue)
 /// Adds the upstream credential (`authorization`, from the cluster's credential layer; `None`
 /// when the relay authenticates with a client certificate) and the `Impersonate-*` headers of
 /// the identity it speaks for (the caller in impersonate mode, or a permitted `kubectl --as`).
+/// With `groups`, an `Impersonate-Group` goes only when the cluster's `forward_groups` lists it.
 pub fn add_identity(
     out: &mut HeaderMap,
     authorization: Option<HeaderValue>,
     identity: &[(HeaderName, HeaderValue)],
+    groups: Option<&ForwardGroups>,
 ) {
     if let Some(mut v) = authorization {
         v.set_sensitive(true);
@@ -266,6 +269,11 @@ pub fn add_identity(
     }
     out.reserve(identity.len());
     for (name, value) in identity {
+        if let Some(keep) = groups {
+            if name == "impersonate-group" && !keep.admits(value.as_bytes()) {
+                continue;
+            }
+        }
         out.append(name.clone(), value.clone());
     }
 }
@@ -483,6 +491,37 @@ mod tests {
     }
 
     #[test]
+    fn forward_groups_keep_only_the_listed_groups() {
+        let id = Impersonation {
+            user: "alice".into(),
+            uid: Some("u1".into()),
+            groups: vec!["ops".into(), "g1".into(), "g2".into(), "devs".into()].into(),
+            extra: vec![("oid".into(), "1234".into())],
+        };
+        let keep = ForwardGroups::of(&["devs", "ops", "absent"]);
+        let mut out = HeaderMap::new();
+        add_identity(&mut out, None, &identity_headers(&id).unwrap(), Some(&keep));
+        assert_eq!(
+            out.get_all("impersonate-group").iter().collect::<Vec<_>>(),
+            ["ops", "devs"]
+        );
+        // The user, uid and extras are not groups: they always go.
+        assert_eq!(out["impersonate-user"], "alice");
+        assert_eq!(out["impersonate-uid"], "u1");
+        assert_eq!(out["impersonate-extra-oid"], "1234");
+        // An empty list sends no group at all.
+        let mut out = HeaderMap::new();
+        add_identity(
+            &mut out,
+            None,
+            &identity_headers(&id).unwrap(),
+            Some(&ForwardGroups::of(&[])),
+        );
+        assert!(out.get("impersonate-group").is_none());
+        assert_eq!(out["impersonate-user"], "alice");
+    }
+
+    #[test]
     fn identity_headers_are_added_after_stripping() {
         let client = map(&[
             ("Impersonate-Group", "system:masters"),
@@ -499,6 +538,7 @@ mod tests {
             &mut out,
             Some(HeaderValue::from_static("Bearer relay")),
             &identity_headers(&id).unwrap(),
+            None,
         );
         assert_eq!(
             out.get_all("impersonate-group").iter().collect::<Vec<_>>(),

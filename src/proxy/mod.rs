@@ -560,17 +560,22 @@ async fn prepare_upstream(
     // In impersonate mode the relay speaks for the caller (or for whom a permitted `--as` names);
     // in the other modes a permitted `--as` travels with the caller's own credential, so the
     // cluster checks the caller's right to impersonate itself.
+    // The cluster's `forward_groups` narrows the caller's own groups; the groups of a permitted
+    // `--as` were asked for by name and admitted by a rule, so they go as asked.
     let nested;
-    let identity = match &ctx.nested {
+    let (identity, groups) = match &ctx.nested {
         Some(n) => {
             nested = headers::identity_headers(n)
                 .map_err(|why| ProxyError::Forbidden(why.to_owned()))?;
-            &nested[..]
+            (&nested[..], None)
         }
-        None if upstream.credentials.impersonates() => headers::own_identity_headers(principal)?,
-        None => &[],
+        None if upstream.credentials.impersonates() => (
+            headers::own_identity_headers(principal)?,
+            upstream.cluster.forward_groups.as_ref(),
+        ),
+        None => (&[][..], None),
     };
-    headers::add_identity(&mut up_headers, authorization, identity);
+    headers::add_identity(&mut up_headers, authorization, identity, groups);
     headers::add_forwarding(&mut up_headers, req.headers(), &conn.peer_header, audit_id);
     Ok(up_headers)
 }

@@ -12,6 +12,12 @@ use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
 
+/// Groups of alice's that no RBAC binding names.
+const EXTRA_GROUPS: [&str; 2] = [
+    "0c0ffee0-0000-4000-8000-000000000001",
+    "0c0ffee0-0000-4000-8000-000000000002",
+];
+
 fn k(front: &Front, ctx: &str, args: &[&str]) -> std::process::Output {
     let mut c = front.kubectl("1.33", ctx);
     c.args(args);
@@ -49,11 +55,22 @@ fn impersonate_mode_with_a_service_account_token_and_a_client_certificate() {
                 alias: Some("imp-cert".into()),
                 connect_port: None,
                 upstream_auth: "{mode: impersonate, client_cert_file: imp-relay.crt, client_key_file: imp-relay.key}".into(),
+                access: access.clone(),
+            },
+            // Only the group RBAC binds goes upstream (upstream_auth.forward_groups).
+            Upstream {
+                cluster: &cluster,
+                alias: Some("imp-few".into()),
+                connect_port: None,
+                upstream_auth: format!("{{mode: impersonate, client_cert_file: imp-relay.crt, client_key_file: imp-relay.key, forward_groups: [{GROUP_OPS}]}}"),
                 access,
             },
         ],
         &[
-            ("alice", idp.user_token(OID_ALICE, &[GROUP_OPS])),
+            (
+                "alice",
+                idp.user_token(OID_ALICE, &[GROUP_OPS, EXTRA_GROUPS[0], EXTRA_GROUPS[1]]),
+            ),
             ("bob", idp.user_token(OID_BOB, &[])),
         ],
         "",
@@ -110,6 +127,49 @@ fn impersonate_mode_with_a_service_account_token_and_a_client_certificate() {
             "{err}"
         );
     }
+
+    // forward_groups: the API server sees only the listed group (and the one it adds itself),
+    // RBAC through it still admits, and the relay's audit keeps every group of the caller.
+    let who = whoami(&front, "imp-few", &[]);
+    let u = &who["status"]["userInfo"];
+    assert_eq!(u["username"], upn(OID_ALICE), "{who}");
+    assert_eq!(
+        u["groups"],
+        serde_json::json!([GROUP_OPS, "system:authenticated"]),
+        "{who}"
+    );
+    assert_eq!(u["extra"]["oid"], serde_json::json!([OID_ALICE]), "{who}");
+    let all = whoami(&front, "imp-cert", &[]);
+    for g in EXTRA_GROUPS {
+        assert!(
+            all["status"]["userInfo"]["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == g),
+            "without forward_groups every group goes: {all}"
+        );
+    }
+    let out = ok(
+        &k(&front, "imp-few", &["get", "pods"]),
+        "get pods (imp-few)",
+    );
+    assert!(out.contains("web-0"), "{out}");
+    let rec = front
+        .audit_records()
+        .into_iter()
+        .rev()
+        .find(|r| {
+            r["requestURI"]
+                .as_str()
+                .is_some_and(|u| u.contains("/clusters/imp-few/api/v1/namespaces/default/pods"))
+        })
+        .expect("the relay audited the list on imp-few");
+    assert_eq!(
+        rec["user"]["groups"],
+        serde_json::json!([GROUP_OPS, EXTRA_GROUPS[0], EXTRA_GROUPS[1]]),
+        "{rec}"
+    );
 
     // Watch and exec join the same way.
     let mut c = front.kubectl("1.33", "imp-sa");

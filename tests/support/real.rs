@@ -881,6 +881,9 @@ pub struct Front {
     pub kubeconfig: PathBuf,
     pub home: PathBuf,
     shutdown: tokio_util::sync::CancellationToken,
+    /// The in-process relay, so reads of its audit log can wait for what it queued.
+    handle: Arc<kube_relay::server::Relay>,
+    rt: tokio::runtime::Handle,
 }
 
 impl Front {
@@ -952,7 +955,7 @@ impl Front {
         let admin_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let admin = admin_listener.local_addr().unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let relay = rt.block_on(async {
+        let (relay, handle) = rt.block_on(async {
             relay_listener.set_nonblocking(true).unwrap();
             admin_listener.set_nonblocking(true).unwrap();
             let app = kube_relay::server::App::with_listeners(
@@ -962,9 +965,10 @@ impl Front {
             )
             .unwrap();
             let addr = app.local_addr().unwrap();
+            let handle = app.relay();
             tokio::spawn(app.run(shutdown.clone()));
             super::wait_ready(admin).await;
-            addr
+            (addr, handle)
         });
         let kubeconfig = d.join("kubeconfig");
         std::fs::write(
@@ -981,6 +985,8 @@ impl Front {
             home,
             _dir: dir,
             shutdown,
+            handle,
+            rt: rt.handle().clone(),
         }
     }
 
@@ -1006,6 +1012,15 @@ impl Front {
 
     /// The relay's audit records, in order.
     pub fn audit_records(&self) -> Vec<Value> {
+        // The relay queues a record before it answers and writes it a moment later
+        // (src/lines.rs): flush first, so every record of an answered request is read. On a
+        // thread of its own, as callers may be inside the runtime.
+        let (rt, relay) = (&self.rt, &self.handle);
+        std::thread::scope(|s| {
+            s.spawn(|| rt.block_on(relay.state().audit.flush()))
+                .join()
+                .unwrap()
+        });
         std::fs::read_to_string(&self.audit)
             .unwrap_or_default()
             .lines()
