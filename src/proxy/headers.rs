@@ -268,13 +268,27 @@ pub fn add_identity(
         out.insert(header::AUTHORIZATION, v);
     }
     out.reserve(identity.len());
-    for (name, value) in identity {
-        if let Some(keep) = groups {
-            if name == "impersonate-group" && !keep.admits(value.as_bytes()) {
-                continue;
+    let kept = identity.iter().filter(|(name, value)| match groups {
+        Some(keep) => name != "impersonate-group" || keep.admits(value.as_bytes()),
+        None => true,
+    });
+    // A name's values come one after another (all the groups): each run is one map entry,
+    // found once and appended to, instead of the name hashed and looked up again per value.
+    let mut run: Option<(&HeaderName, http::header::OccupiedEntry<'_, HeaderValue>)> = None;
+    for (name, value) in kept {
+        match &mut run {
+            Some((n, entry)) if *n == name => entry.append(value.clone()),
+            _ => {
+                let entry = match out.entry(name.clone()) {
+                    http::header::Entry::Occupied(mut e) => {
+                        e.append(value.clone());
+                        e
+                    }
+                    http::header::Entry::Vacant(v) => v.insert_entry(value.clone()),
+                };
+                run = Some((name, entry));
             }
         }
-        out.append(name.clone(), value.clone());
     }
 }
 
