@@ -50,8 +50,13 @@ pub const LONG_RUNNING_LANES: usize = 64;
 /// waiting or dialling more, so a burst of any size keeps about this many connections to the
 /// API server for short requests. About: a slot is free again when its answer has been
 /// relayed, a moment before the pool has the connection back, and a request in that moment
-/// dials; at most this many idle connections are kept.
-pub const HTTP1_CONNECTIONS: usize = 128;
+/// dials. Why 256: a request that spills to HTTP/2 costs far more (its header block is
+/// Huffman-coded again, a passthrough token in full every time, and all of them queue on one
+/// connection's task); at 128, a fifth of the fair benchmark's 320 concurrent requests spilled
+/// (docs/perf). kube-apiserver's own default in-flight limits are 400 reads and 200 writes.
+/// As many idle ones are kept (each closes after 30 s unused): a smaller idle cap closes
+/// connections a busy moment later dials again, a TLS handshake each.
+pub const HTTP1_CONNECTIONS: usize = 256;
 
 /// A cluster's pooled clients.
 ///

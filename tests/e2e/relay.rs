@@ -974,7 +974,7 @@ async fn websocket_bearer_subprotocol_is_validated_and_stripped() {
 /// `clusters[].upstream_protocol` (docs/perf "Upstream protocol"): by default (`mixed`) short
 /// requests reach the cluster over HTTP/1.1 keep-alive connections and watches over HTTP/2;
 /// `http2` puts every request on HTTP/2, `http1` every request on HTTP/1.1. More requests in a
-/// row than the HTTP/1.1 slots (128) all still go over HTTP/1.1: a slot comes back when its
+/// row than the HTTP/1.1 slots (`upstream::HTTP1_CONNECTIONS`) all still go over HTTP/1.1: a slot comes back when its
 /// answer is done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_protocol_sends_short_requests_over_http1_and_watches_over_http2() {
@@ -1021,11 +1021,12 @@ async fn upstream_protocol_sends_short_requests_over_http1_and_watches_over_http
     };
 
     // mixed, the default.
-    for _ in 0..150 {
+    let n = kube_relay::upstream::HTTP1_CONNECTIONS + 20;
+    for _ in 0..n {
         get().await;
     }
     let v = versions(pod);
-    assert_eq!(v.len(), 150);
+    assert_eq!(v.len(), n);
     assert!(v.iter().all(|v| *v == http::Version::HTTP_11), "{v:?}");
     watch_once().await;
     assert_eq!(versions(watch), [http::Version::HTTP_2]);
