@@ -10,11 +10,11 @@
 //! process, in front of it with three entries for the one cluster: `bench` (passthrough: the
 //! caller's token goes to the API server, as it does on the direct path), `bench-imp`
 //! (impersonate, with the relay's client certificate: all 40 groups named upstream) and
-//! `bench-few` (the same with `forward_groups` listing the one group RBAC binds). Every side gets the same request with
-//! the same Entra-sized token (40 groups); h2load runs the sides in turn, `-c 16 -m 4` (64 at
-//! once: enough to keep both cores busy, and below what the API server's priority and fairness
-//! lets one user have in flight before it answers 429), and the median of the rounds is printed
-//! as one JSON object on standard output.
+//! `bench-few` (the same with `forward_groups` listing the one group RBAC binds). Every side
+//! gets the same request with the same Entra-sized token (40 groups); h2load runs the sides in
+//! turn, `-c 16 -m 4` (64 at once: enough to keep both cores busy, and below what the API
+//! server's priority and fairness lets one user have in flight before it answers 429), and the
+//! median of the rounds is printed as one JSON object on standard output.
 // A bench binary has no outside users, so `pub` in its support code means "shared here".
 #![allow(unreachable_pub, dead_code)]
 // Test code may use std locks: poisoning there only fails the bench that panicked.
