@@ -19,15 +19,13 @@ use http_body_util::BodyExt as _;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-
-use super::ReadAhead;
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::error_chain;
+use super::{error_chain, ReadAhead};
 
 /// Why an upstream exchange failed; the names are the `reason` label of
 /// `relay_upstream_errors_total` (docs/architecture.md, "Metrics").

@@ -45,7 +45,8 @@ impl<T> ReadAhead<T> {
     }
 
     /// Whether a buffer is held (for tests of the memory rule).
-    pub fn holds_buffer(&self) -> bool {
+    #[cfg(test)]
+    fn holds_buffer(&self) -> bool {
         self.buf.capacity() > 0
     }
 }

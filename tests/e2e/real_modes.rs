@@ -97,17 +97,12 @@ fn impersonate_mode_with_a_service_account_token_and_a_client_certificate() {
 
         // Audit join: the same auditID in both logs; the API server records the relay's own
         // identity as the user and the end user as the impersonated one.
-        let relay_rec = front
-            .audit_records()
-            .into_iter()
-            .rev()
-            .find(|r| {
-                r["requestURI"]
-                    .as_str()
-                    .is_some_and(|u| u.contains("/api/v1/namespaces/default/pods"))
-                    && r["user"]["username"] == upn(OID_ALICE)
-            })
-            .expect("the relay audited the list");
+        let relay_rec = front.last_audit_record("the list", |r| {
+            r["requestURI"]
+                .as_str()
+                .is_some_and(|u| u.contains("/api/v1/namespaces/default/pods"))
+                && r["user"]["username"] == upn(OID_ALICE)
+        });
         let id = relay_rec["auditID"].as_str().unwrap().to_owned();
         let api = cluster
             .audit_events()
@@ -155,16 +150,11 @@ fn impersonate_mode_with_a_service_account_token_and_a_client_certificate() {
         "get pods (imp-few)",
     );
     assert!(out.contains("web-0"), "{out}");
-    let rec = front
-        .audit_records()
-        .into_iter()
-        .rev()
-        .find(|r| {
-            r["requestURI"]
-                .as_str()
-                .is_some_and(|u| u.contains("/clusters/imp-few/api/v1/namespaces/default/pods"))
-        })
-        .expect("the relay audited the list on imp-few");
+    let rec = front.last_audit_record("the list on imp-few", |r| {
+        r["requestURI"]
+            .as_str()
+            .is_some_and(|u| u.contains("/clusters/imp-few/api/v1/namespaces/default/pods"))
+    });
     assert_eq!(
         rec["user"]["groups"],
         serde_json::json!([GROUP_OPS, EXTRA_GROUPS[0], EXTRA_GROUPS[1]]),
@@ -198,12 +188,7 @@ fn impersonate_mode_with_a_service_account_token_and_a_client_certificate() {
             }),
         ),
     ] {
-        let rec = front
-            .audit_records()
-            .into_iter()
-            .rev()
-            .find(|r| pred(r))
-            .unwrap_or_else(|| panic!("the relay audited the {what}"));
+        let rec = front.last_audit_record(what, pred);
         let id = rec["auditID"].as_str().unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
@@ -456,19 +441,14 @@ fn one_relay_in_front_of_three_clusters_with_different_modes() {
             assert_eq!(got, c.name, "context {ctx} reached the wrong cluster");
         }
         // The relay's audit record names the cluster's request; only that API server has it.
-        let rec = front
-            .audit_records()
-            .into_iter()
-            .rev()
-            .find(|r| {
-                r["requestURI"].as_str().is_some_and(|u| {
-                    u.contains(&format!(
-                        "/{}/api/v1/namespaces/default/configmaps/where",
-                        c.name
-                    ))
-                })
+        let rec = front.last_audit_record(&format!("the get on {}", c.name), |r| {
+            r["requestURI"].as_str().is_some_and(|u| {
+                u.contains(&format!(
+                    "/{}/api/v1/namespaces/default/configmaps/where",
+                    c.name
+                ))
             })
-            .unwrap_or_else(|| panic!("the relay audited the get on {}", c.name));
+        });
         let id = rec["auditID"].as_str().unwrap().to_owned();
         for other in clusters {
             let seen = other

@@ -1010,6 +1010,15 @@ impl Front {
         self._dir.path()
     }
 
+    /// The relay's last audit record that `pred` accepts; panics naming `what` when none does.
+    pub fn last_audit_record(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.audit_records()
+            .into_iter()
+            .rev()
+            .find(|r| pred(r))
+            .unwrap_or_else(|| panic!("no relay audit record for {what}"))
+    }
+
     /// The relay's audit records, in order.
     pub fn audit_records(&self) -> Vec<Value> {
         // The relay queues a record before it answers and writes it a moment later
