@@ -83,6 +83,8 @@ pin_project_lite::pin_project! {
         stop: Option<(Pin<Box<WaitForCancellationFutureOwned>>, StreamGuard)>,
         close: Option<OnClose>,
         // The slot of the upstream connection the body comes from, busy until the body is done.
+        // Declared after `inner`, so dropped after it: the connection is back in its pool
+        // before the slot is free (a request given the slot finds it there, not dialling).
         held: Option<tokio::sync::OwnedSemaphorePermit>,
     }
 

@@ -780,7 +780,11 @@ async fn fetch_json(client: &crate::net::PooledClient, url: &str) -> Result<Valu
 
 // === helpers ===
 
-async fn read_json(resp: http::Response<hyper::body::Incoming>) -> Result<Value, String> {
+async fn read_json<B>(resp: http::Response<B>) -> Result<Value, String>
+where
+    B: hyper::body::Body<Data = bytes::Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let body = Limited::new(resp.into_body(), MAX_BODY_BYTES)
         .collect()
         .await

@@ -214,17 +214,6 @@ pub fn pooled_client(dialer: TlsDialer) -> PooledClient {
     pooled_builder().build(dialer)
 }
 
-/// A pool of HTTP/1.1 keep-alive connections for a cluster's short requests: at most
-/// `max_idle` idle ones are kept, each for 30 s. kube-apiserver closes a keep-alive connection
-/// after 90 s idle; letting ours go well before that keeps a request from being written on a
-/// connection the server is closing at that moment (which would fail, and not be retried).
-pub fn http1_pool(dialer: TlsDialer, max_idle: usize) -> PooledClient {
-    pooled_builder()
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(max_idle)
-        .build(dialer)
-}
-
 fn pooled_builder() -> hyper_util::client::legacy::Builder {
     let mut b = Client::builder(TokioExecutor::new());
     b.timer(TokioTimer::new())
@@ -237,9 +226,26 @@ fn pooled_builder() -> hyper_util::client::legacy::Builder {
     b
 }
 
-/// Classifies a pooled-client error by walking its source chain for our typed dial error.
-pub fn classify(err: &hyper_util::client::legacy::Error) -> (UpstreamFailure, String) {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(err);
+/// Why a request to a cluster got no answer: from the HTTP/1.1 pool ([`super::http1`]) or an
+/// HTTP/2 lane (hyper_util's pooled client).
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error(transparent)]
+    Http1(#[from] hyper::Error),
+    #[error(transparent)]
+    Lane(#[from] hyper_util::client::legacy::Error),
+}
+
+/// Classifies a failed request: our typed dial error where there is one (the lanes' client
+/// wraps it in its source chain), else a protocol failure.
+pub fn classify(err: &SendError) -> (UpstreamFailure, String) {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = match err {
+        SendError::Dial(d) => return (d.failure, d.detail.clone()),
+        SendError::Http1(e) => Some(e),
+        SendError::Lane(e) => Some(e),
+    };
     while let Some(e) = src {
         if let Some(d) = e.downcast_ref::<DialError>() {
             return (d.failure, d.detail.clone());
@@ -251,8 +257,12 @@ pub fn classify(err: &hyper_util::client::legacy::Error) -> (UpstreamFailure, St
 
 /// Whether the server refused the request without processing it, so it may be sent again:
 /// an HTTP/2 stream above the last stream id of a graceful GOAWAY (RFC 9113 §6.8 guarantees
-/// the server did not act on it), or a stream reset with REFUSED_STREAM (§8.7).
-pub fn refused_unprocessed(err: &hyper_util::client::legacy::Error) -> bool {
+/// the server did not act on it), or a stream reset with REFUSED_STREAM (§8.7). (The HTTP/1.1
+/// pool resends a request its connection never wrote by itself.)
+pub fn refused_unprocessed(err: &SendError) -> bool {
+    let SendError::Lane(err) = err else {
+        return false;
+    };
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = src {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
@@ -278,7 +288,7 @@ mod tests {
 
     /// An HTTP/2 server that resets every stream with `reason`, and what the pooled client's
     /// error for it says about resending.
-    async fn error_for_reset(reason: h2::Reason) -> hyper_util::client::legacy::Error {
+    async fn error_for_reset(reason: h2::Reason) -> SendError {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
@@ -293,7 +303,7 @@ mod tests {
                 .http2_only(true)
                 .build_http::<http_body_util::Empty<Bytes>>();
         let uri: Uri = format!("http://{addr}/api/v1/pods").parse().unwrap();
-        client.get(uri).await.expect_err("the stream was reset")
+        SendError::Lane(client.get(uri).await.expect_err("the stream was reset"))
     }
 
     #[tokio::test]

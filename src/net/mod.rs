@@ -5,13 +5,15 @@
 //! - [`client_tls`]: every rustls client config (the process's one crypto provider, TLS 1.2
 //!   and 1.3, the [`Trust`] asked for, an optional client certificate, ALPN).
 //! - [`dial`]: TCP then TLS under one deadline, the address dialed apart from the name
-//!   verified, and the pooled hyper client over it.
+//!   verified, and the pooled hyper client over it (HTTP/2 lanes).
+//! - [`http1`]: the HTTP/1.1 keep-alive pool for short requests, driven by each request's task.
 //! - [`idp`]: bounded JSON GET and form POST for identity providers and token endpoints.
 //! - [`azure`]: the same stack as azure_core's HTTP transport.
 //! - [`oidc_discovery_url`], [`entra_metadata`]: where an issuer's metadata lives.
 
 pub mod azure;
 pub mod dial;
+pub mod http1;
 pub mod idp;
 pub mod readahead;
 
@@ -21,9 +23,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ClientConfig;
 
 pub use dial::{
-    classify, empty_body, pooled_client, refused_unprocessed, DialError, PooledClient, TlsDialer,
-    UpstreamBody, UpstreamConn, UpstreamFailure,
+    classify, empty_body, pooled_client, refused_unprocessed, DialError, PooledClient, SendError,
+    TlsDialer, UpstreamBody, UpstreamConn, UpstreamFailure,
 };
+pub use http1::{Http1Body, Http1Pool};
 pub use readahead::ReadAhead;
 
 /// ALPN for clients that never need HTTP/2 (identity providers, upgrades).

@@ -18,14 +18,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::Uri;
-use hyper_util::client::legacy::ResponseFuture;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use rustls::ClientConfig;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{ClusterConfig, RelayCredential, UpstreamAuth, UpstreamProtocol};
 use crate::net::{client_tls, Trust, H2_OR_HTTP1, HTTP1};
-pub use crate::net::{pooled_client, PooledClient, TlsDialer, UpstreamBody};
+pub use crate::net::{pooled_client, PooledClient, SendError, TlsDialer, UpstreamBody};
+use crate::net::{Http1Body, Http1Pool};
 
 /// The TLS a cluster is reached with: exactly its CA, and the relay's client certificate when
 /// that is its `impersonate` credential. `doctor` checks with this same config.
@@ -47,16 +49,20 @@ pub const LONG_RUNNING_LANES: usize = 64;
 
 /// HTTP/1.1 connections one cluster's short requests use at once (`upstream_protocol: mixed`).
 /// A request that finds them all busy goes over the cluster's HTTP/2 connection instead of
-/// waiting or dialling more, so a burst of any size keeps about this many connections to the
-/// API server for short requests. About: a slot is free again when its answer has been
-/// relayed, a moment before the pool has the connection back, and a request in that moment
-/// dials. Why 256: a request that spills to HTTP/2 costs far more (its header block is
+/// waiting or dialling more, so a burst of any size keeps at most this many connections to the
+/// API server for short requests (a connection is back in the pool before its slot is free:
+/// the body that holds both gives the connection back first). Why 256: a request that spills to HTTP/2 costs far more (its header block is
 /// Huffman-coded again, a passthrough token in full every time, and all of them queue on one
 /// connection's task); at 128, a fifth of the fair benchmark's 320 concurrent requests spilled
 /// (docs/perf). kube-apiserver's own default in-flight limits are 400 reads and 200 writes.
-/// As many idle ones are kept (each closes after 30 s unused): a smaller idle cap closes
-/// connections a busy moment later dials again, a TLS handshake each.
+/// As many idle ones are kept: a smaller idle cap closes connections a busy moment later dials
+/// again, a TLS handshake each.
 pub const HTTP1_CONNECTIONS: usize = 256;
+
+/// An idle HTTP/1.1 connection closes after this long unused. kube-apiserver closes a
+/// keep-alive connection after 90 s idle; letting ours go well before that keeps a request from
+/// being written on a connection the server is closing at that moment (which would fail).
+pub const HTTP1_IDLE: Duration = Duration::from_secs(30);
 
 /// A cluster's pooled clients.
 ///
@@ -70,7 +76,7 @@ pub const HTTP1_CONNECTIONS: usize = 256;
 /// which the HPACK table can keep), and all requests queue on one connection's task; on
 /// HTTP/1.1 the headers are copied as they are and requests spread over connections.
 pub struct UpstreamPool {
-    http1: Option<(PooledClient, Arc<Semaphore>)>,
+    http1: Option<(Http1Pool, Arc<Semaphore>)>,
     lanes: Vec<PooledClient>,
     next: AtomicUsize,
 }
@@ -105,7 +111,7 @@ impl UpstreamPool {
         Self {
             http1: http1.map(|d| {
                 (
-                    crate::net::dial::http1_pool(d, HTTP1_CONNECTIONS),
+                    Http1Pool::new(d, HTTP1_CONNECTIONS, HTTP1_IDLE),
                     Arc::new(Semaphore::new(HTTP1_CONNECTIONS)),
                 )
             }),
@@ -136,13 +142,20 @@ impl UpstreamPool {
     }
 
     /// Sends a request where `pick` says.
-    pub fn send(&self, pick: &Pick, req: http::Request<UpstreamBody>) -> ResponseFuture {
-        match (pick, &self.http1) {
-            (Pick::Http1(_), Some((client, _))) => client.request(req),
-            (Pick::Lane(i), _) => self.lanes[(*i).min(self.lanes.len() - 1)].request(req),
+    pub async fn send(
+        &self,
+        pick: &Pick,
+        req: http::Request<UpstreamBody>,
+    ) -> Result<http::Response<ResponseBody>, SendError> {
+        let lane = match (pick, &self.http1) {
+            (Pick::Http1(_), Some((pool, _))) => {
+                return Ok(pool.send(req).await?.map(ResponseBody::Http1));
+            }
+            (Pick::Lane(i), _) => (*i).min(self.lanes.len() - 1),
             // A slot is only handed out by a pool that has the HTTP/1.1 client.
-            (Pick::Http1(_), None) => self.lanes[0].request(req),
-        }
+            (Pick::Http1(_), None) => 0,
+        };
+        Ok(self.lanes[lane].request(req).await?.map(ResponseBody::Lane))
     }
 
     /// Short requests under way over HTTP/1.1.
@@ -151,6 +164,41 @@ impl UpstreamPool {
         self.http1
             .as_ref()
             .map_or(0, |(_, s)| HTTP1_CONNECTIONS - s.available_permits())
+    }
+}
+
+/// An answer's body from either kind of connection.
+pub enum ResponseBody {
+    Http1(Http1Body),
+    Lane(Incoming),
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Http1(b) => std::pin::Pin::new(b).poll_frame(cx),
+            Self::Lane(b) => std::pin::Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Http1(b) => b.is_end_stream(),
+            Self::Lane(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Http1(b) => b.size_hint(),
+            Self::Lane(b) => b.size_hint(),
+        }
     }
 }
 
