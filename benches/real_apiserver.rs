@@ -10,11 +10,15 @@
 //! process, in front of it with three entries for the one cluster: `bench` (passthrough: the
 //! caller's token goes to the API server, as it does on the direct path), `bench-imp`
 //! (impersonate, with the relay's client certificate: all 40 groups named upstream) and
-//! `bench-few` (the same with `forward_groups` listing the one group RBAC binds). Every side
-//! gets the same request with the same Entra-sized token (40 groups); h2load runs the sides in
-//! turn, `-c 16 -m 4` (64 at once: enough to keep both cores busy, and below what the API
-//! server's priority and fairness lets one user have in flight before it answers 429), and the
-//! median of the rounds is printed as one JSON object on standard output.
+//! `bench-few` (the same with `forward_groups` listing the one group RBAC binds). Beside them,
+//! when nginx is installed (`scripts/bench` installs it), the fair scenario's peer: nginx as a
+//! plain TLS reverse proxy to the same API server (HTTP/1.1 keep-alive upstream, certificate
+//! verification, a buffered access log), passing the caller's token on as passthrough does.
+//! It shows what any proxy sharing these two cores with the API server costs. Every side gets
+//! the same request with the same Entra-sized token (40 groups); h2load runs the sides in turn,
+//! `-c 16 -m 4` (64 at once: enough to keep both cores busy, and below what the API server's
+//! priority and fairness lets one user have in flight before it answers 429), and the median
+//! of the rounds is printed as one JSON object on standard output.
 // A bench binary has no outside users, so `pub` in its support code means "shared here".
 #![allow(unreachable_pub, dead_code)]
 // Test code may use std locks: poisoning there only fails the bench that panicked.
@@ -23,7 +27,8 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::Path;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -88,50 +93,67 @@ fn main() {
         "",
     );
     let relay = Relay::start(front.dir());
+    let nginx = Nginx::start(front.dir(), &cluster);
 
     let pod = format!("{POD}/{}", PODS[0]);
-    let sides = [
-        ("direct", format!("https://127.0.0.1:{}{pod}", cluster.port)),
+    let relay_group = vec![relay.child.id()];
+    // (name, URL, the proxy's processes whose CPU is measured)
+    let mut sides = vec![(
+        "direct",
+        format!("https://127.0.0.1:{}{pod}", cluster.port),
+        Vec::new(),
+    )];
+    match &nginx {
+        Some(n) => sides.push((
+            "nginx",
+            format!("https://127.0.0.1:{}{pod}", n.port),
+            vec![n.child.id()],
+        )),
+        None => eprintln!("real apiserver: nginx is not installed; its side is left out"),
+    }
+    sides.extend([
         (
             "relay passthrough",
             format!("https://127.0.0.1:{}/clusters/bench{pod}", relay.port),
+            relay_group.clone(),
         ),
         (
             "relay impersonate",
             format!("https://127.0.0.1:{}/clusters/bench-imp{pod}", relay.port),
+            relay_group.clone(),
         ),
         (
             "relay impersonate, forward_groups",
             format!("https://127.0.0.1:{}/clusters/bench-few{pod}", relay.port),
+            relay_group,
         ),
-    ];
+    ]);
     let header = format!("authorization: Bearer {token}");
-    for (name, url) in &sides {
+    for (name, url, _) in &sides {
         // Warm-up, and a check that every side answers 200.
         let r = h2load(url, &header, 2);
         assert!(r.done > 0 && r.not_2xx == 0, "{name}: {r:?}");
     }
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); sides.len()];
     let groups = cluster.control_plane_groups();
-    let relay_group = [relay.child.id()];
     for round in 0..rounds {
-        for (i, (name, url)) in sides.iter().enumerate() {
-            let (cp0, relay0) = (cpu_ticks(&groups), cpu_ticks(&relay_group));
+        for (i, (name, url, proxy)) in sides.iter().enumerate() {
+            let (cp0, proxy0) = (cpu_ticks(&groups), cpu_ticks(proxy));
             let mut r = h2load(url, &header, seconds);
             // Per request of the whole run (h2load's warm-up second included).
             let reqs = r.done as f64 * (seconds + 1) as f64 / seconds as f64;
             let per_req = |ticks: u64| ticks as f64 / ticks_per_second() / reqs.max(1.0) * 1e6;
             r.control_plane_us = per_req(cpu_ticks(&groups) - cp0);
-            r.relay_us = per_req(cpu_ticks(&relay_group) - relay0);
+            r.proxy_us = per_req(cpu_ticks(proxy) - proxy0);
             eprintln!(
                 "real apiserver round {} {name:34} {:8.0} req/s ({} done; {}); CPU per request: \
-                 API server and etcd {:.0} µs, relay {:.0} µs",
+                 API server and etcd {:.0} µs, proxy {:.0} µs",
                 round + 1,
                 r.rps,
                 r.done,
                 r.codes,
                 r.control_plane_us,
-                r.relay_us,
+                r.proxy_us,
             );
             runs[i].push(r);
         }
@@ -143,21 +165,140 @@ fn main() {
     };
     let direct = median(&runs[0], |r| r.rps);
     let mut out = serde_json::Map::new();
-    for (i, (name, _)) in sides.iter().enumerate() {
+    for (i, (name, _, _)) in sides.iter().enumerate() {
         let rps = median(&runs[i], |r| r.rps);
-        out.insert(
-            (*name).to_owned(),
-            serde_json::json!({"rps": rps, "ratio_to_direct": rps / direct,
+        let proxy_us = median(&runs[i], |r| r.proxy_us);
+        let mut side = serde_json::json!({"rps": rps, "ratio_to_direct": rps / direct,
                                "control_plane_cpu_us_per_req": median(&runs[i], |r| r.control_plane_us),
-                               "relay_cpu_us_per_req": median(&runs[i], |r| r.relay_us),
+                               "proxy_cpu_us_per_req": proxy_us,
                                "rounds": runs[i].iter().map(|r| r.rps).collect::<Vec<_>>(),
-                               "not_2xx": runs[i].iter().map(|r| r.not_2xx).sum::<u64>()}),
-        );
+                               "not_2xx": runs[i].iter().map(|r| r.not_2xx).sum::<u64>()});
+        if name.starts_with("relay") {
+            side["relay_cpu_us_per_req"] = proxy_us.into();
+        }
+        out.insert((*name).to_owned(), side);
     }
     out.insert("token_bytes".into(), token.len().into());
     out.insert("seconds".into(), seconds.into());
     println!("{}", serde_json::Value::Object(out));
+    drop(nginx);
     drop(relay);
+}
+
+/// nginx in front of the API server, configured as the fair scenario's peer (scripts/bench).
+struct Nginx {
+    child: std::process::Child,
+    exe: PathBuf,
+    conf: PathBuf,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Nginx {
+    /// None when nginx is not installed.
+    fn start(dir: &Path, cluster: &RealCluster) -> Option<Self> {
+        let exe = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())?;
+        let port = free_port();
+        let d = dir.display();
+        std::fs::create_dir_all(dir.join("nginx-tmp")).expect("nginx-tmp");
+        std::fs::write(dir.join("nginx-upstream-ca.crt"), &cluster.ca_pem).expect("CA file");
+        // `user root`: the files are in a directory only this user reads (nginx ignores the
+        // line, with a warning, when not started as root).
+        let conf = format!(
+            r#"daemon off;
+user root;
+worker_processes 2;
+error_log {d}/nginx-error.log warn;
+pid {d}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    client_body_temp_path {d}/nginx-tmp;
+    proxy_temp_path {d}/nginx-tmp;
+    fastcgi_temp_path {d}/nginx-tmp;
+    uwsgi_temp_path {d}/nginx-tmp;
+    scgi_temp_path {d}/nginx-tmp;
+    keepalive_requests 10000000;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    upstream apiserver {{ server 127.0.0.1:{up}; keepalive 128; keepalive_requests 10000000; }}
+    server {{
+        listen 127.0.0.1:{port} ssl http2;
+        ssl_certificate {d}/relay.crt;
+        ssl_certificate_key {d}/relay.key;
+        access_log {d}/nginx-access.log combined buffer=64k flush=1s;
+        location / {{
+            proxy_pass https://apiserver;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {d}/nginx-upstream-ca.crt;
+            proxy_ssl_name {name};
+            proxy_ssl_server_name on;
+            proxy_ssl_session_reuse on;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"#,
+            up = cluster.port,
+            name = cluster.server_name,
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("nginx.conf");
+        let log = std::fs::File::create(dir.join("nginx.stderr")).expect("log");
+        let child = Command::new(&exe)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            // Its own process group: the workers' CPU is counted with the master's.
+            .process_group(0)
+            .spawn()
+            .expect("start nginx");
+        let mut nginx = Nginx {
+            child,
+            exe,
+            conf: conf_path,
+            dir: dir.to_owned(),
+            port,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = nginx.child.try_wait() {
+                panic!(
+                    "nginx exited ({status}):
+{}",
+                    std::fs::read_to_string(dir.join("nginx-error.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nginx did not listen within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(nginx)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // `-s stop` reaches the workers too (killing the master alone would leave them).
+        let _ = Command::new(&self.exe)
+            .arg("-c")
+            .arg(&self.conf)
+            .arg("-p")
+            .arg(&self.dir)
+            .args(["-s", "stop"])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.wait();
+    }
 }
 
 /// The relay binary built with this bench, on `dir/relay.yaml` with fixed loopback ports.
@@ -276,9 +417,9 @@ struct Run {
     /// Answers other than 2xx (warm-up included), from h2load's `status codes:` line.
     not_2xx: u64,
     codes: String,
-    /// CPU per request of kube-apiserver with etcd, and of the relay, in µs.
+    /// CPU per request of kube-apiserver with etcd, and of the proxy (none for direct), in µs.
     control_plane_us: f64,
-    relay_us: f64,
+    proxy_us: f64,
 }
 
 /// `h2load -c 16 -m 4` for `seconds` after a one-second warm-up.
@@ -314,6 +455,6 @@ fn h2load(url: &str, header: &str, seconds: u64) -> Run {
             .unwrap_or("")
             .to_owned(),
         control_plane_us: 0.0,
-        relay_us: 0.0,
+        proxy_us: 0.0,
     }
 }
