@@ -216,11 +216,12 @@ impl<D: Dial> Shared<D> {
         let mut closing = Vec::new();
         let start_timer = {
             let mut idle = self.idle.lock();
-            while idle
-                .front()
-                .is_some_and(|i| now.duration_since(i.since) >= self.idle_timeout)
-                || idle.len() >= self.max_idle
-            {
+            while let Some(oldest) = idle.front() {
+                if now.duration_since(oldest.since) < self.idle_timeout
+                    && idle.len() < self.max_idle
+                {
+                    break;
+                }
                 closing.extend(idle.pop_front());
             }
             idle.push_back(Idle { conn, since: now });
