@@ -971,11 +971,11 @@ async fn websocket_bearer_subprotocol_is_validated_and_stripped() {
     env.dev.stop().await;
 }
 
-/// `clusters[].upstream_protocol` (docs/perf "Upstream protocol"): by default (`mixed`) short
-/// requests reach the cluster over HTTP/1.1 keep-alive connections and watches over HTTP/2;
-/// `http2` puts every request on HTTP/2, `http1` every request on HTTP/1.1. More requests in a
-/// row than the HTTP/1.1 slots (`upstream::HTTP1_CONNECTIONS`) all still go over HTTP/1.1: a slot comes back when its
-/// answer is done.
+/// `clusters[].upstream_protocol` (docs/perf "Why short requests go over HTTP/1.1"): by default
+/// (`mixed`) short requests reach the cluster over HTTP/1.1 keep-alive connections and watches
+/// over HTTP/2; `http2` puts every request on HTTP/2, `http1` every request on HTTP/1.1. More
+/// requests in a row than the HTTP/1.1 slots (`upstream::HTTP1_CONNECTIONS`) all still go over
+/// HTTP/1.1: a slot comes back when its answer is done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_protocol_sends_short_requests_over_http1_and_watches_over_http2() {
     let env = dev_env().await;
