@@ -4,8 +4,8 @@
 //! Why not hyper_util's pooled client (the HTTP/2 lanes keep it): that client runs every
 //! connection on a task of its own and, for every answer with a body, spawns one more task that
 //! waits to put the connection back. A request then crosses three tasks through channels, and
-//! on two cores each hand-off is often a wake-up of the other thread: in front of a real
-//! kube-apiserver the relay made 1.45 context switches and 3 `writev` per request (docs/perf).
+//! on two cores each hand-off is often a wake-up of the other thread (in front of a real
+//! kube-apiserver the relay made 1.45 context switches per request; docs/perf).
 //! Here the request's own task writes the request, reads the answer and, through
 //! [`Http1Body`], its body; the connection goes back to the pool when the body is done.
 //!

@@ -51,12 +51,12 @@ pub const LONG_RUNNING_LANES: usize = 64;
 /// A request that finds them all busy goes over the cluster's HTTP/2 connection instead of
 /// waiting or dialling more, so a burst of any size keeps at most this many connections to the
 /// API server for short requests (a connection is back in the pool before its slot is free:
-/// the body that holds both gives the connection back first). Why 256: a request that spills to HTTP/2 costs far more (its header block is
-/// Huffman-coded again, a passthrough token in full every time, and all of them queue on one
-/// connection's task); at 128, a fifth of the fair benchmark's 320 concurrent requests spilled
-/// (docs/perf). kube-apiserver's own default in-flight limits are 400 reads and 200 writes.
-/// As many idle ones are kept: a smaller idle cap closes connections a busy moment later dials
-/// again, a TLS handshake each.
+/// the body that holds both gives the connection back first). Why 256: a request that spills
+/// to HTTP/2 costs far more (its header block is Huffman-coded again, a passthrough token in
+/// full every time, and all of them queue on one connection's task); at 128, a fifth of the
+/// fair benchmark's 320 concurrent requests spilled (docs/perf). kube-apiserver's own default
+/// in-flight limits are 400 reads and 200 writes. As many idle ones are kept: a smaller idle
+/// cap closes connections a busy moment later dials again, a TLS handshake each.
 pub const HTTP1_CONNECTIONS: usize = 256;
 
 /// An idle HTTP/1.1 connection closes after this long unused. kube-apiserver closes a
