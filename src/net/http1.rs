@@ -388,6 +388,71 @@ mod tests {
         }
     }
 
+    /// Plain TCP whose reads can be made to see the end of the stream: after `eof_in` more
+    /// read polls (the last of them sees it; until then they find nothing), as a connection
+    /// the server closed at that moment would.
+    struct Flaky {
+        plain: Plain,
+        eof_in: Arc<std::sync::atomic::AtomicIsize>,
+    }
+
+    struct FlakyIo {
+        io: hyper_util::rt::TokioIo<TcpStream>,
+        eof_in: Arc<std::sync::atomic::AtomicIsize>,
+    }
+
+    impl Dial for Flaky {
+        type Io = FlakyIo;
+        fn dial(&self, uri: &Uri) -> impl Future<Output = Result<FlakyIo, DialError>> + Send {
+            let (plain, eof_in) = (self.plain.dial(uri), self.eof_in.clone());
+            async move {
+                Ok(FlakyIo {
+                    io: plain.await?,
+                    eof_in,
+                })
+            }
+        }
+    }
+
+    impl hyper::rt::Read for FlakyIo {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: hyper::rt::ReadBufCursor<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            match self.eof_in.load(Ordering::SeqCst) {
+                left if left > 1 => {
+                    self.eof_in.fetch_sub(1, Ordering::SeqCst);
+                    Poll::Pending
+                }
+                1 => {
+                    self.eof_in.store(-1, Ordering::SeqCst);
+                    Poll::Ready(Ok(()))
+                }
+                _ => Pin::new(&mut self.io).poll_read(cx, buf),
+            }
+        }
+    }
+
+    impl hyper::rt::Write for FlakyIo {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
     /// What the test server does with a connection after each answer.
     #[derive(Clone, Copy)]
     enum After {
@@ -480,7 +545,7 @@ mod tests {
         r
     }
 
-    async fn read(p: &Http1Pool<Plain>, path: &str) -> String {
+    async fn read<D: Dial>(p: &Http1Pool<D>, path: &str) -> String {
         let resp = p.send(get(path)).await.unwrap();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(body.to_vec()).unwrap()
@@ -546,6 +611,34 @@ mod tests {
         assert_eq!(read(&p, "/b").await, "ok");
         assert_eq!(next(&mut s.heads).await.0, 0);
         assert_eq!(next(&mut s.heads).await.0, 1);
+        assert_eq!(dials.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_its_connection_closed_before_writing_is_sent_again_on_another() {
+        let mut s = server("ok", After::KeepOpen).await;
+        let dials = Arc::new(AtomicUsize::new(0));
+        let eof_in = Arc::new(std::sync::atomic::AtomicIsize::new(-1));
+        let p = Http1Pool::new(
+            Flaky {
+                plain: Plain {
+                    addr: s.addr,
+                    dials: dials.clone(),
+                },
+                eof_in: eof_in.clone(),
+            },
+            4,
+            Duration::from_secs(30),
+        );
+        assert_eq!(read(&p, "/a").await, "ok");
+        // The idle connection passes the check when taken, and closes before the request is
+        // written: the request goes over a new connection, and the first never sees it.
+        eof_in.store(2, Ordering::SeqCst);
+        assert_eq!(read(&p, "/b").await, "ok");
+        let (conn, head) = next(&mut s.heads).await;
+        assert!(conn == 0 && head.starts_with("GET /a "), "{conn}: {head}");
+        let (conn, head) = next(&mut s.heads).await;
+        assert!(conn == 1 && head.starts_with("GET /b "), "{conn}: {head}");
         assert_eq!(dials.load(Ordering::SeqCst), 2);
     }
 
