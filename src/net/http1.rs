@@ -103,8 +103,8 @@ impl<D: Dial> Http1Pool<D> {
         &self,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Http1Body<D>>, SendError> {
-        let target = req.uri().clone();
-        to_origin_form(&mut req);
+        let target = std::mem::take(req.uri_mut());
+        to_origin_form(&mut req, &target);
         let mut attempt = 0;
         loop {
             let idle = if attempt < RESENDS {
@@ -331,26 +331,26 @@ impl<D: Dial> Drop for Http1Body<D> {
     }
 }
 
-/// HTTP/1.1 sends a path (origin form), the authority going in `Host`.
-fn to_origin_form(req: &mut Request<UpstreamBody>) {
-    let uri = req.uri().clone();
+/// HTTP/1.1 sends a path (origin form), the authority going in `Host`: `req` gets both from
+/// `target`, its absolute URI taken out of it (so nothing of the URI is copied but the path).
+fn to_origin_form(req: &mut Request<UpstreamBody>, target: &Uri) {
     if !req.headers().contains_key(header::HOST) {
-        if let Some(auth) = uri.authority() {
-            let default_port = match uri.scheme_str() {
+        if let Some(auth) = target.authority() {
+            let default_port = match target.scheme_str() {
                 Some("https") => Some(443),
                 Some("http") => Some(80),
                 _ => None,
             };
             let host = match auth.port_u16() {
-                Some(p) if Some(p) != default_port => auth.as_str().to_owned(),
-                _ => auth.host().to_owned(),
+                Some(p) if Some(p) != default_port => auth.as_str(),
+                _ => auth.host(),
             };
-            if let Ok(v) = HeaderValue::from_str(&host) {
+            if let Ok(v) = HeaderValue::from_str(host) {
                 req.headers_mut().insert(header::HOST, v);
             }
         }
     }
-    let path = uri
+    let path = target
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
@@ -681,21 +681,26 @@ mod tests {
         assert_eq!(p.idle(), 0);
     }
 
+    fn origin_form(r: &mut Request<UpstreamBody>) {
+        let target = std::mem::take(r.uri_mut());
+        to_origin_form(r, &target);
+    }
+
     #[test]
     fn origin_form_keeps_the_query_and_names_a_port_only_when_it_is_not_the_default() {
         let mut r = get("/api/v1/pods?watch=0&x=%2F");
-        to_origin_form(&mut r);
+        origin_form(&mut r);
         assert_eq!(r.uri().to_string(), "/api/v1/pods?watch=0&x=%2F");
         assert_eq!(r.headers()[header::HOST], "cluster.example:6443");
         let mut r = Request::new(crate::net::empty_body());
         *r.uri_mut() = "https://cluster.example:443/version".parse().unwrap();
-        to_origin_form(&mut r);
+        origin_form(&mut r);
         assert_eq!(r.headers()[header::HOST], "cluster.example");
         // A Host the caller set is kept.
         let mut r = get("/version");
         r.headers_mut()
             .insert(header::HOST, HeaderValue::from_static("api.internal"));
-        to_origin_form(&mut r);
+        origin_form(&mut r);
         assert_eq!(r.headers()[header::HOST], "api.internal");
     }
 }
