@@ -37,6 +37,7 @@ pub mod body;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod conn_streams;
 pub mod credentials;
 #[cfg(feature = "dev")]
 pub mod dev;

@@ -17,7 +17,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -534,7 +534,9 @@ async fn serve_connection(
     // A connection accepted while draining (during `drain_delay`) is served, one request per
     // HTTP/1.1 connection; asking it to shut down at once would drop its first request unread.
     let late = relay.is_draining();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/2 streams run in this connection's task (src/conn_streams.rs).
+    let streams = crate::conn_streams::ConnStreams::new();
+    let mut builder = auto::Builder::new(streams.clone());
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -551,27 +553,32 @@ async fn serve_connection(
         .keep_alive_timeout(Duration::from_secs(20));
     let svc =
         service_fn(move |req: Request<Incoming>| proxy::handle(relay.state(), conn.clone(), req));
-    let serving = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-    tokio::pin!(serving);
+    let mut serving =
+        streams.serve(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc));
     // `abort` drops the connection mid-way: a watch whose client stopped reading cannot be
-    // ended any other way (src/streams.rs).
+    // ended any other way (src/streams.rs). Its requests then finish on their own.
     tokio::select! {
-        r = serving.as_mut() => {
-            if let Err(e) = r {
+        r = &mut serving => {
+            if let Some(Err(e)) = r {
                 tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
             }
+            return;
         }
         () = abort.cancelled() => {}
         () = close.cancelled(), if !late => {
             // GOAWAY on h2, no more keep-alive on h1; in-flight requests finish. Long-running
             // ones are closed by the drain schedule.
-            serving.as_mut().graceful_shutdown();
+            if let Some(conn) = serving.conn() {
+                conn.graceful_shutdown();
+            }
             tokio::select! {
-                _ = serving => {}
+                _ = &mut serving => return,
                 () = abort.cancelled() => {}
             }
         }
     }
+    serving.drop_conn();
+    serving.await;
 }
 
 /// `/healthz`, `/readyz` and `/metrics`, plain HTTP on a private address.
