@@ -61,10 +61,31 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request with an unknown `kid` waits for the key fetch it triggered.
 const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(2);
 const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
-/// Verified tokens remembered. An entry holds the token (2 to 4 KB for Entra) and, once a
-/// request used them, what its `Memo` derives: about 10 KB in all for an Entra token with 40
-/// groups, so a full cache of such tokens is about 500 MB.
+/// Bytes the verified-token cache may hold, as [`Principal::cached_bytes`] counts them. A cap
+/// on entries alone let the cache's size follow its callers' tokens: an entry holds the token
+/// (2 to 4 KB for Entra) and its groups several times over (up to 200 in an Entra token), so
+/// 50,000 entries of 200-group callers came to gigabytes. With this cap about 12,000 callers
+/// of 40 groups stay cached at once, and more of smaller tokens; one evicted costs its next
+/// request a signature check.
+const TOKEN_CACHE_BYTES: u64 = 256 << 20;
+/// Entries the cache sizes its table for.
 const TOKEN_CACHE_ENTRIES: usize = 50_000;
+
+/// The verified-token cache: entries weighed by [`Principal::cached_bytes`].
+type TokenCache = quick_cache::sync::Cache<Arc<str>, Arc<Principal>, EntryWeight>;
+
+fn token_cache(bytes: u64) -> TokenCache {
+    quick_cache::sync::Cache::with_weighter(TOKEN_CACHE_ENTRIES, bytes, EntryWeight)
+}
+
+#[derive(Clone)]
+struct EntryWeight;
+
+impl quick_cache::Weighter<Arc<str>, Arc<Principal>> for EntryWeight {
+    fn weight(&self, _token: &Arc<str>, principal: &Arc<Principal>) -> u64 {
+        principal.cached_bytes()
+    }
+}
 
 /// An authenticated caller. Only [`Authenticator::authenticate`] makes one.
 #[derive(Clone)]
@@ -149,6 +170,18 @@ impl Principal {
     /// A string claim, if present.
     pub fn claim(&self, name: &str) -> Option<&str> {
         claim_str(&self.claims, name)
+    }
+
+    /// Roughly the bytes this principal holds once its memo is filled, for the token cache's
+    /// cap: the token twice (itself and the passthrough header), each group four times (the
+    /// claims, the list, the audit record's user and an impersonation header) with the
+    /// allocation around each copy, and a fixed share for the other claims and fields. Fixed
+    /// at creation, as the cache requires (the memo fills later).
+    fn cached_bytes(&self) -> u64 {
+        const PER_COPY: usize = 48;
+        const FIXED: usize = 2048;
+        let groups: usize = self.groups.iter().map(|g| g.len() + PER_COPY).sum();
+        (2 * self.token.len() + 4 * groups + FIXED) as u64
     }
 
     /// A caller `issuer/subject` with no groups and a token valid for an hour, for unit tests of
@@ -239,7 +272,7 @@ pub struct Authenticator {
     /// Verified tokens by their full text (shared with the principal, not copied): a hit is an
     /// exact match, so the cache's hash (keyed per process) needs no collision resistance, and
     /// a token is never hashed with SHA-256 on the request path.
-    cache: quick_cache::sync::Cache<Arc<str>, Arc<Principal>>,
+    cache: TokenCache,
     metrics: Arc<Metrics>,
 }
 
@@ -293,7 +326,7 @@ impl Authenticator {
         }
         Ok(Self {
             sources,
-            cache: quick_cache::sync::Cache::new(TOKEN_CACHE_ENTRIES),
+            cache: token_cache(TOKEN_CACHE_BYTES),
             metrics,
         })
     }
@@ -491,5 +524,45 @@ impl Authenticator {
         self.cache
             .insert(principal.token.clone(), principal.clone());
         Ok((principal, Verified::Verified))
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    fn principal(n: usize, token_bytes: usize, groups: usize) -> Principal {
+        let mut p = Principal::for_tests("entra", &n.to_string());
+        p.token = format!("{n:06}{}", "x".repeat(token_bytes)).into();
+        p.groups = (0..groups)
+            .map(|g| format!("{g:08}-0000-4000-8000-000000000000"))
+            .collect();
+        p
+    }
+
+    #[test]
+    fn the_token_cache_is_capped_by_bytes_not_entries() {
+        let budget = 1 << 20;
+        let cache = token_cache(budget);
+        for n in 0..1000 {
+            let p = Arc::new(principal(n, 4000, 200));
+            cache.insert(p.token.clone(), p);
+        }
+        assert!(cache.weight() <= budget, "weight {}", cache.weight());
+        // About 78 KB each: a cap on entries alone would have kept all 1,000.
+        assert!(cache.len() < 20, "{} entries", cache.len());
+        // Small tokens still fill it with many.
+        let cache = token_cache(budget);
+        for n in 0..1000 {
+            let p = Arc::new(principal(n, 1000, 0));
+            cache.insert(p.token.clone(), p);
+        }
+        assert!(cache.len() > 200, "{} entries", cache.len());
+    }
+
+    #[test]
+    fn about_12000_entra_callers_of_40_groups_fit() {
+        let fit = TOKEN_CACHE_BYTES / principal(0, 3000, 40).cached_bytes();
+        assert!((11_000..13_000).contains(&fit), "{fit}");
     }
 }
