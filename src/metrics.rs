@@ -241,7 +241,7 @@ impl Metrics {
         let upstream_retries = Counter::default();
         registry.register(
             "upstream_retries",
-            "Requests sent to a cluster again after it refused them unprocessed (HTTP/2 GOAWAY or REFUSED_STREAM)",
+            "Requests sent to a cluster again that it never processed: refused over HTTP/2 (GOAWAY or REFUSED_STREAM), or a keep-alive HTTP/1.1 connection that closed before the request was written",
             upstream_retries.clone(),
         );
         let framing_refused = Counter::default();

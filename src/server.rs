@@ -133,14 +133,18 @@ fn revoke_streams(state: &State) {
 /// streams, the audit writer when its sink is unchanged).
 fn build_state(cfg: Config, previous: Option<&State>) -> anyhow::Result<State> {
     let tls = TlsAcceptor::from(crate::tls::server_config(&cfg.tls)?);
+    let metrics = previous.map_or_else(|| Arc::new(Metrics::new()), |p| p.metrics.clone());
     let mut upstreams = HashMap::new();
     for c in &cfg.clusters {
         upstreams.insert(
             c.name.to_string(),
-            Upstream::new(c.clone(), cfg.timeouts.connect)?,
+            Upstream::new(
+                c.clone(),
+                cfg.timeouts.connect,
+                metrics.upstream_retries.clone(),
+            )?,
         );
     }
-    let metrics = previous.map_or_else(|| Arc::new(Metrics::new()), |p| p.metrics.clone());
     let audit = match previous {
         Some(p) if p.cfg.audit == cfg.audit && p.cfg.audit_mode == cfg.audit_mode => {
             p.audit.clone()

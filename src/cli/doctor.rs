@@ -517,7 +517,7 @@ async fn credential(
         ),
         UpstreamAuth::Impersonate(RelayCredential::Azure(_)) | UpstreamAuth::OnBehalfOf(_) => {
             // The relay's own credentials, exactly as the request path builds them.
-            let upstream = match Upstream::new(cluster.clone(), timeout) {
+            let upstream = match Upstream::new(cluster.clone(), timeout, Default::default()) {
                 Ok(u) => u,
                 Err(e) => return (Outcome::Fail, format!("{e:#}"), None),
             };
@@ -548,7 +548,8 @@ async fn version(
     timeout: Duration,
     entra_header: Option<http::HeaderValue>,
 ) -> Result<(Outcome, String), String> {
-    let upstream = Upstream::new(cluster.clone(), timeout).map_err(|e| format!("{e:#}"))?;
+    let upstream = Upstream::new(cluster.clone(), timeout, Default::default())
+        .map_err(|e| format!("{e:#}"))?;
     let uri = upstream.uri("/version").map_err(|e| e.to_string())?;
     let mut req = http::Request::get(uri).header(http::header::ACCEPT, "application/json");
     let with_token = match &cluster.upstream_auth {

@@ -33,6 +33,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{Builder, Connection, SendRequest};
 use hyper::client::conn::TrySendError;
 use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
 use super::dial::{DialError, SendError, TlsDialer, UpstreamBody, UpstreamConn};
@@ -68,6 +69,8 @@ struct Shared<D: Dial> {
     /// A timer task is closing expired idle connections. Set and cleared with `idle` locked,
     /// so a connection put back as the timer stops always finds one.
     sweeping: AtomicBool,
+    /// Counts requests sent again (`relay_upstream_retries_total` in the relay).
+    resends: Counter,
 }
 
 struct Conn<T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static> {
@@ -84,8 +87,9 @@ struct Idle<T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static> {
 type Sent = Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>>;
 
 impl<D: Dial> Http1Pool<D> {
-    /// At most `max_idle` idle connections are kept, each for at most `idle_timeout`.
-    pub fn new(dialer: D, max_idle: usize, idle_timeout: Duration) -> Self {
+    /// At most `max_idle` idle connections are kept, each for at most `idle_timeout`; each
+    /// request sent again counts in `resends`.
+    pub fn new(dialer: D, max_idle: usize, idle_timeout: Duration, resends: Counter) -> Self {
         Self {
             shared: Arc::new(Shared {
                 dialer,
@@ -93,6 +97,7 @@ impl<D: Dial> Http1Pool<D> {
                 max_idle,
                 idle_timeout,
                 sweeping: AtomicBool::new(false),
+                resends,
             }),
         }
     }
@@ -141,6 +146,7 @@ impl<D: Dial> Http1Pool<D> {
                         Some(unsent) if attempt < RESENDS => {
                             req = unsent;
                             attempt += 1;
+                            self.shared.resends.inc();
                         }
                         _ => return Err(e.into_error().into()),
                     }
@@ -533,6 +539,7 @@ mod tests {
             },
             4,
             idle_timeout,
+            Counter::default(),
         );
         (p, dials)
     }
@@ -619,6 +626,7 @@ mod tests {
         let mut s = server("ok", After::KeepOpen).await;
         let dials = Arc::new(AtomicUsize::new(0));
         let eof_in = Arc::new(std::sync::atomic::AtomicIsize::new(-1));
+        let resends = Counter::default();
         let p = Http1Pool::new(
             Flaky {
                 plain: Plain {
@@ -629,6 +637,7 @@ mod tests {
             },
             4,
             Duration::from_secs(30),
+            resends.clone(),
         );
         assert_eq!(read(&p, "/a").await, "ok");
         // The idle connection passes the check when taken, and closes before the request is
@@ -640,6 +649,7 @@ mod tests {
         let (conn, head) = next(&mut s.heads).await;
         assert!(conn == 1 && head.starts_with("GET /b "), "{conn}: {head}");
         assert_eq!(dials.load(Ordering::SeqCst), 2);
+        assert_eq!(resends.get(), 1, "the resend is counted");
     }
 
     #[tokio::test]

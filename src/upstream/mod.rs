@@ -21,6 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Uri;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use prometheus_client::metrics::counter::Counter;
 use rustls::ClientConfig;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -106,12 +107,17 @@ impl Pick {
 
 impl UpstreamPool {
     /// `lanes` dial with the cluster's ALPN choice; `http1`, when set, dials HTTP/1.1 only and
-    /// serves short requests first.
-    pub fn new(lanes: TlsDialer, http1: Option<TlsDialer>, long_running_lanes: usize) -> Self {
+    /// serves short requests first, counting in `resends` the requests it sends again.
+    pub fn new(
+        lanes: TlsDialer,
+        http1: Option<TlsDialer>,
+        long_running_lanes: usize,
+        resends: Counter,
+    ) -> Self {
         Self {
             http1: http1.map(|d| {
                 (
-                    Http1Pool::new(d, HTTP1_CONNECTIONS, HTTP1_IDLE),
+                    Http1Pool::new(d, HTTP1_CONNECTIONS, HTTP1_IDLE, resends),
                     Arc::new(Semaphore::new(HTTP1_CONNECTIONS)),
                 )
             }),
@@ -217,7 +223,12 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(cluster: Arc<ClusterConfig>, connect_timeout: Duration) -> anyhow::Result<Self> {
+    /// The cluster's connections; requests its HTTP/1.1 pool sends again count in `resends`.
+    pub fn new(
+        cluster: Arc<ClusterConfig>,
+        connect_timeout: Duration,
+        resends: Counter,
+    ) -> anyhow::Result<Self> {
         let cluster_for_creds = cluster.clone();
         let lanes_alpn = match cluster.upstream_protocol {
             UpstreamProtocol::Mixed | UpstreamProtocol::Http2 => H2_OR_HTTP1,
@@ -235,6 +246,7 @@ impl Upstream {
             TlsDialer::new(pooled_tls, Some(dial), Some(name), connect_timeout),
             http1,
             LONG_RUNNING_LANES,
+            resends,
         );
         let host = cluster.server.host_str().unwrap_or_default();
         let authority = match cluster.server.port() {
@@ -273,7 +285,12 @@ mod tests {
         crate::install_crypto_provider();
         let tls = client_tls(Trust::Only(&[]), None, H2_OR_HTTP1).unwrap();
         let dialer = TlsDialer::new(tls, Some("127.0.0.1:1"), None, Duration::from_secs(1));
-        UpstreamPool::new(dialer.clone(), http1.then_some(dialer), 4)
+        UpstreamPool::new(
+            dialer.clone(),
+            http1.then_some(dialer),
+            4,
+            Counter::default(),
+        )
     }
 
     #[tokio::test]
