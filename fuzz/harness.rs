@@ -266,14 +266,20 @@ pub fn header_sanitize_bytes(data: &[u8]) {
 
 // === jwt_parse and config_parse ===
 
-/// A directory with the files the configs refer to, created once per process.
+/// A directory with the files the configs refer to, created once per process and kept (a
+/// static is never dropped). Under the test suite it goes in cargo's directory for test files
+/// (`CARGO_TARGET_TMPDIR`), so runs leave nothing in the system's temporary directory; a fuzz
+/// run, which has no such directory, uses the system's.
 pub fn fixture_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         kube_relay::install_crypto_provider();
+        let parent = option_env!("CARGO_TARGET_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
         let dir = tempfile::Builder::new()
             .prefix("kube-relay-fuzz")
-            .tempdir()
+            .tempdir_in(parent)
             .expect("tempdir")
             .keep();
         let ca = kube_sim::pki::TestCa::new("fuzz").expect("ca");
