@@ -125,8 +125,9 @@ impl<C: Future> Serve<C> {
         self.conn.as_mut().map(|c| c.as_mut())
     }
 
-    /// Lets the connection go now (its socket closes); its streams run on until they end, as
-    /// spawned tasks would, so each request still finishes its work and its records.
+    /// Lets the connection go now (its socket closes). Its streams are still polled until they
+    /// end, exactly as spawned tasks would be: hyper ends each one once it sees the connection
+    /// gone, and whatever a request does as it ends (its records) still runs.
     pub fn drop_conn(&mut self) {
         self.conn = None;
     }

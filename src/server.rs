@@ -560,7 +560,7 @@ async fn serve_connection(
     let mut serving =
         streams.serve(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc));
     // `abort` drops the connection mid-way: a watch whose client stopped reading cannot be
-    // ended any other way (src/streams.rs). Its requests then finish on their own.
+    // ended any other way (src/streams.rs). Its requests are still polled until hyper ends them.
     tokio::select! {
         r = &mut serving => {
             if let Some(Err(e)) = r {
