@@ -328,6 +328,32 @@ impl Write for LogLine<'_> {
     }
 }
 
+/// What the process log's formatter (without colours) writes for the events `f` emits: for
+/// tests that check a log line's text.
+#[cfg(test)]
+pub(crate) fn captured_log(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<parking_lot::Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let out = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || out.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let bytes = buf.0.lock().clone();
+    String::from_utf8(bytes).expect("the log is UTF-8")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -148,6 +148,11 @@ fn init_tracing() -> Option<LogGuard> {
                 .with_ansi(ansi)
                 .with_writer(writer.clone())
                 .init();
+            if !ansi {
+                // The access line per request skips the formatter (see kube_relay::proxy's
+                // `access` module): same text, a fraction of the work.
+                kube_relay::proxy::log_access_lines_to(writer.clone());
+            }
             Some(LogGuard(writer))
         }
         // No thread for the writer: log straight to stderr rather than not at all.

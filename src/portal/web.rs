@@ -927,32 +927,12 @@ mod tests {
 
     #[test]
     fn provider_error_text_cannot_forge_log_lines() {
-        use parking_lot::Mutex;
-        use std::sync::Arc;
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = Buf::default();
-        let writer = buf.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        let out = crate::lines::captured_log(|| {
             log_provider_refusal(
                 "access_denied\n2030-01-01T00:00:00Z  INFO portal: signed in user=admin",
                 Some("x\r\nINFO forged"),
             );
         });
-        let out = String::from_utf8(buf.0.lock().clone()).unwrap();
         assert_eq!(out.lines().count(), 1, "{out}");
         assert!(out.contains("the identity provider did not sign the user in"));
     }

@@ -9,7 +9,9 @@
 //! `Err` arm there renders every error with [`ProxyError::into_response`]. [`authorize`] yields
 //! the [`Admitted`] proof that [`dispatch`] requires.
 
+mod access;
 pub mod headers;
+pub use access::write_directly_to as log_access_lines_to;
 pub mod upgrade;
 
 use std::convert::Infallible;
@@ -260,20 +262,17 @@ pub async fn handle(
             }
         }
     }
-    tracing::info!(
-        target: "kube_relay::access",
-        audit_id = ?audit_id,
-        peer = %conn.peer,
-        method = %method,
-        // The path only: queries can carry label values users consider sensitive.
-        path = %audit.request_uri.split('?').next().unwrap_or(""),
-        cluster = %cluster,
-        verb = %audit.verb,
-        user = audit.user.as_ref().map_or("-", |u| u.username.as_str()),
+    access::log(&access::Line {
+        audit_id: &audit_id,
+        peer: conn.peer,
+        method: &method,
+        path: audit.request_uri.split('?').next().unwrap_or(""),
+        cluster: &cluster,
+        verb: &audit.verb,
+        user: audit.user.as_ref().map(|u| u.username.as_str()),
         code,
-        ms = elapsed.as_millis() as u64,
-        "request"
-    );
+        ms: elapsed.as_millis() as u64,
+    });
     Ok(resp)
 }
 

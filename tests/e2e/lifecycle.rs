@@ -564,6 +564,27 @@ async fn sighup_reloads_and_sigterm_drains_the_serve_process() {
         .expect("exits by the drain deadline")
         .unwrap();
     assert!(status.success(), "{status:?}");
+    // The access line of the request served during the drain delay, as docs/operations.md
+    // shows it, reached stderr before the exit (the process log's writer ends with the
+    // process; the reader sees the end of the pipe right after).
+    let mut logged = Vec::new();
+    while let Ok(l) = rx.recv_timeout(Duration::from_secs(10)) {
+        logged.push(l);
+    }
+    let access = logged
+        .iter()
+        .find(|l| l.contains(" path=/clusters/alpha/version "))
+        .unwrap_or_else(|| panic!("no access line for /version:\n{}", logged.join("\n")));
+    let (time, rest) = access.split_at(27);
+    humantime::parse_rfc3339(time).unwrap_or_else(|e| panic!("{e}: {access}"));
+    assert!(
+        rest.starts_with("  INFO kube_relay::access: request audit_id=\"")
+            && rest.contains(
+                " method=GET path=/clusters/alpha/version cluster=alpha verb=get user=\""
+            )
+            && rest.contains(" code=200 ms="),
+        "{access}"
+    );
     // Read only after the exit: the record is written when the relay has closed the tunnel,
     // which kubectl may notice first; the exit itself must not lose it.
     let audit = std::fs::read_to_string(env.dev.dir.join("serve-audit.jsonl")).unwrap_or_default();
