@@ -74,6 +74,7 @@ async fn quick_mode_runs_every_scenario_and_writes_the_report() {
     for scenario in [
         "GET throughput",
         "latency p99",
+        "8 independent clients",
         "full TLS handshakes",
         "idle watches",
         "ready after start",
