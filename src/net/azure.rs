@@ -83,6 +83,8 @@ impl HyperTransport {
     fn over(https: PooledClient) -> anyhow::Result<Self> {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        // As the TLS dialer does: a request must not wait on Nagle for the peer's ACK.
+        connector.set_nodelay(true);
         Ok(Self {
             storage: false,
             https,

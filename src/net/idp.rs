@@ -55,6 +55,8 @@ impl IdpHttp {
             .context("adding the identity provider CA")?;
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        // As the TLS dialer does: a request must not wait on Nagle for the peer's ACK.
+        connector.set_nodelay(true);
         Ok(Self {
             https: pooled_client(TlsDialer::new(cfg, None, None, CONNECT_TIMEOUT)),
             http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
