@@ -11,8 +11,9 @@
 
 mod access;
 pub mod headers;
-pub use access::write_directly_to as log_access_lines_to;
 pub mod upgrade;
+
+pub use access::write_directly_to as log_access_lines_to;
 
 use std::convert::Infallible;
 use std::sync::Arc;
