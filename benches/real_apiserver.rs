@@ -2,8 +2,12 @@
 //! (`scripts/bench` runs this and puts the result in docs/perf).
 //!
 //! ```text
-//! cargo bench --bench real_apiserver -- [--seconds N] [--rounds N]
+//! cargo bench --bench real_apiserver -- [--seconds N] [--rounds N] [--relay-bin PATH]
 //! ```
+//!
+//! `--relay-bin` measures another build of the relay (scripts/bench passes the one the rest of
+//! its run measures, such as the profile-guided build); the default is the one built with this
+//! bench.
 //!
 //! The test bed of `tests/support/real.rs` (etcd and kube-apiserver built by `testbed/build.sh`,
 //! trusting the tests' Entra-shaped issuer) and the relay built with this bench, as its own
@@ -47,6 +51,11 @@ fn main() {
             .unwrap_or(default)
     };
     let seconds = arg("--seconds", 8);
+    let relay_bin: PathBuf = args
+        .iter()
+        .position(|a| a == "--relay-bin")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(|| env!("CARGO_BIN_EXE_kube-relay").into(), PathBuf::from);
     let rounds = arg("--rounds", 3);
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -93,7 +102,7 @@ fn main() {
         &[("alice", token.clone())],
         "",
     );
-    let relay = Relay::start(front.dir());
+    let relay = Relay::start(&relay_bin, front.dir());
     let nginx = Nginx::start(front.dir(), &cluster);
 
     let pod = format!("{POD}/{}", PODS[0]);
@@ -320,7 +329,8 @@ struct Relay {
 }
 
 impl Relay {
-    fn start(dir: &Path) -> Self {
+    /// The relay at `bin`, as its own process.
+    fn start(bin: &Path, dir: &Path) -> Self {
         let port = free_port();
         let admin = free_port();
         let text = std::fs::read_to_string(dir.join("relay.yaml")).expect("relay.yaml");
@@ -332,7 +342,7 @@ impl Relay {
         let config = dir.join("bench-relay.yaml");
         std::fs::write(&config, text).expect("bench-relay.yaml");
         let log = std::fs::File::create(dir.join("bench-relay.log")).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_kube-relay"))
+        let child = Command::new(bin)
             .args(["serve", "--config"])
             .arg(&config)
             .stdin(Stdio::null())
