@@ -7,36 +7,27 @@
 //! them (`nginx-light`, `nghttp2-client`, `wrk`) when run by hand.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::process::Command;
 
 #[path = "../../examples/bench_stage/stage.rs"]
 mod stage;
 
 const TIMEOUT: Duration = Duration::from_secs(240);
 
-/// Runs a harness script to its end, killing it after [`TIMEOUT`].
+/// Runs a harness script to its end, its output read as it comes (a full pipe must not stall
+/// it); killed after [`TIMEOUT`].
 async fn run_to_end(mut cmd: Command, what: &str) -> std::process::Output {
-    let mut child = cmd
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("python3 runs {what}: {e}"));
-    let start = Instant::now();
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            break;
-        }
-        if start.elapsed() > TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} took longer than {TIMEOUT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        .kill_on_drop(true);
+    match tokio::time::timeout(TIMEOUT, cmd.output()).await {
+        Ok(out) => out.unwrap_or_else(|e| panic!("python3 runs {what}: {e}")),
+        Err(_) => panic!("{what} took longer than {TIMEOUT:?}"),
     }
-    child.wait_with_output().expect("output")
 }
 
 /// The harness needs h2load, nginx and python3 (scripts/install-test-deps.sh installs them for
