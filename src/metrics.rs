@@ -241,7 +241,7 @@ impl Metrics {
         let upstream_retries = Counter::default();
         registry.register(
             "upstream_retries",
-            "Requests sent to a cluster again that it never processed: refused over HTTP/2 (GOAWAY or REFUSED_STREAM), or a keep-alive HTTP/1.1 connection that closed before the request was written",
+            "Requests sent to a cluster again that it never processed: refused over HTTP/2 (GOAWAY or REFUSED_STREAM), or never written because their connection closed first (a GOAWAY, or a keep-alive HTTP/1.1 connection the cluster closed)",
             upstream_retries.clone(),
         );
         let framing_refused = Counter::default();

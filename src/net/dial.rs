@@ -255,10 +255,15 @@ pub fn classify(err: &SendError) -> (UpstreamFailure, String) {
     (UpstreamFailure::Protocol, error_chain(err))
 }
 
-/// Whether the server refused the request without processing it, so it may be sent again:
-/// an HTTP/2 stream above the last stream id of a graceful GOAWAY (RFC 9113 §6.8 guarantees
-/// the server did not act on it), or a stream reset with REFUSED_STREAM (§8.7). (The HTTP/1.1
-/// pool resends a request its connection never wrote by itself.)
+/// Whether the request never reached the server's processing, so it may be sent again:
+/// - an HTTP/2 stream above the last stream id of a graceful GOAWAY (RFC 9113 §6.8 guarantees
+///   the server did not act on it), or a stream reset with REFUSED_STREAM (§8.7);
+/// - a request that never left the relay: the connection it was queued on closed first, and
+///   hyper hands such a request back as canceled. A GOAWAY that reaches a freshly dialed
+///   connection before its first request is written ends that way; the pooled client resends
+///   these by itself only on a reused connection.
+///
+/// (The HTTP/1.1 pool resends a request its connection never wrote by itself.)
 pub fn refused_unprocessed(err: &SendError) -> bool {
     let SendError::Lane(err) = err else {
         return false;
@@ -269,6 +274,11 @@ pub fn refused_unprocessed(err: &SendError) -> bool {
             return h2.is_remote()
                 && ((h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
                     || h2.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
         }
         src = e.source();
     }
@@ -304,6 +314,81 @@ mod tests {
                 .build_http::<http_body_util::Empty<Bytes>>();
         let uri: Uri = format!("http://{addr}/api/v1/pods").parse().unwrap();
         SendError::Lane(client.get(uri).await.expect_err("the stream was reset"))
+    }
+
+    /// Dials `addr`, and hands the connection over only once `ready` fires.
+    #[derive(Clone)]
+    struct DialWhenReady {
+        addr: std::net::SocketAddr,
+        ready: Arc<tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>>,
+    }
+
+    impl tower_service::Service<Uri> for DialWhenReady {
+        type Response = TokioIo<TcpStream>;
+        type Error = std::io::Error;
+        type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Uri) -> Self::Future {
+            let this = self.clone();
+            Box::pin(async move {
+                let tcp = TcpStream::connect(this.addr).await?;
+                if let Some(ready) = this.ready.lock().await.take() {
+                    let _ = ready.await;
+                }
+                Ok(TokioIo::new(tcp))
+            })
+        }
+    }
+
+    /// A freshly dialed HTTP/2 connection whose server said GOAWAY (last stream 0, NO_ERROR)
+    /// before the client's first request left: the request never reached the server.
+    #[tokio::test]
+    async fn a_request_a_fresh_connection_closed_before_sending_is_resent() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (written, ready) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut tcp, _) = l.accept().await.unwrap();
+            // An empty SETTINGS, then GOAWAY with last stream 0 and NO_ERROR (RFC 9113 §6.5,
+            // §6.8), both in the client's receive buffer before it has sent anything.
+            let settings = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+            let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            tcp.write_all(&[&settings[..], &goaway[..]].concat())
+                .await
+                .unwrap();
+            let _ = written.send(());
+            let _ = tcp.read_to_end(&mut Vec::new()).await;
+        });
+        let dial = DialWhenReady {
+            addr,
+            ready: Arc::new(tokio::sync::Mutex::new(Some(ready))),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build::<_, http_body_util::Empty<Bytes>>(dial);
+        let uri: Uri = format!("http://{addr}/api/v1/pods").parse().unwrap();
+        let err = SendError::Lane(client.get(uri).await.expect_err("the server went away"));
+        // hyper handed the unsent request back as canceled (not an HTTP/2 stream error): the
+        // pooled client does not resend it on a connection it just dialed, so the relay must.
+        let mut src: Option<&(dyn std::error::Error + 'static)> = match &err {
+            SendError::Lane(e) => Some(e),
+            _ => None,
+        };
+        let mut canceled = false;
+        while let Some(e) = src {
+            canceled |= e
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_canceled);
+            assert!(e.downcast_ref::<h2::Error>().is_none(), "{err:?}");
+            src = e.source();
+        }
+        assert!(canceled, "{err:?}");
+        assert!(refused_unprocessed(&err));
     }
 
     #[tokio::test]

@@ -702,6 +702,9 @@ fn token_deadline(p: &Principal, grace: std::time::Duration) -> Instant {
     Instant::now() + std::time::Duration::from_secs(left) + grace
 }
 
+/// How many times a request the API server refused unprocessed is sent again.
+const MAX_RESENDS: usize = 3;
+
 /// Forwards a non-upgrade request over the cluster's pooled client and streams the answer back.
 /// `stream` is set for long-running reads (watch, `logs -f`): their body gets an idle timeout,
 /// the token deadline and a close hook that writes the audit record's ResponseComplete.
@@ -752,21 +755,26 @@ async fn forward(
             upstream.client.send(&pick, req),
         )
     };
-    let resp = match send(up_req).await {
-        // kube-apiserver's --goaway-chance (and any HTTP/2 server draining) refuses streams
-        // opened after its GOAWAY; the pool then dials afresh, so one retry is enough.
-        Ok(Err(e)) if crate::net::refused_unprocessed(&e) && replay.is_some() => {
-            let (method, uri, headers) = replay.unwrap_or_default();
+    // kube-apiserver's --goaway-chance (and any HTTP/2 server draining) refuses streams
+    // opened after its GOAWAY, and the pool dials afresh. The fresh connection can itself be
+    // told GOAWAY before this request leaves, so it is resent a few times, never more: each
+    // resend is of a request the API server did not act on.
+    let mut resp = send(up_req).await;
+    if let Some((method, uri, headers)) = &replay {
+        for _ in 0..MAX_RESENDS {
+            match &resp {
+                Ok(Err(e)) if crate::net::refused_unprocessed(e) => {}
+                _ => break,
+            }
             let mut again = Request::new(crate::net::empty_body());
-            *again.method_mut() = method;
-            *again.uri_mut() = uri;
-            *again.headers_mut() = headers;
+            *again.method_mut() = method.clone();
+            *again.uri_mut() = uri.clone();
+            *again.headers_mut() = headers.clone();
             *again.version_mut() = http::Version::HTTP_11;
             state.metrics.upstream_retries.inc();
-            send(again).await
+            resp = send(again).await;
         }
-        first => first,
-    };
+    }
     let resp = resp
         .map_err(|_| ProxyError::Upstream {
             cluster: cluster.clone(),

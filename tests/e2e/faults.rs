@@ -1,7 +1,8 @@
 //! Fault scenarios (docs/security.md scenarios 1 and 2): an upstream that black-holes connections
 //! or never
 //! answers makes requests fail fast with a Status naming the cluster, never hang; other clusters
-//! are unaffected. (Refused and flapping upstreams: tests/e2e/lifecycle.rs; IdP outages:
+//! are unaffected; an API server refusing requests unprocessed gets them again, a bounded
+//! number of times. (Refused and flapping upstreams: tests/e2e/lifecycle.rs; IdP outages:
 //! tests/e2e/identity.rs.)
 
 use std::time::Duration;
@@ -192,5 +193,113 @@ async fn a_hanging_idp_costs_a_request_at_most_a_bounded_wait() {
     assert!(
         took < Duration::from_secs(7),
         "a request waited {took:?} on a hanging IdP"
+    );
+}
+
+/// An HTTP/2 API server that resets the first `refuse` user requests with REFUSED_STREAM
+/// (RFC 9113 §8.7: not processed) and answers the rest; health probes get a plain 200. Returns
+/// its address, its CA and the count of user requests it saw.
+async fn refusing_h2_upstream(
+    refuse: usize,
+) -> (
+    std::net::SocketAddr,
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let ca = kube_sim::pki::TestCa::new("refusing upstream CA").unwrap();
+    let leaf = ca.issue(&["fake.upstream.test", "127.0.0.1"]).unwrap();
+    let mut tls = (*kube_sim::server::tls_config(&leaf).unwrap()).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), counter.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let probe = req.headers().get("user-agent").is_some_and(|v| {
+                        v.as_bytes() == kube_relay::upstream::health::PROBE_USER_AGENT.as_bytes()
+                    });
+                    if !probe && seen.fetch_add(1, Ordering::SeqCst) < refuse {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let head = http::Response::builder()
+                        .header("content-type", "application/json")
+                        .header("content-length", "2")
+                        .body(())
+                        .unwrap();
+                    if let Ok(mut body) = respond.send_response(head, false) {
+                        let _ = body.send_data(bytes::Bytes::from_static(b"{}"), true);
+                    }
+                }
+            });
+        }
+    });
+    (addr, ca.cert_pem().to_owned(), seen)
+}
+
+/// docs/security.md scenario 1: a request the API server refused unprocessed is sent again,
+/// more than once if need be (a draining server's fresh connection can refuse it too), but a
+/// bounded number of times: a server that refuses everything gets a 502 naming the cluster
+/// after four attempts, never a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_unprocessed_are_resent_a_bounded_number_of_times() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (mostly_addr, mostly_ca, mostly_seen) = refusing_h2_upstream(3).await;
+    let (always_addr, always_ca, always_seen) = refusing_h2_upstream(usize::MAX).await;
+    let mut clusters = String::from("clusters:\n");
+    for (name, addr, ca) in [
+        ("mostly", mostly_addr, &mostly_ca),
+        ("always", always_addr, &always_ca),
+    ] {
+        let ca_path = dir.path().join(format!("{name}-ca.crt"));
+        std::fs::write(&ca_path, ca).unwrap();
+        clusters.push_str(&format!(
+            "  - {{name: {name}, server: \"https://fake.upstream.test:{port}\", connect: \"127.0.0.1:{port}\", ca_file: \"{ca}\", upstream_protocol: http2, upstream_auth: {{mode: passthrough}}, access: [{{users: [dev/alice]}}]}}\n",
+            port = addr.port(),
+            ca = ca_path.display()
+        ));
+    }
+    clusters.push_str("timeouts: {health_interval: 1h}\n");
+    let relay = CustomRelay::start_with(&[], &clusters).await;
+
+    // Refused three times, answered the fourth.
+    let (code, _, body) = parse_response(
+        &relay
+            .exchange("localhost", get(&relay, "mostly").as_bytes())
+            .await,
+    );
+    assert_eq!((code, body.as_str()), (200, "{}"));
+    assert_eq!(mostly_seen.load(Ordering::SeqCst), 4);
+
+    // Refused every time: four attempts, then a Status naming the cluster.
+    let (code, _, body) = parse_response(
+        &relay
+            .exchange("localhost", get(&relay, "always").as_bytes())
+            .await,
+    );
+    assert_eq!(code, 502, "{body}");
+    assert!(body.contains("\"name\":\"always\""), "{body}");
+    assert_eq!(always_seen.load(Ordering::SeqCst), 4);
+
+    let metrics = admin_get(relay.admin, "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "relay_upstream_retries_total 6"),
+        "{metrics}"
     );
 }
