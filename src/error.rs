@@ -97,9 +97,9 @@ impl ProxyError {
             Self::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Upstream { failure, .. } => match failure {
-                UpstreamFailure::ConnectRefused | UpstreamFailure::Tls => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
+                UpstreamFailure::ConnectRefused
+                | UpstreamFailure::Tls
+                | UpstreamFailure::Refused => StatusCode::SERVICE_UNAVAILABLE,
                 UpstreamFailure::ConnectTimeout | UpstreamFailure::ResponseTimeout => {
                     StatusCode::GATEWAY_TIMEOUT
                 }
@@ -129,7 +129,9 @@ impl ProxyError {
             Self::HeaderTooLarge => "RequestHeaderFieldsTooLarge",
             Self::TooManyRequests { .. } => "TooManyRequests",
             Self::Upstream { failure, .. } => match failure {
-                UpstreamFailure::ConnectRefused | UpstreamFailure::Tls => "ServiceUnavailable",
+                UpstreamFailure::ConnectRefused
+                | UpstreamFailure::Tls
+                | UpstreamFailure::Refused => "ServiceUnavailable",
                 UpstreamFailure::ConnectTimeout | UpstreamFailure::ResponseTimeout => "Timeout",
                 UpstreamFailure::Protocol | UpstreamFailure::UpgradeRejected => "InternalError",
             },
@@ -182,6 +184,9 @@ impl ProxyError {
                 UpstreamFailure::UpgradeRejected => format!(
                     "cluster {cluster}: its API server answered the stream upgrade with a redirect or an invalid handshake"
                 ),
+                UpstreamFailure::Refused => format!(
+                    "cluster {cluster} is unavailable: its API server refused the request without processing it (it is closing connections or overloaded); retry"
+                ),
             },
             other => other.to_string(),
         }
@@ -190,6 +195,17 @@ impl ProxyError {
     /// Renders the error as a Status response. Called from exactly one place on the request path.
     pub fn into_response(self) -> Response<RelayBody> {
         let status = self.status();
+        // client-go waits this long and sends the request again, on a 429 or a 5xx
+        // (docs/protocols.md); the Status mirrors it in `details.retryAfterSeconds`.
+        let retry_after = match &self {
+            Self::TooManyRequests { retry_after, .. } => Some(*retry_after),
+            // The cluster processed nothing, so the request may be sent again as it was.
+            Self::Upstream {
+                failure: UpstreamFailure::Refused,
+                ..
+            } => Some(1),
+            _ => None,
+        };
         let body = StatusBody {
             kind: "Status",
             api_version: "v1",
@@ -202,14 +218,13 @@ impl ProxyError {
                     Some(Details {
                         name: Some(cluster.clone()),
                         kind: Some("clusters"),
-                        retry_after_seconds: None,
+                        retry_after_seconds: retry_after,
                     })
                 }
-                // client-go honours Retry-After on 429; the Status mirrors it.
-                Self::TooManyRequests { retry_after, .. } => Some(Details {
+                Self::TooManyRequests { .. } => Some(Details {
                     name: None,
                     kind: None,
-                    retry_after_seconds: Some(*retry_after),
+                    retry_after_seconds: retry_after,
                 }),
                 _ => None,
             },
@@ -218,10 +233,6 @@ impl ProxyError {
         // Serialising a struct of strings cannot fail; fall back to a fixed body anyway so this
         // function has no panic path.
         let json = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
-        let retry_after = match &self {
-            Self::TooManyRequests { retry_after, .. } => Some(*retry_after),
-            _ => None,
-        };
         let mut resp = Response::new(crate::body::full(json));
         *resp.status_mut() = status;
         let headers = resp.headers_mut();
@@ -343,6 +354,25 @@ mod tests {
         assert_eq!(v["reason"], "ServiceUnavailable");
         assert_eq!(v["details"]["name"], "prod");
         assert!(v["message"].as_str().unwrap().contains("prod"));
+    }
+
+    /// A request the cluster refused unprocessed every time: 503 with `Retry-After`, so
+    /// client-go sends it again by itself.
+    #[tokio::test]
+    async fn a_refused_request_is_503_with_retry_after() {
+        let resp = ProxyError::Upstream {
+            cluster: "prod".into(),
+            failure: UpstreamFailure::Refused,
+            detail: "h2 GOAWAY".into(),
+        }
+        .into_response();
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "1");
+        let v = body_json(resp).await;
+        assert_eq!(v["reason"], "ServiceUnavailable");
+        assert_eq!(v["details"]["name"], "prod");
+        assert_eq!(v["details"]["retryAfterSeconds"], 1);
+        assert!(!v.to_string().contains("GOAWAY"), "{v}");
     }
 
     #[tokio::test]

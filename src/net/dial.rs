@@ -37,6 +37,9 @@ pub enum UpstreamFailure {
     ResponseTimeout,
     Protocol,
     UpgradeRejected,
+    /// The cluster refused the request without processing it (see [`refused_unprocessed`]),
+    /// every time it was sent.
+    Refused,
 }
 
 impl UpstreamFailure {
@@ -48,6 +51,7 @@ impl UpstreamFailure {
             Self::ResponseTimeout => "response_timeout",
             Self::Protocol => "protocol",
             Self::UpgradeRejected => "upgrade_rejected",
+            Self::Refused => "refused",
         }
     }
 }
@@ -239,8 +243,12 @@ pub enum SendError {
 }
 
 /// Classifies a failed request: our typed dial error where there is one (the lanes' client
-/// wraps it in its source chain), else a protocol failure.
+/// wraps it in its source chain), a refusal the request may be sent again after, else a
+/// protocol failure.
 pub fn classify(err: &SendError) -> (UpstreamFailure, String) {
+    if refused_unprocessed(err) {
+        return (UpstreamFailure::Refused, error_chain(err));
+    }
     let mut src: Option<&(dyn std::error::Error + 'static)> = match err {
         SendError::Dial(d) => return (d.failure, d.detail.clone()),
         SendError::Http1(e) => Some(e),

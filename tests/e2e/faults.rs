@@ -252,18 +252,20 @@ async fn refusing_h2_upstream(
 
 /// docs/security.md scenario 1: a request the API server refused unprocessed is sent again,
 /// more than once if need be (a draining server's fresh connection can refuse it too), but a
-/// bounded number of times: a server that refuses everything gets a 502 naming the cluster
-/// after four attempts, never a loop.
+/// bounded number of times: a server that refuses everything gets, after four attempts, a 503
+/// naming the cluster with `Retry-After` (client-go then retries by itself), never a loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_refused_unprocessed_are_resent_a_bounded_number_of_times() {
     use std::sync::atomic::Ordering;
     let dir = tempfile::tempdir().unwrap();
     let (mostly_addr, mostly_ca, mostly_seen) = refusing_h2_upstream(3).await;
     let (always_addr, always_ca, always_seen) = refusing_h2_upstream(usize::MAX).await;
+    let (often_addr, often_ca, often_seen) = refusing_h2_upstream(6).await;
     let mut clusters = String::from("clusters:\n");
     for (name, addr, ca) in [
         ("mostly", mostly_addr, &mostly_ca),
         ("always", always_addr, &always_ca),
+        ("often", often_addr, &often_ca),
     ] {
         let ca_path = dir.path().join(format!("{name}-ca.crt"));
         std::fs::write(&ca_path, ca).unwrap();
@@ -286,20 +288,60 @@ async fn requests_refused_unprocessed_are_resent_a_bounded_number_of_times() {
     assert_eq!(mostly_seen.load(Ordering::SeqCst), 4);
 
     // Refused every time: four attempts, then a Status naming the cluster.
-    let (code, _, body) = parse_response(
+    let (code, head, body) = parse_response(
         &relay
             .exchange("localhost", get(&relay, "always").as_bytes())
             .await,
     );
-    assert_eq!(code, 502, "{body}");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        head.to_ascii_lowercase().contains("\r\nretry-after: 1\r\n"),
+        "{head}"
+    );
     assert!(body.contains("\"name\":\"always\""), "{body}");
+    assert!(body.contains("refused the request"), "{body}");
     assert_eq!(always_seen.load(Ordering::SeqCst), 4);
 
+    // kubectl meets that 503 and sends the request again after Retry-After by itself: refused
+    // six times, it gets its answer on its second request to the relay.
+    let relay_dir = relay.audit_path().parent().unwrap().to_owned();
+    let kubeconfig = relay_dir.join("often.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: often\n  cluster:\n    server: https://localhost:{port}\n    certificate-authority: {ca}\nusers:\n- name: alice\n  user:\n    token: {token}\ncontexts:\n- name: often\n  context: {{cluster: often, user: alice}}\ncurrent-context: often\n",
+            port = relay.addr.port(),
+            ca = relay_dir.join("ca.crt").display(),
+            token = relay.token("alice"),
+        ),
+    )
+    .unwrap();
+    let mut kubectl = std::process::Command::new(kubectl("1.33"));
+    kubectl
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args([
+            "get",
+            "--raw",
+            "/clusters/often/api",
+            "--request-timeout=30s",
+        ])
+        .env("HOME", &relay_dir)
+        .env_remove("KUBECONFIG")
+        .stdin(std::process::Stdio::null());
+    let out = tokio::task::spawn_blocking(move || run(kubectl, None, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(ok(&out, "kubectl get --raw").trim(), "{}");
+    assert_eq!(often_seen.load(Ordering::SeqCst), 7);
+
     let metrics = admin_get(relay.admin, "/metrics").await;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l == "relay_upstream_retries_total 6"),
-        "{metrics}"
-    );
+    for sample in [
+        // 3 for `mostly`, 3 for `always`, 3 and 2 for kubectl's two requests to `often`.
+        "relay_upstream_retries_total 11",
+        "relay_upstream_errors_total{cluster=\"often\",reason=\"refused\"} 1",
+        "relay_upstream_errors_total{cluster=\"always\",reason=\"refused\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == sample), "{sample}: {metrics}");
+    }
 }
