@@ -1706,13 +1706,25 @@ async fn the_web_terminal_runs_a_shell_and_follows_logs_in_a_real_browser() {
     assert_eq!(run["signed_out"]["has_clusters"], false, "{run}");
     assert_eq!(run["signed_out"]["terminal"], 303, "{run}");
     // The cluster saw alice's exec, made by the relay's credential for her (impersonate mode).
-    let audit = std::fs::read_to_string(env.dir.path().join("relay/audit.jsonl")).unwrap();
-    let exec: Vec<Value> = audit
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|r| r["objectRef"]["subresource"] == "exec" && r["stage"] == "ResponseComplete")
-        .collect();
-    assert_eq!(exec.len(), 1, "{audit}");
+    // The relay (another process) writes the record when the session ends: wait for it.
+    let audit_path = env.dir.path().join("relay/audit.jsonl");
+    let exec: Vec<Value> = crate::support::eventually("the exec's record", DRIVE_TIMEOUT, || {
+        let audit = std::fs::read_to_string(&audit_path).unwrap_or_default();
+        let exec: Vec<Value> = audit
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["objectRef"]["subresource"] == "exec" && r["stage"] == "ResponseComplete")
+            .collect();
+        async move {
+            if exec.is_empty() {
+                Err(audit)
+            } else {
+                Ok(exec)
+            }
+        }
+    })
+    .await;
+    assert_eq!(exec.len(), 1, "{exec:?}");
     assert_eq!(
         exec[0]["annotations"]["kube-relay.io/client"],
         "web-terminal"
