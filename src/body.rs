@@ -296,8 +296,10 @@ mod tests {
     async fn a_frame_the_client_never_takes_ends_the_stream_as_a_write_stall() {
         let registry = Arc::new(crate::streams::StreamRegistry::default());
         let connection = tokio_util::sync::CancellationToken::new();
-        let guard = registry
-            .register_for_tests(crate::streams::StreamKind::Watch, Some(connection.clone()));
+        let guard = registry.register_for_tests(
+            crate::streams::StreamKind::Watch,
+            Some(crate::streams::Stop::Connection(connection.clone())),
+        );
         let entry = guard.entry.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
         let ended = Arc::new(parking_lot::Mutex::new(None));

@@ -13,6 +13,12 @@
 //! What it costs: one connection's requests share one thread at a time (connections still
 //! spread over the workers). A panic in one request ends that request only, as it did in a
 //! task of its own.
+//!
+//! Each stream can also be ended alone: hyper stops polling a response body whose stream
+//! window the client no longer opens, so such a body cannot end itself, and hyper has no way
+//! to reset one stream from outside. Dropping the stream's future does it (hyper's stream
+//! handle, dropped mid-answer, resets the stream), and the connection's other streams go on.
+//! The request claims that power with [`claim_own_stream`] while its stream is first polled.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -21,12 +27,53 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
+use futures_util::future::{AbortHandle, Abortable};
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use futures_util::task::AtomicWaker;
 use futures_util::FutureExt as _;
 use parking_lot::Mutex;
 
 type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+thread_local! {
+    /// The handle that ends the stream being polled for the first time, until its request
+    /// claims it.
+    static STARTING: std::cell::RefCell<Option<AbortHandle>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The handle that ends the calling request's own HTTP/2 stream, and only it (see the module
+/// notes). Only a request's first poll finds it, so call this before the request's first
+/// `.await`. `None` off an HTTP/2 connection of this module (HTTP/1.1 requests).
+pub fn claim_own_stream() -> Option<AbortHandle> {
+    STARTING.with(|s| s.borrow_mut().take())
+}
+
+pin_project_lite::pin_project! {
+    /// A stream that can be ended from outside; it offers its handle during its first poll.
+    struct Endable<F> {
+        #[pin]
+        inner: Abortable<F>,
+        handle: Option<AbortHandle>,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Endable<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        let Some(handle) = this.handle.take() else {
+            return this.inner.poll(cx).map(|_| ());
+        };
+        STARTING.with(|s| *s.borrow_mut() = Some(handle));
+        let out = this.inner.poll(cx);
+        // Unclaimed (a request that never stalls, or one that did not ask): not left for the
+        // next stream's request to find.
+        STARTING.with(|s| s.borrow_mut().take());
+        out.map(|_| ())
+    }
+}
 
 /// Turns of polling in one [`Serve::poll`] before it yields to the scheduler. Bounded, because
 /// a future out of tokio's cooperative budget wakes itself at once, and that budget is only
@@ -71,7 +118,14 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
-        let stream = AssertUnwindSafe(fut).catch_unwind().map(|_| ());
+        let (handle, registration) = AbortHandle::new_pair();
+        let stream = Endable {
+            inner: Abortable::new(
+                AssertUnwindSafe(fut).catch_unwind().map(|_| ()),
+                registration,
+            ),
+            handle: Some(handle),
+        };
         self.shared.new.lock().push(Box::pin(stream));
         self.shared.wake_by_ref();
     }
@@ -207,6 +261,47 @@ mod tests {
         tx.send(()).unwrap();
         assert_eq!(serve.await.unwrap(), Some("conn ended"));
         assert_eq!(done.load(Ordering::SeqCst), 2);
+    }
+
+    /// Sets its flag when dropped.
+    struct DropFlag(Arc<AtomicBool>);
+
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_claims_its_own_handle_and_is_ended_alone() {
+        assert!(claim_own_stream().is_none(), "outside any stream");
+        let exec = ConnStreams::new();
+        let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
+        let dropped = Arc::new(AtomicBool::new(false));
+        let flag = DropFlag(dropped.clone());
+        exec.execute(async move {
+            let _flag = flag;
+            let _ = handle_tx.send(claim_own_stream());
+            std::future::pending::<()>().await;
+        });
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        exec.execute(async move {
+            tokio::task::yield_now().await;
+            // Past its first poll a stream finds no handle, not another stream's.
+            let late = claim_own_stream().is_some();
+            let _ = go_rx.await;
+            let _ = done_tx.send(late);
+        });
+        let serve = tokio::spawn(exec.serve(std::future::pending::<()>()));
+        let handle = handle_rx.await.unwrap().expect("claimed in its first poll");
+        handle.abort();
+        go_tx.send(()).unwrap();
+        // The other stream runs on after the first was ended, and the first was dropped.
+        assert!(!done_rx.await.unwrap());
+        assert!(dropped.load(Ordering::SeqCst));
+        assert!(!serve.is_finished());
+        serve.abort();
     }
 
     #[tokio::test]

@@ -559,8 +559,9 @@ async fn serve_connection(
         service_fn(move |req: Request<Incoming>| proxy::handle(relay.state(), conn.clone(), req));
     let mut serving =
         streams.serve(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc));
-    // `abort` drops the connection mid-way: a watch whose client stopped reading cannot be
-    // ended any other way (src/streams.rs). Its requests are still polled until hyper ends them.
+    // `abort` drops the connection mid-way: an HTTP/1.1 watch whose client stopped reading
+    // cannot be ended any other way (src/streams.rs; an HTTP/2 one is reset alone). Its
+    // requests are still polled until hyper ends them.
     tokio::select! {
         r = &mut serving => {
             if let Some(Err(e)) = r {

@@ -48,7 +48,7 @@ pub struct ConnCtx {
     pub peer: SocketAddr,
     /// SNI from the handshake, lower-cased by rustls.
     pub sni: Option<String>,
-    /// Cancelling it drops the connection at once (a stalled watch: src/streams.rs).
+    /// Cancelling it drops the connection at once (a stalled HTTP/1.1 watch: src/streams.rs).
     pub abort: tokio_util::sync::CancellationToken,
     /// The peer's IP as `X-Forwarded-For` carries it, formatted once per connection.
     pub peer_header: http::HeaderValue,

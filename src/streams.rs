@@ -87,11 +87,20 @@ pub struct StreamEntry {
     /// Since when the stream has bytes the client has not taken (milliseconds since [`epoch`]
     /// plus one; zero while nothing waits on the client).
     waiting: AtomicU64,
-    /// Ends the client's whole connection. A response body the HTTP stack has stopped polling
-    /// (a full socket on HTTP/1.1, an exhausted stream window on h2) cannot end itself, and
-    /// hyper offers no way to reset one h2 stream from outside: closing the connection is the
-    /// one way to let go of a stalled watch. `None` for tunnels, which end themselves.
-    connection: Option<CancellationToken>,
+    /// How to let go of the stream if its client stops reading. `None` for tunnels, which end
+    /// themselves.
+    stop: Option<Stop>,
+}
+
+/// How the relay lets go of a response body the HTTP stack has stopped polling (a full socket
+/// on HTTP/1.1, an exhausted stream window on h2): such a body cannot end itself.
+#[derive(Debug)]
+pub enum Stop {
+    /// Ends this HTTP/2 stream alone (hyper then resets it); the connection's other streams go
+    /// on (src/conn_streams.rs).
+    Stream(futures_util::future::AbortHandle),
+    /// Ends the client's whole connection: on HTTP/1.1 that is the one way.
+    Connection(CancellationToken),
 }
 
 /// The moment write-stall times are counted from.
@@ -152,11 +161,14 @@ impl StreamEntry {
     }
 
     /// Ends a stream whose client stopped reading: the stream's own task (a tunnel) sees its
-    /// token cancelled; a response body is let go with its connection.
+    /// token cancelled; a response body is let go with its h2 stream, or its HTTP/1.1
+    /// connection.
     fn close_stalled(&self) {
         self.close(CloseReason::WriteStall);
-        if let Some(c) = &self.connection {
-            c.cancel();
+        match &self.stop {
+            Some(Stop::Stream(s)) => s.abort(),
+            Some(Stop::Connection(c)) => c.cancel(),
+            None => {}
         }
     }
 }
@@ -198,8 +210,8 @@ pub struct NewStream {
     pub info: RequestInfo,
     pub impersonating: bool,
     pub kind: StreamKind,
-    /// The client connection to drop if the stream stalls (see [`StreamEntry`]).
-    pub connection: Option<CancellationToken>,
+    /// How to let go of the stream if it stalls (see [`Stop`]).
+    pub stop: Option<Stop>,
 }
 
 impl StreamRegistry {
@@ -223,7 +235,7 @@ impl StreamRegistry {
             cancel: CancellationToken::new(),
             reason: Mutex::new(CloseReason::Closed),
             waiting: AtomicU64::new(0),
-            connection: s.connection,
+            stop: s.stop,
         });
         self.entries.lock().insert(id, entry.clone());
         Some(StreamGuard {
@@ -251,7 +263,7 @@ impl StreamRegistry {
     pub(crate) fn register_for_tests(
         self: &Arc<Self>,
         kind: StreamKind,
-        connection: Option<CancellationToken>,
+        stop: Option<Stop>,
     ) -> StreamGuard {
         let s = NewStream {
             principal: Arc::new(Principal::for_tests("dev", "alice")),
@@ -259,7 +271,7 @@ impl StreamRegistry {
             info: RequestInfo::default(),
             impersonating: false,
             kind,
-            connection,
+            stop,
         };
         self.register(s, 10).unwrap()
     }
@@ -313,7 +325,7 @@ mod tests {
     use super::*;
 
     fn register(r: &Arc<StreamRegistry>, connection: Option<CancellationToken>) -> StreamGuard {
-        r.register_for_tests(StreamKind::Watch, connection)
+        r.register_for_tests(StreamKind::Watch, connection.map(Stop::Connection))
     }
 
     #[test]

@@ -218,8 +218,8 @@ pub struct Timeouts {
     /// Idle time (no bytes either way) after which a watch, log follow or tunnel is closed.
     pub stream_idle: Duration,
     /// How long a watch, log follow or tunnel may wait on a client that takes none of its bytes
-    /// before the relay ends it (docs/security.md F4). A watch over HTTP/2 is ended with its
-    /// whole connection: the HTTP stack cannot reset one stalled stream from outside.
+    /// before the relay ends it (docs/security.md F4). A watch over HTTP/2 is reset alone; one
+    /// over HTTP/1.1 ends with its connection.
     pub write_stall: Duration,
     /// How long a watch, log follow or tunnel may outlive the caller's token (`exp`) before the
     /// relay closes it; client-go then reconnects with a fresh token.

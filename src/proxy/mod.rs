@@ -52,6 +52,9 @@ struct Ctx {
     /// A browser's request through the portal's gateway: its streams end with the portal
     /// session and after the terminal's idle limit.
     web: Option<WebLimits>,
+    /// Ends this request's own HTTP/2 stream alone, should its client stop reading a watch
+    /// (src/conn_streams.rs); `None` on HTTP/1.1.
+    own_stream: Option<futures_util::future::AbortHandle>,
 }
 
 #[derive(Clone, Copy)]
@@ -134,6 +137,8 @@ pub async fn handle(
     let is_upgrade = req.headers().contains_key(header::UPGRADE);
     let mut ctx = Ctx {
         base: audit_base(&req, &audit_id, conn.peer.ip()),
+        // Offered only until this request's first `.await`.
+        own_stream: crate::conn_streams::claim_own_stream(),
         ..Ctx::default()
     };
 
@@ -654,7 +659,12 @@ async fn dispatch(
             info,
             impersonating,
             crate::streams::StreamKind::Watch,
-            Some(conn.abort.clone()),
+            // A body the client stopped taking is let go with its h2 stream, or its HTTP/1.1
+            // connection (src/streams.rs).
+            Some(match ctx.own_stream.take() {
+                Some(stream) => crate::streams::Stop::Stream(stream),
+                None => crate::streams::Stop::Connection(conn.abort.clone()),
+            }),
         )?;
         Some((ctx.audit(), token_deadline, idle, guard))
     } else {
@@ -672,7 +682,7 @@ fn register_stream(
     info: &RequestInfo,
     impersonating: bool,
     kind: crate::streams::StreamKind,
-    connection: Option<tokio_util::sync::CancellationToken>,
+    stop: Option<crate::streams::Stop>,
 ) -> Result<crate::streams::StreamGuard, ProxyError> {
     state
         .streams
@@ -683,7 +693,7 @@ fn register_stream(
                 info: info.clone(),
                 impersonating,
                 kind,
-                connection,
+                stop,
             },
             state.cfg.limits.per_identity_streams,
         )

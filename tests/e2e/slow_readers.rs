@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::{tls_connect, CustomRelay, FakeUpstream};
+use http_body_util::BodyExt as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
 
@@ -205,19 +206,29 @@ async fn a_stalled_http2_watch_reader_pushes_back_to_the_cluster_then_is_cut_off
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
-    // The body is never read: its stream window fills and stays full.
-    let _unread = resp.into_body();
+    // The body is not read: its stream window fills and stays full.
+    let unread = resp.into_body();
     let written = cluster.settled().await;
     let grown = rss_bytes().saturating_sub(rss_before);
     pushed_back("HTTP/2", written, grown);
-    // The stalled stream cannot be reset on its own (src/streams.rs): its connection ends.
     let record = stall_record(&relay.audit_path()).await;
     assert_eq!(record["annotations"]["kube-relay.io/protocol"], "watch");
-    let ended = tokio::time::timeout(Duration::from_secs(30), connection).await;
-    assert!(
-        ended.is_ok(),
-        "the h2 connection stayed open after the stall"
-    );
+    // The relay reset that stream alone (src/conn_streams.rs): reading it now ends in an
+    // error, not in a clean end of watch, and the connection goes on serving.
+    let read = tokio::time::timeout(Duration::from_secs(30), unread.collect())
+        .await
+        .expect("the stalled stream ends");
+    assert!(read.is_err(), "the stalled stream ended cleanly");
+    let req = http::Request::get("https://localhost/clusters/none/api")
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send
+        .send_request(req)
+        .await
+        .expect("the connection still serves");
+    assert_eq!(resp.status(), 404);
+    assert!(!connection.is_finished());
 }
 
 /// Exec tunnels (SPDY with kubectl 1.27, WebSocket with 1.33): the pod writes 1 GiB to stdout
