@@ -18,7 +18,8 @@
 //! window the client no longer opens, so such a body cannot end itself, and hyper has no way
 //! to reset one stream from outside. Dropping the stream's future does it (hyper's stream
 //! handle, dropped mid-answer, resets the stream), and the connection's other streams go on.
-//! The request claims that power with [`claim_own_stream`] while its stream is first polled.
+//! The service takes that power with [`ConnStreams::next_stream_end`] as hyper calls it for a
+//! request; hyper hands that request's stream over right after (see there).
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -27,34 +28,41 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-use futures_util::future::{AbortHandle, Abortable};
 use futures_util::stream::{FuturesUnordered, StreamExt as _};
 use futures_util::task::AtomicWaker;
-use futures_util::FutureExt as _;
 use parking_lot::Mutex;
 
 type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-thread_local! {
-    /// The handle that ends the stream being polled for the first time, until its request
-    /// claims it.
-    static STARTING: std::cell::RefCell<Option<AbortHandle>> =
-        const { std::cell::RefCell::new(None) };
+/// Set to end one stream; its waker is the stream's own (in [`Serve`]'s set of streams).
+struct EndFlag {
+    ended: AtomicBool,
+    waker: AtomicWaker,
 }
 
-/// The handle that ends the calling request's own HTTP/2 stream, and only it (see the module
-/// notes). Only a request's first poll finds it, so call this before the request's first
-/// `.await`. `None` off an HTTP/2 connection of this module (HTTP/1.1 requests).
-pub fn claim_own_stream() -> Option<AbortHandle> {
-    STARTING.with(|s| s.borrow_mut().take())
+/// Ends one HTTP/2 stream of a connection, and only it (see the module notes).
+pub struct StreamEnd(Arc<EndFlag>);
+
+impl StreamEnd {
+    pub fn end(&self) {
+        self.0.ended.store(true, Ordering::Release);
+        self.0.waker.wake();
+    }
+}
+
+impl std::fmt::Debug for StreamEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamEnd")
+    }
 }
 
 pin_project_lite::pin_project! {
-    /// A stream that can be ended from outside; it offers its handle during its first poll.
+    /// One stream as hyper handed it over: a panic in it ends it alone, and so does its
+    /// [`StreamEnd`], if its request took one.
     struct Endable<F> {
         #[pin]
-        inner: Abortable<F>,
-        handle: Option<AbortHandle>,
+        fut: F,
+        end: Option<Arc<EndFlag>>,
     }
 }
 
@@ -63,15 +71,28 @@ impl<F: Future<Output = ()>> Future for Endable<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.project();
-        let Some(handle) = this.handle.take() else {
-            return this.inner.poll(cx).map(|_| ());
+        let ended = |end: &Option<Arc<EndFlag>>| {
+            end.as_ref()
+                .is_some_and(|e| e.ended.load(Ordering::Acquire))
         };
-        STARTING.with(|s| *s.borrow_mut() = Some(handle));
-        let out = this.inner.poll(cx);
-        // Unclaimed (a request that never stalls, or one that did not ask): not left for the
-        // next stream's request to find.
-        STARTING.with(|s| s.borrow_mut().take());
-        out.map(|_| ())
+        if ended(this.end) {
+            return Poll::Ready(());
+        }
+        let mut fut = this.fut;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.as_mut().poll(cx))) {
+            // A panic ends this request only, as it would end a task of its own.
+            Ok(Poll::Ready(())) | Err(_) => Poll::Ready(()),
+            Ok(Poll::Pending) => {
+                let Some(end) = this.end.as_ref() else {
+                    return Poll::Pending;
+                };
+                end.waker.register(cx.waker());
+                if ended(this.end) {
+                    return Poll::Ready(());
+                }
+                Poll::Pending
+            }
+        }
     }
 }
 
@@ -90,6 +111,8 @@ pub struct ConnStreams {
 struct Shared {
     /// Streams handed over and not yet polled.
     new: Mutex<Vec<Stream>>,
+    /// The end of the stream hyper hands over next, if its request asked for one.
+    next_end: Mutex<Option<Arc<EndFlag>>>,
     /// Set while [`Serve`] polls: a wake-up then only sets `again`.
     polling: AtomicBool,
     /// Something was woken or handed over since this turn began.
@@ -118,15 +141,8 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
-        let (handle, registration) = AbortHandle::new_pair();
-        let stream = Endable {
-            inner: Abortable::new(
-                AssertUnwindSafe(fut).catch_unwind().map(|_| ()),
-                registration,
-            ),
-            handle: Some(handle),
-        };
-        self.shared.new.lock().push(Box::pin(stream));
+        let end = self.shared.next_end.lock().take();
+        self.shared.new.lock().push(Box::pin(Endable { fut, end }));
         self.shared.wake_by_ref();
     }
 }
@@ -136,11 +152,27 @@ impl ConnStreams {
         Self {
             shared: Arc::new(Shared {
                 new: Mutex::new(Vec::new()),
+                next_end: Mutex::new(None),
                 polling: AtomicBool::new(false),
                 again: AtomicBool::new(false),
                 task: AtomicWaker::new(),
             }),
         }
+    }
+
+    /// To be called by the service as hyper calls it for an HTTP/2 request (never for an
+    /// HTTP/1.1 one): the handle that ends that request's stream alone. hyper's HTTP/2 server
+    /// calls the service for a request and hands the request's stream to this executor next,
+    /// with nothing in between, so the next stream handed over is that one. Every request gets
+    /// one: deciding which may need it (watches, followed logs) cost more instructions than the
+    /// allocation (callgrind, docs/perf).
+    pub fn next_stream_end(&self) -> StreamEnd {
+        let end = Arc::new(EndFlag {
+            ended: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        });
+        *self.shared.next_end.lock() = Some(end.clone());
+        StreamEnd(end)
     }
 
     /// Drives `conn`, the connection these streams come from, together with them.
@@ -273,33 +305,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stream_claims_its_own_handle_and_is_ended_alone() {
-        assert!(claim_own_stream().is_none(), "outside any stream");
+    async fn a_stream_whose_request_took_its_end_is_ended_alone() {
         let exec = ConnStreams::new();
-        let (handle_tx, handle_rx) = tokio::sync::oneshot::channel();
         let dropped = Arc::new(AtomicBool::new(false));
         let flag = DropFlag(dropped.clone());
+        let end = exec.next_stream_end();
         exec.execute(async move {
             let _flag = flag;
-            let _ = handle_tx.send(claim_own_stream());
             std::future::pending::<()>().await;
         });
+        // Ending the first leaves the next one running.
+        let _second = exec.next_stream_end();
         let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         exec.execute(async move {
-            tokio::task::yield_now().await;
-            // Past its first poll a stream finds no handle, not another stream's.
-            let late = claim_own_stream().is_some();
             let _ = go_rx.await;
-            let _ = done_tx.send(late);
+            let _ = done_tx.send(());
         });
         let serve = tokio::spawn(exec.serve(std::future::pending::<()>()));
-        let handle = handle_rx.await.unwrap().expect("claimed in its first poll");
-        handle.abort();
+        tokio::task::yield_now().await;
+        assert!(!dropped.load(Ordering::SeqCst));
+        end.end();
         go_tx.send(()).unwrap();
-        // The other stream runs on after the first was ended, and the first was dropped.
-        assert!(!done_rx.await.unwrap());
-        assert!(dropped.load(Ordering::SeqCst));
+        done_rx.await.expect("the other stream runs on");
+        assert!(
+            dropped.load(Ordering::SeqCst),
+            "the ended stream was dropped"
+        );
         assert!(!serve.is_finished());
         serve.abort();
     }

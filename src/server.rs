@@ -555,8 +555,13 @@ async fn serve_connection(
         .max_pending_accept_reset_streams(Some(50))
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
-    let svc =
-        service_fn(move |req: Request<Incoming>| proxy::handle(relay.state(), conn.clone(), req));
+    let ends = streams.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        // hyper hands an HTTP/2 request's stream to `streams` right after this call: a watch
+        // whose client stops reading can then be ended alone (src/conn_streams.rs).
+        let own_stream = (req.version() == http::Version::HTTP_2).then(|| ends.next_stream_end());
+        proxy::handle(relay.state(), conn.clone(), req, own_stream)
+    });
     let mut serving =
         streams.serve(builder.serve_connection_with_upgrades(TokioIo::new(stream), svc));
     // `abort` drops the connection mid-way: an HTTP/1.1 watch whose client stopped reading

@@ -98,7 +98,7 @@ pub struct StreamEntry {
 pub enum Stop {
     /// Ends this HTTP/2 stream alone (hyper then resets it); the connection's other streams go
     /// on (src/conn_streams.rs).
-    Stream(futures_util::future::AbortHandle),
+    Stream(crate::conn_streams::StreamEnd),
     /// Ends the client's whole connection: on HTTP/1.1 that is the one way.
     Connection(CancellationToken),
 }
@@ -166,7 +166,7 @@ impl StreamEntry {
     fn close_stalled(&self) {
         self.close(CloseReason::WriteStall);
         match &self.stop {
-            Some(Stop::Stream(s)) => s.abort(),
+            Some(Stop::Stream(s)) => s.end(),
             Some(Stop::Connection(c)) => c.cancel(),
             None => {}
         }

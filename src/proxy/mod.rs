@@ -54,7 +54,7 @@ struct Ctx {
     web: Option<WebLimits>,
     /// Ends this request's own HTTP/2 stream alone, should its client stop reading a watch
     /// (src/conn_streams.rs); `None` on HTTP/1.1.
-    own_stream: Option<futures_util::future::AbortHandle>,
+    own_stream: Option<crate::conn_streams::StreamEnd>,
 }
 
 #[derive(Clone, Copy)]
@@ -126,10 +126,13 @@ impl Ctx {
 }
 
 /// Serves one request. Never fails: errors become Status responses here and only here.
+/// `own_stream` ends this request's HTTP/2 stream alone, should it turn out a watch whose
+/// client stops reading (`None` on HTTP/1.1).
 pub async fn handle(
     state: Arc<State>,
     conn: Arc<ConnCtx>,
     req: Request<Incoming>,
+    own_stream: Option<crate::conn_streams::StreamEnd>,
 ) -> Result<Response<RelayBody>, Infallible> {
     let start = Instant::now();
     let audit_id = headers::audit_id(req.headers());
@@ -137,8 +140,7 @@ pub async fn handle(
     let is_upgrade = req.headers().contains_key(header::UPGRADE);
     let mut ctx = Ctx {
         base: audit_base(&req, &audit_id, conn.peer.ip()),
-        // Offered only until this request's first `.await`.
-        own_stream: crate::conn_streams::claim_own_stream(),
+        own_stream,
         ..Ctx::default()
     };
 
