@@ -58,7 +58,7 @@ impl std::fmt::Debug for StreamEnd {
 
 pin_project_lite::pin_project! {
     /// One stream as hyper handed it over: a panic in it ends it alone, and so does its
-    /// [`StreamEnd`], if its request took one.
+    /// [`StreamEnd`], when it has one.
     struct Endable<F> {
         #[pin]
         fut: F,
@@ -111,7 +111,8 @@ pub struct ConnStreams {
 struct Shared {
     /// Streams handed over and not yet polled.
     new: Mutex<Vec<Stream>>,
-    /// The end of the stream hyper hands over next, if its request asked for one.
+    /// The end of the stream hyper hands over next, set as the service is called for its
+    /// request (`None` for anything else hyper hands over, such as an upgrade's task).
     next_end: Mutex<Option<Arc<EndFlag>>>,
     /// Set while [`Serve`] polls: a wake-up then only sets `again`.
     polling: AtomicBool,
