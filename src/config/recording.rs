@@ -24,8 +24,18 @@ struct FileRecording {
     /// Also record what is typed into sessions (`i` events).
     #[serde(default)]
     stdin: bool,
+    /// The most one session's recording may hold: bytes, or with Ki, Mi, Gi or Ti.
+    max_session_size: Option<FileSize>,
     #[serde(default)]
     auditors: FileAuditors,
+}
+
+/// A size as written: a number of bytes, or text such as `512Mi`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FileSize {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
@@ -89,6 +99,8 @@ pub struct BlobStoreConfig {
 pub struct RecordingConfig {
     pub store: RecordingStoreConfig,
     pub stdin: bool,
+    /// `recording.max_session_size`: a session's recording stops at this many bytes.
+    pub max_session_bytes: u64,
     /// Portal users who may list and play recordings: members of these groups ...
     pub auditor_groups: Vec<String>,
     /// ... or these `issuer/subject` users. Nobody else.
@@ -102,6 +114,55 @@ impl RecordingConfig {
             || groups
                 .iter()
                 .any(|g| self.auditor_groups.iter().any(|a| a == g))
+    }
+}
+
+/// `recording.max_session_size` when not set. Ordinary terminal sessions stay far below it; a
+/// session streaming a large file (`kubectl cp` is `tar` over exec) can reach it, and without a
+/// bound one such session could fill the store the audit log may share.
+pub const DEFAULT_MAX_SESSION_BYTES: u64 = 1 << 30;
+/// Below this a recording would hardly hold its header and a screenful.
+const MIN_SESSION_BYTES: u64 = 64 << 10;
+
+/// Reads `recording.max_session_size`: bytes, or a number with a binary unit (`Ki`, `Mi`, `Gi`,
+/// `Ti`), as Kubernetes writes memory quantities.
+fn parse_size(v: &FileSize, path: &str, errs: &mut Errors) -> Option<u64> {
+    let bytes = match v {
+        FileSize::Bytes(n) => Some(*n),
+        FileSize::Text(t) => {
+            let t = t.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (digits, unit) = t.split_at(split);
+            let shift = match unit {
+                "" => Some(0),
+                "Ki" => Some(10),
+                "Mi" => Some(20),
+                "Gi" => Some(30),
+                "Ti" => Some(40),
+                _ => None,
+            };
+            match (digits.parse::<u64>(), shift) {
+                (Ok(n), Some(shift)) => n.checked_mul(1 << shift),
+                _ => {
+                    errs.add(
+                        path,
+                        format!("`{t}` is not a size: a number of bytes, or a number with Ki, Mi, Gi or Ti (e.g. 512Mi)"),
+                    );
+                    return None;
+                }
+            }
+        }
+    };
+    match bytes {
+        Some(n) if n >= MIN_SESSION_BYTES => Some(n),
+        Some(_) => {
+            errs.add(path, "must be at least 64Ki");
+            None
+        }
+        None => {
+            errs.add(path, "is too large");
+            None
+        }
     }
 }
 
@@ -150,6 +211,11 @@ pub(super) fn parse_recording(
             );
         }
     }
+    // Read before the store, so that errors in both are reported together.
+    let max_session_bytes = match &f.max_session_size {
+        Some(v) => parse_size(v, "recording.max_session_size", errs),
+        None => Some(DEFAULT_MAX_SESSION_BYTES),
+    };
     let s = &f.store;
     let only = |errs: &mut Errors, key: &str, present: bool, kind: &str| {
         if present {
@@ -249,6 +315,7 @@ pub(super) fn parse_recording(
     Some(RecordingConfig {
         store,
         stdin: f.stdin,
+        max_session_bytes: max_session_bytes?,
         auditor_groups: f.auditors.groups,
         auditor_users: f.auditors.users,
     })

@@ -718,6 +718,23 @@ fn recording_loads_for_a_directory_and_for_azure_blob() {
     assert!(matches!(&r.store, RecordingStoreConfig::Dir(d) if d.ends_with("recordings")));
     assert!(r.is_auditor("contoso/u1", &[]) && r.is_auditor("x/y", &["g1".to_owned()]));
     assert!(!r.is_auditor("contoso/u2", &["g2".to_owned()]));
+    assert_eq!(r.max_session_bytes, DEFAULT_MAX_SESSION_BYTES);
+    for (written, bytes) in [
+        ("512Mi", 512u64 << 20),
+        ("65536", 65536),
+        ("2Gi", 2 << 30),
+        ("64Ki", 64 << 10),
+    ] {
+        let cfg = with_recording(
+            &f,
+            "required",
+            &format!(
+                "recording:\n  store: {{kind: file, dir: r}}\n  max_session_size: {written}\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(cfg.recording.unwrap().max_session_bytes, bytes, "{written}");
+    }
 
     let cfg = with_recording(
         &f,
@@ -748,6 +765,12 @@ fn recording_mistakes_name_their_key() {
         ("optional", "recording:\n  store: {kind: azure_blob, account_url: http://a.blob.core.windows.net, container: recs, credential: {azure: {credential: managed_identity}}}\n", "recording.store.account_url"),
         ("optional", "recording:\n  store: {kind: file, dir: r}\n  auditors: {users: [nobody/x]}\n", "recording.auditors.users[0]: `nobody/x`"),
         ("optional", "recording:\n  store: {kind: file, dir: r}\n  colour: blue\n", "recording"),
+        ("optional", "recording:\n  store: {kind: file, dir: r}\n  max_session_size: 1GB\n", "recording.max_session_size: `1GB` is not a size"),
+        ("optional", "recording:\n  store: {kind: file, dir: r}\n  max_session_size: 1.5Gi\n", "recording.max_session_size: `1.5Gi` is not a size"),
+        ("optional", "recording:\n  store: {kind: file, dir: r}\n  max_session_size: 1000\n", "recording.max_session_size: must be at least 64Ki"),
+        ("optional", "recording:\n  store: {kind: file, dir: r}\n  max_session_size: 99999999999Ti\n", "recording.max_session_size: is too large"),
+        // Both mistakes are reported, not only the store's.
+        ("optional", "recording:\n  store: {kind: file}\n  max_session_size: lots\n", "recording.max_session_size: `lots` is not a size"),
     ];
     for (mode, recording, expected) in cases {
         let errs = messages(with_recording(&f, mode, recording).unwrap_err()).join("\n");

@@ -448,6 +448,7 @@ async fn open_recording(
         container,
         command: command.join(" "),
         stdin: cfg.stdin,
+        max_bytes: cfg.max_session_bytes,
     };
     let entry = guard.entry.clone();
     let on_failure = move |why: &str| {

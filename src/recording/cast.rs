@@ -1,6 +1,6 @@
 //! asciicast v2 (the format asciinema-player plays): a JSON header line, then one JSON array per
 //! event, `[seconds, code, data]`, with codes `o` (what the terminal showed), `i` (what was
-//! typed) and `r` (a resize, `"<cols>x<rows>"`).
+//! typed), `r` (a resize, `"<cols>x<rows>"`) and `m` (a marker, shown on the player's timeline).
 //!
 //! Terminal output arrives in arbitrary pieces and may split a UTF-8 sequence; the few bytes of
 //! an unfinished sequence are carried to the next piece so every event is valid text.
@@ -65,6 +65,11 @@ impl Text {
 /// `[t, "r", "<cols>x<rows>"]`.
 pub fn resize(out: &mut String, t: f64, cols: u16, rows: u16) {
     push_event(out, t, "r", &format!("{cols}x{rows}"));
+}
+
+/// `[t, "m", label]`.
+pub fn marker(out: &mut String, t: f64, label: &str) {
+    push_event(out, t, "m", label);
 }
 
 fn push_event(out: &mut String, t: f64, code: &str, text: &str) {

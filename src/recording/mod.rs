@@ -45,6 +45,8 @@ pub struct SessionInfo {
     pub command: String,
     /// Record what was typed as well (`recording.stdin`).
     pub stdin: bool,
+    /// The recording stops when it would grow past this (`recording.max_session_size`).
+    pub max_bytes: u64,
 }
 
 /// Why a session's recording stopped early.
@@ -78,6 +80,11 @@ pub struct Recording {
     typed: cast::Text,
     stdin: bool,
     staged: String,
+    /// Bytes handed to the spool so far, and the most the recording may hold.
+    recorded: u64,
+    max_bytes: u64,
+    /// Recording stopped ([`Recording::stop`]): the tunnel's bytes are no longer decoded.
+    stopped: bool,
     fail: Arc<FailOnce>,
 }
 
@@ -164,6 +171,9 @@ impl Recording {
                 typed: cast::Text::default(),
                 stdin: info.stdin,
                 staged: String::new(),
+                recorded: 0,
+                max_bytes: info.max_bytes,
+                stopped: false,
                 fail,
             },
             finished,
@@ -214,12 +224,15 @@ impl Recording {
             // What follows could not be recorded faithfully: the recording stops here, and a
             // required one ends the session.
             Some(why) => self.stop(&format!("the recording stopped: {why}")),
+            // Full (`reached_limit`): nothing more is decoded.
+            None if self.stopped => {}
             None => self.decoder = Some(decoder),
         }
     }
 
     /// Stops recording: the spool takes no more lines and the session is told.
     fn stop(&mut self, why: &str) {
+        self.stopped = true;
         let mut s = self.spool.inner.lock();
         if s.failed.is_none() {
             s.failed = Some(why.to_owned());
@@ -259,6 +272,28 @@ impl Recording {
         if self.staged.is_empty() {
             return;
         }
+        // At `recording.max_session_size` the recording is full: the whole lines that fit are
+        // kept (the header always fits: the limit is at least 64Ki), a marker says where
+        // recording ended (the player shows it on its timeline; it may pass the limit by its
+        // own few bytes), and the session is told like of any other failure. A required
+        // recording then ends its session; an optional one lets it go on unrecorded, and its
+        // audit record says why.
+        let room = self.max_bytes.saturating_sub(self.recorded);
+        let full = self.staged.len() as u64 > room;
+        if full {
+            let keep = self.staged.as_bytes()[..room as usize]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1);
+            self.staged.truncate(keep);
+            let t = self.elapsed();
+            cast::marker(
+                &mut self.staged,
+                t,
+                "recording stopped: recording.max_session_size",
+            );
+        }
+        self.recorded += self.staged.len() as u64;
         let mut s = self.spool.inner.lock();
         // After a failure nobody empties the spool: lines are dropped, not kept.
         let before = s.lines.len();
@@ -272,6 +307,12 @@ impl Recording {
         self.staged.clear();
         if wake {
             self.spool.ready.notify_one();
+        }
+        if full {
+            self.stop(&format!(
+                "the recording reached recording.max_session_size ({} bytes); the rest of the session was not recorded",
+                self.max_bytes
+            ));
         }
     }
 }
@@ -386,11 +427,8 @@ mod tests {
         f
     }
 
-    #[tokio::test]
-    async fn a_session_s_size_output_and_resizes_reach_the_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(RecordingStore::Dir(dir.path().to_owned()));
-        let info = SessionInfo {
+    fn info(max_bytes: u64) -> SessionInfo {
+        SessionInfo {
             id: "s1".into(),
             cluster: "alpha".into(),
             user: "alice".into(),
@@ -399,8 +437,76 @@ mod tests {
             container: None,
             command: "sh".into(),
             stdin: false,
-        };
-        let (mut rec, finished) = Recording::open(store, info, |_| {}).await.unwrap();
+            max_bytes,
+        }
+    }
+
+    /// A recording stops at `recording.max_session_size`: what came before is kept, a marker
+    /// ends it, the session is told once, and nothing more is written however much follows.
+    #[tokio::test]
+    async fn a_recording_stops_at_its_size_limit_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RecordingStore::Dir(dir.path().to_owned()));
+        let told = Arc::new(Mutex::new(Vec::<String>::new()));
+        let t = told.clone();
+        let limit = 64 << 10;
+        let (mut rec, finished) = Recording::open(store, info(limit), move |why| {
+            t.lock().push(why.to_owned());
+        })
+        .await
+        .unwrap();
+        let name = rec.name.clone();
+        rec.framing(Some("v5.channel.k8s.io"));
+        // 16 KiB of printable output per frame: the fifth frame no longer fits.
+        let line = [b'x'; 16 << 10];
+        let mut frame = vec![0x82, 127];
+        frame.extend_from_slice(&(1 + line.len() as u64).to_be_bytes());
+        frame.push(1);
+        frame.extend_from_slice(&line);
+        for _ in 0..40 {
+            rec.from_server(&frame);
+        }
+        drop(rec);
+        let failure = finished
+            .await
+            .unwrap()
+            .expect("the recording says it stopped");
+        assert!(
+            failure.0.contains("recording.max_session_size"),
+            "{}",
+            failure.0
+        );
+        assert_eq!(told.lock().len(), 1, "{:?}", told.lock());
+        let text = std::fs::read_to_string(dir.path().join(&name)).unwrap();
+        assert!(text.len() as u64 <= limit + 200, "{} bytes", text.len());
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .skip(1)
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let shown: usize = events
+            .iter()
+            .filter(|e| e[1] == "o")
+            .map(|e| e[2].as_str().unwrap().len())
+            .sum();
+        assert_eq!(
+            shown,
+            3 * line.len(),
+            "whole frames before the limit are kept"
+        );
+        let last = events.last().unwrap();
+        assert_eq!(last[1], "m", "{last}");
+        assert!(
+            last[2].as_str().unwrap().contains("max_session_size"),
+            "{last}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_session_s_size_output_and_resizes_reach_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RecordingStore::Dir(dir.path().to_owned()));
+        let (mut rec, finished) = Recording::open(store, info(1 << 20), |_| {}).await.unwrap();
         let name = rec.name.clone();
         rec.framing(Some("v5.channel.k8s.io"));
         let k = Some([9, 8, 7, 6]);

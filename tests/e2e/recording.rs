@@ -189,6 +189,99 @@ async fn a_required_recording_that_cannot_be_written_refuses_the_session() {
     env.dev.stop().await;
 }
 
+/// The record of the exec session after the first `before`, whose recording stopped at
+/// `limit`: the record says why, and the recording ends with the marker, within `limit` (plus
+/// that marker line). Returns the record's annotations.
+async fn record_cut_at_the_limit(env: &Env, before: usize, limit: usize) -> serde_json::Value {
+    let record = exec_record_after(env, before).await;
+    let notes = record["annotations"].clone();
+    assert!(
+        notes["kube-relay.io/recording-error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("recording.max_session_size ({limit} bytes)"))),
+        "{notes}"
+    );
+    let name = notes["kube-relay.io/recording"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no recording named in {notes}"));
+    let path = env.dev.dir.join("recordings").join(name);
+    let size = std::fs::metadata(&path).unwrap().len() as usize;
+    assert!(size <= limit + 200, "{name}: {size} bytes");
+    let (_, events) = read_cast(env, name);
+    let last = events.last().expect("events");
+    assert_eq!(last[1], "m", "{name} ends with {last}");
+    assert!(events[..events.len() - 1].iter().any(|e| e[1] == "o"));
+    notes
+}
+
+/// docs/security.md G8: one session cannot grow its recording without bound. At
+/// `recording.max_session_size` the recording stops with a marker; a required recording then
+/// ends its session (`recording_failed`), an optional one lets it go on; the audit record says
+/// why either way. kubectl 1.27 (SPDY) and 1.33 (WebSocket) stream 8.5 MB through `cat`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_stops_at_its_size_limit_and_a_required_one_ends_its_session() {
+    let env = dev_env().await;
+    let config = env.dev.dir.join("relay.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let capped = text.replacen("recording:\n", "recording:\n  max_session_size: 256Ki\n", 1);
+    assert_ne!(capped, text, "the dev config's recording section moved");
+    std::fs::write(&config, &capped).unwrap();
+    env.dev
+        .relay_handle
+        .reload()
+        .await
+        .expect("the limit loads");
+    let limit = 256 << 10;
+    // Text, so that each piece `cat` sends back is an event well under the limit.
+    let payload: Vec<u8> = (0..250_000u32)
+        .flat_map(|i| format!("line {i:08} of what cat sends back\n").into_bytes())
+        .collect();
+    let cat = |version: &str| {
+        let mut c = env.kubectl(version, "alpha");
+        c.args(["exec", "-i", "-n", "default", "web-0", "--", "cat"]);
+        run(c, Some(&payload), Duration::from_secs(90))
+    };
+    // alpha's recording is required: the session ends when its recording is full. (kubectl
+    // is not told why: the relay closes the tunnel, and kubectl 1.27 then exits 0. The audit
+    // record is where the reason is.)
+    for version in ["1.27", "1.33"] {
+        let before = exec_records(&env).len();
+        let out = cat(version);
+        assert!(
+            out.stdout.len() < payload.len(),
+            "kubectl {version}: {:?}, {} bytes back",
+            out.status,
+            out.stdout.len()
+        );
+        let notes = record_cut_at_the_limit(&env, before, limit).await;
+        assert_eq!(
+            notes["kube-relay.io/close-reason"], "recording_failed",
+            "{notes}"
+        );
+    }
+    // Optional: the session goes on whole, recorded up to the limit.
+    let optional = capped.replacen("    recording: required\n", "    recording: optional\n", 1);
+    assert_ne!(optional, capped, "alpha's recording mode moved");
+    std::fs::write(&config, optional).unwrap();
+    env.dev.relay_handle.reload().await.expect("optional loads");
+    for version in ["1.27", "1.33"] {
+        let before = exec_records(&env).len();
+        let out = cat(version);
+        assert!(out.status.success(), "kubectl {version}");
+        assert!(
+            out.stdout == payload,
+            "kubectl {version}: {} bytes back",
+            out.stdout.len()
+        );
+        let notes = record_cut_at_the_limit(&env, before, limit).await;
+        assert_ne!(
+            notes["kube-relay.io/close-reason"], "recording_failed",
+            "{notes}"
+        );
+    }
+    env.dev.stop().await;
+}
+
 /// The client the relay authenticates to Azure Storage as (client secret, at the tests' token
 /// endpoint, which mints v1 tokens for `https://storage.azure.com` that Azurite accepts).
 const STORAGE_APP: &str = "5a5a5a5a-0000-0000-0000-00000000005a";
