@@ -518,9 +518,12 @@ async fn soak() {
     )
     .await;
 
-    // The first and the last minute after warm-up (medians: a reload's moment is no trend).
+    // The first and the last minute after warm-up (medians: a reload's moment is no trend;
+    // threads: the fewest, as tokio's blocking pool starts threads for file and DNS work on
+    // demand and lets each go after 10 s idle, so any one sample can catch a few in passing,
+    // while a leak raises the floor).
     let window = 12.min(samples.len() / 2).max(1);
-    let median = |part: &[(u64, (u64, usize, usize))]| -> (u64, usize, usize) {
+    let steady = |part: &[(u64, (u64, usize, usize))]| -> (u64, usize, usize) {
         let mut rss: Vec<u64> = part.iter().map(|s| s.1 .0).collect();
         let mut fds: Vec<usize> = part.iter().map(|s| s.1 .1).collect();
         let mut threads: Vec<usize> = part.iter().map(|s| s.1 .2).collect();
@@ -531,15 +534,15 @@ async fn soak() {
         (
             rss.get(mid(rss.len())).copied().unwrap_or(0),
             fds.get(mid(fds.len())).copied().unwrap_or(0),
-            threads.get(mid(threads.len())).copied().unwrap_or(0),
+            threads.first().copied().unwrap_or(0),
         )
     };
-    let first = median(&samples[..window.min(samples.len())]);
-    let last = median(&samples[samples.len().saturating_sub(window)..]);
+    let first = steady(&samples[..window.min(samples.len())]);
+    let last = steady(&samples[samples.len().saturating_sub(window)..]);
     let peak_rss = samples.iter().map(|s| s.1 .0).max().unwrap_or(0);
     let (beta_200, beta_503) = *beta_counts.lock().unwrap();
     let report = format!(
-        "soak {secs} s: REST {requests} requests, {} failed; audit records {records}; watches {WATCHES} ({} ends, {} unexpected); exec sessions {EXEC_SESSIONS} ({exec_lines} lines echoed, {} failures); port-forwards {PORT_FORWARDS} ({pf_messages} messages, {} failures); beta {beta_200} x 200, {beta_503} x 503, {} other; reloads {reloads}, certificate rotated {rotated}; after warm-up, first and last minute (medians): RSS {:.1} -> {:.1} MiB (peak {:.1}), fds {} -> {}, threads {} -> {}",
+        "soak {secs} s: REST {requests} requests, {} failed; audit records {records}; watches {WATCHES} ({} ends, {} unexpected); exec sessions {EXEC_SESSIONS} ({exec_lines} lines echoed, {} failures); port-forwards {PORT_FORWARDS} ({pf_messages} messages, {} failures); beta {beta_200} x 200, {beta_503} x 503, {} other; reloads {reloads}, certificate rotated {rotated}; after warm-up, first and last minute (medians; threads the fewest): RSS {:.1} -> {:.1} MiB (peak {:.1}), fds {} -> {}, threads {} -> {}",
         rest_failed.load(Ordering::SeqCst),
         watch_ends.load(Ordering::SeqCst),
         unexpected_watch_ends.load(Ordering::SeqCst),
