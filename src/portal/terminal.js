@@ -151,9 +151,11 @@
       // A session closed by opening another must not speak for the new one.
       if (ws !== socket && ws !== null) return;
       app.dataset.session = "closed";
-      const why = code !== null ? `exit code ${code}` : (e.reason || `connection closed (${e.code})`);
+      // The closing Status is an exit code, or (a session the relay ended) a message.
+      const numeric = code !== null && /^\d+$/.test(code);
+      const why = numeric ? `exit code ${code}` : (code || e.reason || `connection closed (${e.code})`);
       status(`Session ended: ${why}.`);
-      $("exit-code").textContent = code !== null ? code : "";
+      $("exit-code").textContent = numeric ? code : "";
     };
     term.onData((s) => {
       if (!ws || ws.readyState !== WebSocket.OPEN) return;

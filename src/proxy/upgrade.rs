@@ -15,7 +15,7 @@
 //!   WebSocket pings every 5 s and SPDY pings every 10 s count as activity.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -310,6 +310,20 @@ pub async fn relay(
             UpgradeKind::WebSocket => Some(chosen.unwrap_or("channel.k8s.io")),
         });
     }
+    // exec and attach over WebSocket are told why when the relay ends them (EndNotice).
+    let interactive = matches!(
+        guard.entry.info.subresource.as_deref(),
+        Some("exec" | "attach")
+    );
+    let notice = match kind {
+        UpgradeKind::WebSocket if interactive => EndNotice::for_subprotocol(
+            resp.headers()
+                .get(header::SEC_WEBSOCKET_PROTOCOL)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim),
+        ),
+        _ => None,
+    };
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
     let mut client_resp = Response::new(
         Empty::<Bytes>::new()
@@ -372,6 +386,7 @@ pub async fn relay(
                 entry: Some(guard.entry.clone()),
                 recording: rec,
                 frames: max_client_frame.map(FrameGuard::new),
+                notice,
             },
         )
         .await;
@@ -492,6 +507,8 @@ where
 {
     let base = Instant::now();
     let activity = Arc::new(AtomicU64::new(0));
+    let ending = leg.notice.as_ref().map(|n| n.ending.clone());
+    let entry = leg.entry.clone();
     let mut client = Activity {
         io: client,
         base,
@@ -500,6 +517,7 @@ where
         writes_wait_on: leg.entry,
         recording: leg.recording,
         frames: leg.frames,
+        notice: leg.notice,
     };
     let mut upstream = Activity {
         io: upstream,
@@ -509,6 +527,7 @@ where
         writes_wait_on: None,
         recording: None,
         frames: None,
+        notice: None,
     };
     let result = {
         // 64 KiB per direction instead of tokio's 8 KiB default: measured exec throughput 0.82× →
@@ -524,7 +543,7 @@ where
         let check = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(30));
         let expiry = tokio::time::sleep_until(deadline);
         tokio::pin!(expiry);
-        loop {
+        let ended = loop {
             tokio::select! {
                 r = &mut copy => break Some(match r {
                     Ok(_) => CloseReason::Closed,
@@ -540,8 +559,33 @@ where
                     }
                 }
             }
+        };
+        // The relay ends the session (stopped from outside: the registry says why): a client
+        // that can be told why gets the rest of the frame it is receiving first, and nothing
+        // more from it reaches the cluster meanwhile.
+        let why = ended.or_else(|| entry.as_ref().map(|e| e.reason()));
+        let message = why.and_then(end_status);
+        if let (Some(ending), Some(_)) = (&ending, &message) {
+            ending.store(true, Ordering::Relaxed);
+            let _ = tokio::time::timeout(FINISH_FRAME, &mut copy).await;
         }
+        (ended, message)
     };
+    let (result, message) = result;
+    let told = message.filter(|_| {
+        client
+            .notice
+            .as_ref()
+            .is_some_and(|n| n.ending.load(Ordering::Relaxed) && n.frames.at_boundary())
+    });
+    if let Some(message) = told {
+        use tokio::io::AsyncWriteExt as _;
+        let _ = tokio::time::timeout(FINISH_FRAME, async {
+            client.io.write_all(&message).await?;
+            client.io.flush().await
+        })
+        .await;
+    }
     (client.bytes, upstream.bytes, result)
 }
 
@@ -554,6 +598,8 @@ struct ClientLeg {
     recording: Option<Recording>,
     /// A browser's frames, held to a size.
     frames: Option<FrameGuard>,
+    /// Tells the client why, when the relay ends the session.
+    notice: Option<EndNotice>,
 }
 
 /// Wraps a tunnel leg: records the time of the last byte read and counts bytes read; on the
@@ -569,38 +615,34 @@ struct Activity<T> {
     recording: Option<Recording>,
     /// The client's leg of a browser's session: frames it sends are held to a size.
     frames: Option<FrameGuard>,
+    /// The client's leg of a session that is told why the relay ends it.
+    notice: Option<EndNotice>,
 }
 
-/// Follows the WebSocket frame headers a client sends and refuses a frame whose payload is
-/// longer than the limit, before the relay passes its bytes on.
-pub(crate) struct FrameGuard {
-    limit: u64,
-    head: Vec<u8>,
+/// Follows a WebSocket byte stream's frame headers (RFC 6455 section 5.2): where each frame
+/// ends, without keeping any payload.
+#[derive(Clone, Default)]
+pub(crate) struct WsFrames {
+    /// The current frame's header so far (at most 2 + 8 + 4 bytes).
+    head: [u8; 14],
+    head_len: usize,
     /// Payload bytes left in the current frame.
     remaining: u64,
 }
 
-impl FrameGuard {
-    fn new(limit: u64) -> Self {
-        Self {
-            limit,
-            head: Vec::with_capacity(14),
-            remaining: 0,
+impl WsFrames {
+    /// Takes bytes up to the end of the current header or payload: how many, and the payload
+    /// length when a header completed.
+    fn step(&mut self, bytes: &[u8]) -> (usize, Option<u64>) {
+        if self.remaining > 0 {
+            let n = self.remaining.min(bytes.len() as u64);
+            self.remaining -= n;
+            return (n as usize, None);
         }
-    }
-
-    /// Passes `bytes` through the frame structure; false when a frame is too long.
-    fn check(&mut self, mut bytes: &[u8]) -> bool {
-        while !bytes.is_empty() {
-            if self.remaining > 0 {
-                let n = self.remaining.min(bytes.len() as u64);
-                self.remaining -= n;
-                bytes = &bytes[n as usize..];
-                continue;
-            }
-            self.head.push(bytes[0]);
-            bytes = &bytes[1..];
-            if self.head.len() < 2 {
+        for (i, &b) in bytes.iter().enumerate() {
+            self.head[self.head_len] = b;
+            self.head_len += 1;
+            if self.head_len < 2 {
                 continue;
             }
             let ext = match self.head[1] & 0x7f {
@@ -609,7 +651,7 @@ impl FrameGuard {
                 _ => 0,
             };
             let mask = if self.head[1] & 0x80 != 0 { 4 } else { 0 };
-            if self.head.len() < 2 + ext + mask {
+            if self.head_len < 2 + ext + mask {
                 continue;
             }
             let len = match ext {
@@ -617,14 +659,135 @@ impl FrameGuard {
                 8 => u64::from_be_bytes(self.head[2..10].try_into().unwrap_or([0xff; 8])),
                 _ => u64::from(self.head[1] & 0x7f),
             };
-            if len > self.limit {
+            self.head_len = 0;
+            self.remaining = len;
+            return (i + 1, Some(len));
+        }
+        (bytes.len(), None)
+    }
+
+    /// Follows all of `bytes`.
+    fn advance(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let (n, _) = self.step(bytes);
+            bytes = &bytes[n..];
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.head_len == 0 && self.remaining == 0
+    }
+
+    /// How many of `bytes` end the current frame: 0 between frames, all of them when they do
+    /// not reach its end.
+    fn to_boundary(&self, bytes: &[u8]) -> usize {
+        let mut f = self.clone();
+        let mut used = 0;
+        while used < bytes.len() && !f.at_boundary() {
+            used += f.step(&bytes[used..]).0;
+        }
+        used
+    }
+}
+
+/// Follows the WebSocket frame headers a client sends and refuses a frame whose payload is
+/// longer than the limit, before the relay passes its bytes on.
+pub(crate) struct FrameGuard {
+    limit: u64,
+    frames: WsFrames,
+}
+
+impl FrameGuard {
+    fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            frames: WsFrames::default(),
+        }
+    }
+
+    /// Passes `bytes` through the frame structure; false when a frame is too long.
+    fn check(&mut self, mut bytes: &[u8]) -> bool {
+        while !bytes.is_empty() {
+            let (n, len) = self.frames.step(bytes);
+            if len.is_some_and(|len| len > self.limit) {
                 return false;
             }
-            self.remaining = len;
-            self.head.clear();
+            bytes = &bytes[n..];
         }
         true
     }
+}
+
+/// The client leg of an exec or attach session over WebSocket with a subprotocol whose error
+/// channel carries a `metav1.Status` (`v4.channel.k8s.io`, `v5.channel.k8s.io`): follows the
+/// frames the client receives, so that a session the relay ends is told why on that channel,
+/// as the API server tells a failed command, instead of seeing its connection drop. Without
+/// it kubectl reports only an abnormal closure.
+pub(crate) struct EndNotice {
+    frames: WsFrames,
+    /// Set as the relay ends the session: the client's current frame is finished, then writes
+    /// and reads stop.
+    ending: Arc<AtomicBool>,
+}
+
+impl EndNotice {
+    pub(crate) fn for_subprotocol(chosen: Option<&str>) -> Option<Self> {
+        matches!(chosen, Some("v4.channel.k8s.io" | "v5.channel.k8s.io")).then(|| Self {
+            frames: WsFrames::default(),
+            ending: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
+
+/// How long an ending session may take to finish the frame its client is receiving.
+const FINISH_FRAME: Duration = Duration::from_secs(1);
+
+/// The error channel's message for a session the relay ends, by why (none when the session
+/// ended by itself, or when its client no longer reads).
+fn end_status(reason: CloseReason) -> Option<Vec<u8>> {
+    let (code, why, message) = match reason {
+        CloseReason::TokenExpired => (
+            401,
+            "Unauthorized",
+            "kube-relay ended the session: the token it was opened with expired; run the command again with a fresh one",
+        ),
+        CloseReason::AccessRevoked => (
+            403,
+            "Forbidden",
+            "kube-relay ended the session: the relay's rules for this cluster no longer allow it",
+        ),
+        CloseReason::Draining => (
+            503,
+            "ServiceUnavailable",
+            "kube-relay ended the session: the relay is shutting down; run the command again",
+        ),
+        CloseReason::RecordingFailed => (
+            503,
+            "ServiceUnavailable",
+            "kube-relay ended the session: this cluster requires session recording and the recording stopped (its audit record says why)",
+        ),
+        CloseReason::IdleTimeout => (
+            504,
+            "Timeout",
+            "kube-relay ended the session: nothing was sent either way for the idle limit",
+        ),
+        _ => return None,
+    };
+    let status = crate::error::status_json(code, why, message);
+    // One binary message on channel 3 (error), then a normal close (RFC 6455 5.5.1).
+    let mut frame = Vec::with_capacity(status.len() + 16);
+    frame.push(0x82);
+    let len = status.len() + 1;
+    if len < 126 {
+        frame.push(len as u8);
+    } else {
+        frame.push(126);
+        frame.extend_from_slice(&(len as u16).to_be_bytes());
+    }
+    frame.push(3);
+    frame.extend_from_slice(&status);
+    frame.extend_from_slice(&[0x88, 0x02, 0x03, 0xe8]);
+    Some(frame)
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
@@ -635,6 +798,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for Activity<T> {
     ) -> Poll<std::io::Result<()>> {
         if let Some(rec) = &self.recording {
             std::task::ready!(rec.poll_room(cx));
+        }
+        if self
+            .notice
+            .as_ref()
+            .is_some_and(|n| n.ending.load(Ordering::Relaxed))
+        {
+            // Ending: nothing more from the client goes to the cluster. The tunnel stops
+            // polling within FINISH_FRAME.
+            return Poll::Pending;
         }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
@@ -669,9 +841,25 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
         if let Some(rec) = &self.recording {
             std::task::ready!(rec.poll_room(cx));
         }
+        let mut buf = buf;
+        if let Some(n) = self
+            .notice
+            .as_ref()
+            .filter(|n| n.ending.load(Ordering::Relaxed))
+        {
+            // Ending: only the rest of the current frame, then the copy stops.
+            let rest = n.frames.to_boundary(buf);
+            if rest == 0 {
+                return Poll::Ready(Err(std::io::Error::other("the relay ends the session")));
+            }
+            buf = &buf[..rest];
+        }
         let r = Pin::new(&mut self.io).poll_write(cx, buf);
         if let (Some(rec), Poll::Ready(Ok(n))) = (self.recording.as_mut(), &r) {
             rec.from_server(&buf[..*n]);
+        }
+        if let (Some(notice), Poll::Ready(Ok(n))) = (self.notice.as_mut(), &r) {
+            notice.frames.advance(&buf[..*n]);
         }
         if let Some(entry) = &self.writes_wait_on {
             match r {
@@ -715,6 +903,80 @@ mod tests {
         )
         .await;
         assert_eq!(reason, Some(CloseReason::IdleTimeout));
+    }
+
+    #[test]
+    fn frames_are_followed_across_any_split() {
+        // Two frames: 300 bytes of payload (16-bit length), then a masked 2-byte one.
+        let mut bytes = vec![0x82, 126, 0x01, 0x2c];
+        bytes.extend(std::iter::repeat_n(7u8, 300));
+        bytes.extend_from_slice(&[0x82, 0x82, 1, 2, 3, 4, 9, 9]);
+        for split in 0..bytes.len() {
+            let mut f = WsFrames::default();
+            f.advance(&bytes[..split]);
+            let rest = f.to_boundary(&bytes[split..]);
+            let end = if split < 304 { 304 } else { bytes.len() };
+            // Between frames there is nothing to finish.
+            let expect = if split == 0 || split == 304 {
+                0
+            } else {
+                end - split
+            };
+            assert_eq!(rest, expect, "split at {split}");
+            f.advance(&bytes[split..]);
+            assert!(f.at_boundary());
+        }
+    }
+
+    /// A session the relay ends mid-frame finishes that frame, then tells the client why on
+    /// the error channel and closes; nothing after that frame reaches the client.
+    #[tokio::test(start_paused = true)]
+    async fn an_ended_session_finishes_its_frame_and_says_why() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (a, mut client) = tokio::io::duplex(1 << 16);
+        let (b, mut cluster) = tokio::io::duplex(1 << 16);
+        let tunnel = tokio::spawn(tunnel(
+            a,
+            b,
+            Duration::from_secs(60),
+            Instant::now() + Duration::from_millis(300),
+            Default::default(),
+            ClientLeg {
+                notice: EndNotice::for_subprotocol(Some("v5.channel.k8s.io")),
+                ..ClientLeg::default()
+            },
+        ));
+        // Stdout: a 10-byte message, of which the first 4 bytes of payload arrive now.
+        cluster
+            .write_all(&[0x82, 10, 1, b'a', b'b', b'c'])
+            .await
+            .unwrap();
+        let mut got = vec![0u8; 6];
+        client.read_exact(&mut got).await.unwrap();
+        // The token expires (300 ms) while the client is inside that frame.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        cluster.write_all(b"defghi\x82\x03\x01xyz").await.unwrap();
+        let (_, _, why) = tunnel.await.unwrap();
+        assert_eq!(why, Some(CloseReason::TokenExpired));
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        got.extend_from_slice(&rest);
+        assert_eq!(&got[..12], b"\x82\x0a\x01abcdefghi");
+        let tail = &got[12..];
+        assert_eq!(tail[0], 0x82);
+        let len = if tail[1] == 126 {
+            u16::from_be_bytes([tail[2], tail[3]]) as usize
+        } else {
+            tail[1] as usize
+        };
+        let start = if tail[1] == 126 { 4 } else { 2 };
+        assert_eq!(tail[start], 3, "the error channel");
+        let status: serde_json::Value =
+            serde_json::from_slice(&tail[start + 1..start + len]).unwrap();
+        assert_eq!(status["status"], "Failure");
+        assert_eq!(status["reason"], "Unauthorized");
+        assert!(status["message"].as_str().unwrap().contains("expired"));
+        assert_eq!(&tail[start + len..], &[0x88, 0x02, 0x03, 0xe8]);
     }
 
     /// docs/security.md F4: the cluster streams, the client reads nothing; the tunnel's

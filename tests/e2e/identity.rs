@@ -705,7 +705,8 @@ async fn streams_end_when_the_token_expires_plus_grace() {
         .iter()
         .any(|r| r["auditID"] == "watch-1" && r["stage"] == "ResponseStarted"));
 
-    // exec with kubectl (WebSocket, 1.33): stdin stays open, the relay ends the session.
+    // exec with kubectl (WebSocket, 1.33): stdin stays open, the relay ends the session and
+    // tells kubectl why on the error channel.
     let tmp = tempfile::tempdir().unwrap();
     let kc = e.kubeconfig(tmp.path(), &short(&e));
     let mut child = std::process::Command::new(kubectl("1.33"))
@@ -715,21 +716,27 @@ async fn streams_end_when_the_token_expires_plus_grace() {
         .env("HOME", tmp.path())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let _stdin = child.stdin.take();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
         }
         if tokio::time::Instant::now() > deadline {
             let _ = child.kill();
             panic!("kubectl exec outlived its token");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        !status.success() && stderr.contains("the token it was opened with expired"),
+        "{status:?}: {stderr}"
+    );
     let r = e
         .audit_record("exec close", |r| {
             r["objectRef"]["subresource"] == "exec"

@@ -241,9 +241,9 @@ async fn a_recording_stops_at_its_size_limit_and_a_required_one_ends_its_session
         c.args(["exec", "-i", "-n", "default", "web-0", "--", "cat"]);
         run(c, Some(&payload), Duration::from_secs(90))
     };
-    // alpha's recording is required: the session ends when its recording is full. (kubectl
-    // is not told why: the relay closes the tunnel, and kubectl 1.27 then exits 0. The audit
-    // record is where the reason is.)
+    // alpha's recording is required: the session ends when its recording is full. Over
+    // WebSocket kubectl is told why on the error channel and fails with it; over SPDY the
+    // relay closes the tunnel and kubectl 1.27 exits 0 with what it got (docs/protocols.md).
     for version in ["1.27", "1.33"] {
         let before = exec_records(&env).len();
         let out = cat(version);
@@ -253,6 +253,16 @@ async fn a_recording_stops_at_its_size_limit_and_a_required_one_ends_its_session
             out.status,
             out.stdout.len()
         );
+        if version == "1.33" {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success()
+                    && stderr.contains("kube-relay ended the session")
+                    && stderr.contains("requires session recording"),
+                "kubectl {version}: {:?}: {stderr}",
+                out.status
+            );
+        }
         let notes = record_cut_at_the_limit(&env, before, limit).await;
         assert_eq!(
             notes["kube-relay.io/close-reason"], "recording_failed",
