@@ -561,7 +561,7 @@ where
             }
         };
         // The relay ends the session (stopped from outside: the registry says why): a client
-        // that can be told why gets the rest of the frame it is receiving first, and nothing
+        // that can be told why gets the rest of the message it is receiving first, and nothing
         // more from it reaches the cluster meanwhile.
         let why = ended.or_else(|| entry.as_ref().map(|e| e.reason()));
         let message = why.and_then(end_status);
@@ -620,7 +620,7 @@ struct Activity<T> {
 }
 
 /// Follows a WebSocket byte stream's frame headers (RFC 6455 section 5.2): where each frame
-/// ends, without keeping any payload.
+/// and each message ends, without keeping any payload.
 #[derive(Clone, Default)]
 pub(crate) struct WsFrames {
     /// The current frame's header so far (at most 2 + 8 + 4 bytes).
@@ -628,6 +628,9 @@ pub(crate) struct WsFrames {
     head_len: usize,
     /// Payload bytes left in the current frame.
     remaining: u64,
+    /// A message's first frames passed without FIN: its continuation frames follow (control
+    /// frames may come between them, nothing else may).
+    fragmented: bool,
 }
 
 impl WsFrames {
@@ -659,6 +662,10 @@ impl WsFrames {
                 8 => u64::from_be_bytes(self.head[2..10].try_into().unwrap_or([0xff; 8])),
                 _ => u64::from(self.head[1] & 0x7f),
             };
+            // Data and continuation frames (opcodes below 8) carry messages; FIN ends one.
+            if self.head[0] & 0x08 == 0 {
+                self.fragmented = self.head[0] & 0x80 == 0;
+            }
             self.head_len = 0;
             self.remaining = len;
             return (i + 1, Some(len));
@@ -674,12 +681,13 @@ impl WsFrames {
         }
     }
 
+    /// Between messages: another message may start here.
     fn at_boundary(&self) -> bool {
-        self.head_len == 0 && self.remaining == 0
+        self.head_len == 0 && self.remaining == 0 && !self.fragmented
     }
 
-    /// How many of `bytes` end the current frame: 0 between frames, all of them when they do
-    /// not reach its end.
+    /// How many of `bytes` end the current message: 0 between messages, all of them when they
+    /// do not reach its end.
     fn to_boundary(&self, bytes: &[u8]) -> usize {
         let mut f = self.clone();
         let mut used = 0;
@@ -725,8 +733,8 @@ impl FrameGuard {
 /// it kubectl reports only an abnormal closure.
 pub(crate) struct EndNotice {
     frames: WsFrames,
-    /// Set as the relay ends the session: the client's current frame is finished, then writes
-    /// and reads stop.
+    /// Set as the relay ends the session: the client's current message is finished, then
+    /// writes and reads stop.
     ending: Arc<AtomicBool>,
 }
 
@@ -739,7 +747,7 @@ impl EndNotice {
     }
 }
 
-/// How long an ending session may take to finish the frame its client is receiving.
+/// How long an ending session may take to finish the message its client is receiving.
 const FINISH_FRAME: Duration = Duration::from_secs(1);
 
 /// The error channel's message for a session the relay ends, by why (none when the session
@@ -847,7 +855,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
             .as_ref()
             .filter(|n| n.ending.load(Ordering::Relaxed))
         {
-            // Ending: only the rest of the current frame, then the copy stops.
+            // Ending: only the rest of the current message, then the copy stops.
             let rest = n.frames.to_boundary(buf);
             if rest == 0 {
                 return Poll::Ready(Err(std::io::Error::other("the relay ends the session")));
@@ -926,6 +934,29 @@ mod tests {
             f.advance(&bytes[split..]);
             assert!(f.at_boundary());
         }
+    }
+
+    /// A message sent in fragments ends with its FIN frame; a control frame between the
+    /// fragments does not end it.
+    #[test]
+    fn a_fragmented_message_ends_with_its_final_frame() {
+        let first = [0x02, 3, b'x', b'y', b'z'];
+        let ping = [0x89, 0];
+        let last = [0x80, 2, b'u', b'v'];
+        let mut f = WsFrames::default();
+        f.advance(&first);
+        assert!(!f.at_boundary());
+        let rest: Vec<u8> = ping
+            .iter()
+            .chain(&last)
+            .chain(&[0x82, 1, 9])
+            .copied()
+            .collect();
+        assert_eq!(f.to_boundary(&rest), ping.len() + last.len());
+        f.advance(&ping);
+        assert!(!f.at_boundary());
+        f.advance(&last);
+        assert!(f.at_boundary());
     }
 
     /// A session the relay ends mid-frame finishes that frame, then tells the client why on
