@@ -224,7 +224,7 @@ impl Recording {
             // What follows could not be recorded faithfully: the recording stops here, and a
             // required one ends the session.
             Some(why) => self.stop(&format!("the recording stopped: {why}")),
-            // Full (`reached_limit`): nothing more is decoded.
+            // Full (`recording.max_session_size`, see `hand_over`): nothing more is decoded.
             None if self.stopped => {}
             None => self.decoder = Some(decoder),
         }
@@ -275,7 +275,7 @@ impl Recording {
         // At `recording.max_session_size` the recording is full: the whole lines that fit are
         // kept (the header always fits: the limit is at least 64Ki), a marker says where
         // recording ended (the player shows it on its timeline; it may pass the limit by its
-        // own few bytes), and the session is told like of any other failure. A required
+        // own few bytes), and the session is told as of any other failure. A required
         // recording then ends its session; an optional one lets it go on unrecorded, and its
         // audit record says why.
         let room = self.max_bytes.saturating_sub(self.recorded);
@@ -457,7 +457,7 @@ mod tests {
         .unwrap();
         let name = rec.name.clone();
         rec.framing(Some("v5.channel.k8s.io"));
-        // 16 KiB of printable output per frame: the fifth frame no longer fits.
+        // 16 KiB of printable output per frame: the fourth no longer fits.
         let line = [b'x'; 16 << 10];
         let mut frame = vec![0x82, 127];
         frame.extend_from_slice(&(1 + line.len() as u64).to_be_bytes());
