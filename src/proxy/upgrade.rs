@@ -507,7 +507,10 @@ where
 {
     let base = Instant::now();
     let activity = Arc::new(AtomicU64::new(0));
-    let ending = leg.notice.as_ref().map(|n| n.ending.clone());
+    let ending = leg
+        .notice
+        .as_ref()
+        .map(|n| (n.ending.clone(), n.between.clone()));
     let entry = leg.entry.clone();
     let mut client = Activity {
         io: client,
@@ -565,9 +568,11 @@ where
         // more from it reaches the cluster meanwhile.
         let why = ended.or_else(|| entry.as_ref().map(|e| e.reason()));
         let message = why.and_then(end_status);
-        if let (Some(ending), Some(_)) = (&ending, &message) {
+        if let (Some((ending, between)), Some(_)) = (&ending, &message) {
             ending.store(true, Ordering::Relaxed);
-            let _ = tokio::time::timeout(FINISH_FRAME, &mut copy).await;
+            if !between.load(Ordering::Relaxed) {
+                let _ = tokio::time::timeout(FINISH_FRAME, &mut copy).await;
+            }
         }
         (ended, message)
     };
@@ -579,10 +584,16 @@ where
             .is_some_and(|n| n.ending.load(Ordering::Relaxed) && n.frames.at_boundary())
     });
     if let Some(message) = told {
-        use tokio::io::AsyncWriteExt as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let _ = tokio::time::timeout(FINISH_FRAME, async {
             client.io.write_all(&message).await?;
-            client.io.flush().await
+            client.io.flush().await?;
+            // The client answers the close with its own and closes. Until then what it still
+            // sends is read and dropped: closing with unread bytes would reset the connection,
+            // and a reset can discard the Status before the client reads it.
+            let mut sink = [0u8; 8192];
+            while client.io.read(&mut sink).await? > 0 {}
+            std::io::Result::Ok(())
         })
         .await;
     }
@@ -736,6 +747,9 @@ pub(crate) struct EndNotice {
     /// Set as the relay ends the session: the client's current message is finished, then
     /// writes and reads stop.
     ending: Arc<AtomicBool>,
+    /// The client is between messages (`frames`, for the tunnel while the copy holds them): an
+    /// ending session then has nothing to finish and need not wait for more bytes.
+    between: Arc<AtomicBool>,
 }
 
 impl EndNotice {
@@ -743,6 +757,7 @@ impl EndNotice {
         matches!(chosen, Some("v4.channel.k8s.io" | "v5.channel.k8s.io")).then(|| Self {
             frames: WsFrames::default(),
             ending: Arc::new(AtomicBool::new(false)),
+            between: Arc::new(AtomicBool::new(true)),
         })
     }
 }
@@ -868,6 +883,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<T> {
         }
         if let (Some(notice), Poll::Ready(Ok(n))) = (self.notice.as_mut(), &r) {
             notice.frames.advance(&buf[..*n]);
+            notice
+                .between
+                .store(notice.frames.at_boundary(), Ordering::Relaxed);
         }
         if let Some(entry) = &self.writes_wait_on {
             match r {
@@ -1008,6 +1026,43 @@ mod tests {
         assert_eq!(status["reason"], "Unauthorized");
         assert!(status["message"].as_str().unwrap().contains("expired"));
         assert_eq!(&tail[start + len..], &[0x88, 0x02, 0x03, 0xe8]);
+    }
+
+    /// A session ended between messages is told at once: nothing to finish, no waiting.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_ended_session_is_told_at_once() {
+        use tokio::io::AsyncReadExt as _;
+        let (a, mut client) = tokio::io::duplex(1 << 16);
+        let (b, _cluster) = tokio::io::duplex(1 << 16);
+        let started = Instant::now();
+        let tunnel = tokio::spawn(tunnel(
+            a,
+            b,
+            Duration::from_secs(60),
+            started + Duration::from_millis(300),
+            Default::default(),
+            ClientLeg {
+                notice: EndNotice::for_subprotocol(Some("v4.channel.k8s.io")),
+                ..ClientLeg::default()
+            },
+        ));
+        // The client reads the Status and the close, then closes as a WebSocket client does.
+        let mut got = Vec::new();
+        while !got.ends_with(&[0x88, 0x02, 0x03, 0xe8]) {
+            let mut buf = [0u8; 4096];
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the close frame: {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got[0], 0x82);
+        drop(client);
+        let (_, _, why) = tunnel.await.unwrap();
+        assert_eq!(why, Some(CloseReason::TokenExpired));
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     /// docs/security.md F4: the cluster streams, the client reads nothing; the tunnel's
