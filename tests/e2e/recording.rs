@@ -217,7 +217,7 @@ async fn record_cut_at_the_limit(env: &Env, before: usize, limit: usize) -> serd
 /// docs/security.md G8: one session cannot grow its recording without bound. At
 /// `recording.max_session_size` the recording stops with a marker; a required recording then
 /// ends its session (`recording_failed`), an optional one lets it go on; the audit record says
-/// why either way. kubectl 1.27 (SPDY) and 1.33 (WebSocket) stream 8.5 MB through `cat`.
+/// why either way. kubectl 1.27 (SPDY) and 1.33 (WebSocket) stream 9.25 MB through `cat`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recording_stops_at_its_size_limit_and_a_required_one_ends_its_session() {
     let env = dev_env().await;
