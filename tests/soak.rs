@@ -141,23 +141,8 @@ fn get(path: &str, token: &str) -> http::Request<http_body_util::Empty<bytes::By
         .unwrap()
 }
 
-/// The relay runs in this test's runtime. Its blocking pool (recordings are appended through
-/// `tokio::fs`, once a second per session) keeps an idle thread for 10 s by default, and hands
-/// jobs to its idle threads in turn, so a burst of appends (a slow disk) leaves it that much
-/// larger for the rest of the run: growth that is no leak, but that the thread check below
-/// cannot tell from one. With a 1 s keep-alive the pool follows the load of the moment.
-#[test]
-fn soak() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_keep_alive(Duration::from_secs(1))
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(soak_run());
-}
-
-async fn soak_run() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak() {
     let secs = soak_secs();
     let env = dev_env().await;
     let relay = env.dev.relay_addr;
